@@ -85,7 +85,7 @@ def _ignore_unknown() -> bool:
 
 
 def _invalid(err: Invalid) -> APIError:
-    return APIError(400, err.message, param=err.param, code="invalid_value" if err.param else None)
+    return APIError(400, err.message, param=err.param, code=err.code)
 
 
 def read_body(op: dict) -> dict | None:

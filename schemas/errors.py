@@ -14,6 +14,7 @@ class Invalid(Exception):
 
     param: str | None
     message: str
+    code: str | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -50,7 +51,22 @@ def first_error(messages: Any, prefix: tuple = ()) -> Invalid:
     path, message = leaves(messages, prefix)[0]
     param = join_path(path)
     quoted = f"'{param}'" if param else "the request body"
-    return Invalid(param, message.replace(PARAM, quoted) if PARAM in message else message)
+    return Invalid(param, message.replace(PARAM, quoted) if PARAM in message else message, code_for(message))
+
+
+# OpenAI's error codes for each kind of message the runtime writes.
+_CODES = (
+    ("Missing required parameter", "missing_required_parameter"),
+    ("Unrecognized request argument", "unknown_parameter"),
+    ("Invalid type", "invalid_type"),
+)
+
+
+def code_for(message: str) -> str:
+    for prefix, code in _CODES:
+        if message.startswith(prefix):
+            return code
+    return "invalid_value"
 
 
 UNKNOWN_MARK = "Unrecognized request argument supplied"

@@ -52,7 +52,11 @@ def validate(
     With `ignore_unknown`, fields the schema does not know are logged and dropped instead.
     """
     if not isinstance(data, Mapping):
-        raise Invalid(None, f"Invalid type for the request body: expected an object, but got {describe_kind(kind_of(data))} instead.")
+        raise Invalid(
+            None,
+            f"Invalid type for the request body: expected an object, but got {describe_kind(kind_of(data))} instead.",
+            "invalid_type",
+        )
     hoisted = [name for name in (extensions or {}).get("hoisted", ()) if name in data]
     data = hoist_extensions(dict(data), extensions)
     schema = SCHEMAS[schema_name]()
@@ -76,7 +80,7 @@ def _as_sent(error: Invalid, extensions: Mapping | None, hoisted: list[str]) -> 
         moved = f"{extensions['property']}.{name}"
         if error.param and (error.param == moved or error.param.startswith(moved + ".") or error.param.startswith(moved + "[")):
             param = name + error.param[len(moved):]
-            return Invalid(param, error.message.replace(f"'{error.param}'", f"'{param}'"))
+            return Invalid(param, error.message.replace(f"'{error.param}'", f"'{param}'"), error.code)
     return error
 
 
@@ -96,7 +100,9 @@ def hoist_extensions(data: dict, extensions: Mapping | None) -> dict:
     inner = dict(inner)
     for name in present:
         if name in inner:
-            raise Invalid(name, f"'{name}' was given both at the top level and inside '{carrier}'; give it once.")
+            raise Invalid(
+                name, f"'{name}' was given both at the top level and inside '{carrier}'; give it once.", "duplicate_parameter"
+            )
         inner[name] = data.pop(name)
     data[carrier] = inner
     return data

@@ -1,0 +1,38 @@
+"""localq's HTTP API: a Flask app answering OpenAI's API under `/v1`.
+
+Importing this package must stay cheap (no torch, llama_cpp or model
+libraries): the API process only validates and queues; workers run models.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from api.docs import blueprint as docs_blueprint
+from api.errors import register_error_handlers
+from api.openapi import blueprint as openapi_blueprint
+from api.operations import register_operations
+from api.routes import collect_handlers
+from api.settings import Settings
+from workers.registry import ModelRegistry
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app; an invalid model config raises here so start-up stops."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["LOCALQ"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["localq.models"] = ModelRegistry.load(settings.models_dir)
+
+    register_error_handlers(app)
+    app.register_blueprint(openapi_blueprint)
+    app.register_blueprint(docs_blueprint)
+    register_operations(app, collect_handlers())
+    app.add_url_rule("/healthz", "healthz", _healthz, methods=["GET"])
+    return app
+
+
+def _healthz() -> dict:
+    """Liveness only: the process is up and answering."""
+    return {"status": "ok"}

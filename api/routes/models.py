@@ -1,0 +1,45 @@
+"""`/v1/models`: the configured models, each listed under its name and every alias."""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from api.errors import APIError
+from workers.config import ModelConfig
+from workers.registry import ModelRegistry
+
+
+def _registry() -> ModelRegistry:
+    return current_app.extensions["localq.models"]
+
+
+def _model_object(model_id: str, config: ModelConfig) -> dict:
+    return {"id": model_id, "object": "model", "created": config.created, "owned_by": "localq"}
+
+
+def list_models(call) -> dict:
+    """One entry per id a client may send, so aliases such as gpt-4o-mini show up."""
+    data = [
+        _model_object(model_id, config)
+        for config in _registry().list()
+        for model_id in config.names
+    ]
+    return {"object": "list", "data": data}
+
+
+def retrieve_model(call) -> dict:
+    """The model object for a name or alias, or OpenAI's model_not_found error."""
+    model_id = call.path["model"]
+    config = _registry().resolve(model_id)
+    if config is None:
+        raise APIError(
+            404,
+            f"The model '{model_id}' does not exist",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+    return _model_object(model_id, config)
+
+
+HANDLERS = {"listModels": list_models, "retrieveModel": retrieve_model}

@@ -1,0 +1,1 @@
+"""Operator tooling: the `localq` command that starts and inspects a deployment."""

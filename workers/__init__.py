@@ -1,0 +1,1 @@
+"""Model workers: the model configs they serve, and (later) the Celery tasks that run them."""

@@ -1,0 +1,149 @@
+"""One model config file (LocalAI's YAML format plus our `device` and `aliases`).
+
+Validation happens here, at start-up, so a typo in a config stops the process
+with a message naming the file and the field instead of failing a request later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, validate
+
+
+class ModelConfigError(ValueError):
+    """A model config file is unreadable or invalid; the message starts with its path."""
+
+
+class StrictFloat(fields.Float):
+    """YAML already types numbers, so a quoted "0.7" or a `true` is a mistake to report."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, (bool, str)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def _integer(**kwargs) -> fields.Integer:
+    return fields.Integer(strict=True, **kwargs)
+
+
+class ParametersSchema(Schema):
+    """Default sampling parameters; open-ended, but the well-known keys are type-checked."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = fields.String(validate=validate.Length(min=1))
+    temperature = StrictFloat()
+    top_p = StrictFloat()
+    min_p = StrictFloat()
+    typical_p = StrictFloat()
+    repeat_penalty = StrictFloat()
+    frequency_penalty = StrictFloat()
+    presence_penalty = StrictFloat()
+    top_k = _integer()
+    max_tokens = _integer(validate=validate.Range(min=1))
+    seed = _integer()
+    repeat_last_n = _integer()
+
+
+class ModelConfigSchema(Schema):
+    """The whole file; unknown top-level keys are rejected (marshmallow's default)."""
+
+    name = fields.String(required=True, validate=validate.Length(min=1))
+    backend = fields.String(validate=validate.Length(min=1))
+    description = fields.String()
+    parameters = fields.Nested(ParametersSchema, load_default=dict)
+    context_size = _integer(validate=validate.Range(min=1))
+    threads = _integer(validate=validate.Range(min=1))
+    gpu_layers = _integer()
+    f16 = fields.Boolean()
+    mmap = fields.Boolean()
+    embeddings = fields.Boolean(load_default=False)
+    stopwords = fields.List(fields.String(), load_default=list)
+    template = fields.Dict(keys=fields.String(), load_default=dict)
+    known_usecases = fields.List(fields.String(), load_default=list)
+    device = fields.String(validate=validate.OneOf(["cpu", "gpu"]), load_default="cpu")
+    aliases = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+
+    @post_load
+    def _freeze_lists(self, data: dict[str, Any], **_) -> dict[str, Any]:
+        for key in ("stopwords", "known_usecases", "aliases"):
+            data[key] = tuple(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A validated model config, plus where it came from."""
+
+    name: str
+    source: Path
+    created: int
+    model_file: Path | None
+    backend: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    context_size: int | None = None
+    threads: int | None = None
+    gpu_layers: int | None = None
+    f16: bool | None = None
+    mmap: bool | None = None
+    embeddings: bool = False
+    stopwords: tuple[str, ...] = ()
+    template: dict[str, Any] = field(default_factory=dict)
+    known_usecases: tuple[str, ...] = ()
+    device: str = "cpu"
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every id clients may use for this model: its name, then its aliases."""
+        return (self.name, *self.aliases)
+
+
+def load_model_config(path: Path, models_dir: Path) -> ModelConfig:
+    """Read and validate one file; `parameters.model` resolves against `models_dir`."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelConfigError(f"{path}: cannot read file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ModelConfigError(f"{path}: invalid YAML: {_describe_yaml_error(exc)}") from exc
+    if not isinstance(document, dict):
+        raise ModelConfigError(f"{path}: expected a mapping of config fields at the top level")
+    try:
+        values = ModelConfigSchema().load(document)
+    except ValidationError as exc:
+        raise ModelConfigError(f"{path}: {format_errors(exc.messages)}") from exc
+    model = values["parameters"].get("model")
+    return ModelConfig(
+        **values,
+        source=path,
+        created=int(os.stat(path).st_mtime),
+        model_file=models_dir / model if model else None,
+    )
+
+
+def format_errors(messages: dict | list, prefix: str = "") -> str:
+    """Flatten marshmallow's nested messages into `field.sub: message` parts."""
+    if isinstance(messages, list):
+        return f"{prefix}: {' '.join(map(str, messages))}"
+    return "; ".join(
+        format_errors(inner, f"{prefix}.{key}" if prefix else str(key))
+        for key, inner in messages.items()
+    )
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """`line L, column C: problem` when PyYAML knows where, else its own text."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
