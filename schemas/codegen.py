@@ -108,9 +108,19 @@ class Generator:
             merged.setdefault("type", "object")
         return merged
 
+    @staticmethod
+    def presence_groups(node: dict) -> list[list[str]] | None:
+        """`anyOf`/`oneOf` members that only list required names: presence rules, not a union."""
+        for key in ("anyOf", "oneOf"):
+            members = node.get(key)
+            if members and all(isinstance(m, dict) and set(m) <= {"required", "description"} and m.get("required")
+                               for m in members):
+                return [list(m["required"]) for m in members]
+        return None
+
     def is_object(self, node: dict) -> bool:
         node = self.normalise(node)
-        if any(k in node for k in ("oneOf", "anyOf")):
+        if any(k in node for k in ("oneOf", "anyOf")) and self.presence_groups(node) is None:
             return False
         return node.get("type") == "object" and "properties" in node or (
             "properties" in node and "type" not in node
@@ -160,7 +170,7 @@ class Generator:
             kwargs.meta["default"] = node["default"]
 
         for key in ("oneOf", "anyOf"):
-            if key in node:
+            if key in node and not self.is_object(node):
                 members = [m for m in node[key] if not (isinstance(m, dict) and m.get("type") == "null")]
                 if len(members) == 1:
                     inner = dict(members[0]) if isinstance(members[0], dict) else {}
@@ -309,7 +319,14 @@ class Generator:
         extra = node.get("additionalProperties")
         unknown = "include" if extra is True or (isinstance(extra, dict) and extra != {}) or extra == {} else "raise"
         body = "\n".join(lines)
-        self.schema_defs[name] = f"object_schema({name!r}, {{\n{body}\n}}, unknown={unknown!r})\n"
+        rules = ""
+        groups = self.presence_groups(node)
+        if groups:
+            rules += f", required_any_of={tuple(tuple(g) for g in groups)!r}"
+        forbidden = node.get("not", {}).get("required") if set(node.get("not", {})) == {"required"} else None
+        if forbidden:
+            rules += f", forbidden_together={tuple(forbidden)!r}"
+        self.schema_defs[name] = f"object_schema({name!r}, {{\n{body}\n}}, unknown={unknown!r}{rules})\n"
 
     def define_component(self, name: str) -> None:
         node = self.components[name]

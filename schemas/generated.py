@@ -23,7 +23,6 @@ define_type('CreateTranscriptionResponseStreamEvent', lambda: Tagged('type', {'t
 define_type('FunctionParameters', lambda: MapOf())
 define_type('ImageEditStreamEvent', lambda: Tagged('type', {'image_edit.partial_image': nested('ImageEditPartialImageEvent'), 'image_edit.completed': nested('ImageEditCompletedEvent')}))
 define_type('ImageGenStreamEvent', lambda: Tagged('type', {'image_generation.partial_image': nested('ImageGenPartialImageEvent'), 'image_generation.completed': nested('ImageGenCompletedEvent')}))
-define_type('ImageRefParam', lambda: Union([Any_(), Any_()]))
 define_type('InputFidelity', lambda: Str(validate=[OneOf(['high', 'low'])]))
 define_type('LocalqPriority', lambda: Str(validate=[OneOf(['interactive', 'batch'])], metadata={'default': 'interactive'}))
 define_type('LocalqTimeout', lambda: Num(validate=[Range(min=0, max=86400, min_inclusive=False)]))
@@ -732,8 +731,8 @@ object_schema('DeleteModelResponse', {
 }, unknown='raise')
 object_schema('EditImageBodyJsonParam', {
     'model': Union([Str(), Str(validate=[OneOf(['gpt-image-1.5', 'gpt-image-2', 'gpt-image-2-2026-04-21', 'gpt-image-1', 'gpt-image-1-mini', 'chatgpt-image-latest'])])], allow_none=True, metadata={'default': 'gpt-image-1.5'}),
-    'images': ListOf(Ref('ImageRefParam'), required=True, validate=[Length(min=1, max=16)]),
-    'mask': Ref('ImageRefParam'),
+    'images': ListOf(nested('ImageRefParam'), required=True, validate=[Length(min=1, max=16)]),
+    'mask': nested('ImageRefParam'),
     'prompt': Str(required=True, validate=[Length(min=1, max=32000)]),
     'n': Int(allow_none=True, validate=[Range(min=1, max=10)], metadata={'default': 1}),
     'quality': Str(allow_none=True, validate=[OneOf(['low', 'medium', 'high', 'auto'])], metadata={'default': 'auto'}),
@@ -837,6 +836,10 @@ object_schema('ImageGenUsage', {
     'output_tokens_details': nested('ImageGenOutputTokensDetails'),
     'input_tokens_details': nested('ImageGenInputUsageDetails', required=True),
 }, unknown='raise')
+object_schema('ImageRefParam', {
+    'image_url': Str(validate=[Length(min=None, max=20971520)], metadata={'format': 'uri'}),
+    'file_id': Str(),
+}, unknown='raise', required_any_of=(('image_url',), ('file_id',)), forbidden_together=('image_url', 'file_id'))
 object_schema('ImagesResponse', {
     'created': Int(required=True, metadata={'format': 'unixtime'}),
     'data': ListOf(nested('Image')),

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 PARAM = "$param"
 
@@ -352,13 +352,34 @@ class LocalqSchema(Schema):
 
     error_messages = {"unknown": f"Unrecognized request argument supplied: {PARAM}"}
 
+    # `anyOf: [{required: [a]}, {required: [b]}]` and `not: {required: [a, b]}` beside properties:
+    # which groups of names must be present (any one group), and which may not all be present.
+    required_any_of: tuple[tuple[str, ...], ...] = ()
+    forbidden_together: tuple[str, ...] = ()
+
+    @validates_schema
+    def _check_presence_rules(self, data, **kwargs):
+        if self.required_any_of and not any(all(n in data for n in group) for group in self.required_any_of):
+            options = " or ".join("'" + "' and '".join(group) + "'" for group in self.required_any_of)
+            raise ValidationError(f"Invalid value for {PARAM}: provide {options}.")
+        if self.forbidden_together and all(n in data for n in self.forbidden_together):
+            names = "', '".join(self.forbidden_together)
+            raise ValidationError(f"Invalid value for {PARAM}: '{names}' cannot be given together.")
+
 
 _RESERVED = set(dir(LocalqSchema)) | {"Meta"}
 
 UNKNOWN_MODES = {"raise": RAISE, "include": INCLUDE, "exclude": EXCLUDE}
 
 
-def object_schema(name: str, properties: dict[str, fields.Field], *, unknown: str = "raise") -> type[Schema]:
+def object_schema(
+    name: str,
+    properties: dict[str, fields.Field],
+    *,
+    unknown: str = "raise",
+    required_any_of: tuple = (),
+    forbidden_together: tuple = (),
+) -> type[Schema]:
     """Build (and register) a schema class whose fields are keyed by their wire names.
 
     Wire names that are not usable as class attributes (`x-localai-extensions`, `type` is fine,
@@ -376,7 +397,8 @@ def object_schema(name: str, properties: dict[str, fields.Field], *, unknown: st
             field.attribute = wire_name
         attrs[attr] = field
     meta = type("Meta", (), {"unknown": UNKNOWN_MODES[unknown], "register": False})
-    cls = type(name, (LocalqSchema,), {**attrs, "Meta": meta})
+    rules = {"required_any_of": required_any_of, "forbidden_together": forbidden_together}
+    cls = type(name, (LocalqSchema,), {**attrs, **rules, "Meta": meta})
     REGISTRY[name] = cls
     return cls
 
