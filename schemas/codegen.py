@@ -56,6 +56,8 @@ class Generator:
     schema_defs: dict[str, str] = field(default_factory=dict)  # name -> source of its definition
     type_defs: dict[str, str] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
+    # Descriptions written in our overlay: the only prose the generated module may carry.
+    own_descriptions: frozenset[str] = frozenset()
 
     @property
     def components(self) -> dict:
@@ -150,6 +152,8 @@ class Generator:
             node = {}
         nullable = nullable or self.is_nullable(node)
         kwargs = Kwargs()
+        if node.get("description") in self.own_descriptions:
+            kwargs.meta["description"] = node["description"]
         if required:
             kwargs.append("required=True")
         if nullable:

@@ -42,11 +42,32 @@ def default_spec_path() -> Path:
     return Path(os.environ.get("LOCALQ_OPENAPI_SPEC") or REPO_ROOT.parent / "shared" / "openai-openapi" / "openapi.json")
 
 
+def load_overlay() -> dict:
+    return yaml.safe_load(OVERLAY_PATH.read_text())
+
+
 def load_document(spec_path: Path | None = None) -> dict:
     """The upstream spec with our overlay applied."""
     spec = json.loads(Path(spec_path or default_spec_path()).read_text())
-    overlay = yaml.safe_load(OVERLAY_PATH.read_text())
-    return apply_overlay(spec, overlay)
+    return apply_overlay(spec, load_overlay())
+
+
+def overlay_descriptions(overlay: dict) -> frozenset[str]:
+    """Every description and summary our overlay writes (ours to publish, unlike the spec's prose)."""
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("description", "summary") and isinstance(value, str):
+                    found.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk([action.get("update") for action in overlay.get("actions", [])])
+    return frozenset(found)
 
 
 def split_path(raw: str) -> tuple[str, dict[str, str]]:
@@ -91,6 +112,7 @@ def build_operations(gen: Generator, document: dict) -> list[dict]:
                 "responses": {},
                 "streams": False,
                 "extensions": None,
+                "summary": op.get("summary") if op.get("summary") in gen.own_descriptions else None,
             }
             body = resolve_ref(document, op.get("requestBody", {}))
             for content_type, media in body.get("content", {}).items():
@@ -127,6 +149,10 @@ def build_operations(gen: Generator, document: dict) -> list[dict]:
             for schema_name in entry["request"].values():
                 if schema_name:
                     entry["extensions"] = entry["extensions"] or extension_names(gen, schema_name)
+                    # a body with a `stream` flag can ask for SSE even where the spec lists no stream response
+                    if schema_name in gen.components and "stream" in gen.normalise(gen.components[schema_name]).get(
+                            "properties", {}):
+                        entry["streams"] = True
             operations.append(entry)
     gen.drain()
     return operations
@@ -167,8 +193,10 @@ def document_meta(document: dict) -> dict:
     }
 
 
-def render(document: dict) -> str:
-    gen = Generator(document)
+def render(document: dict, own_descriptions: frozenset[str] | None = None) -> str:
+    if own_descriptions is None:
+        own_descriptions = overlay_descriptions(load_overlay())
+    gen = Generator(document, own_descriptions=own_descriptions)
     operations = build_operations(gen, document)
     out = [HEADER.format(version=document.get("info", {}).get("version", "?"))]
     out.append("# ---- non-object components: unions, enums, scalars ----\n")
