@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flask import Flask
 
+from api.auth import install_auth, install_cors
 from api.docs import blueprint as docs_blueprint
 from api.errors import register_error_handlers
 from api.openapi import blueprint as openapi_blueprint
@@ -26,6 +27,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["localq.models"] = ModelRegistry.load(settings.models_dir)
 
     register_error_handlers(app)
+    # Before any other request hook, so an unauthenticated request does no work at all.
+    install_auth(app, settings.api_keys)
+    install_cors(app, settings.cors_origins)
     app.register_blueprint(openapi_blueprint)
     app.register_blueprint(docs_blueprint)
     register_operations(app, collect_handlers())

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,14 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         return error_response(_from_http_exception(exc))
+
+    @app.errorhandler(RedisConnectionError)
+    @app.errorhandler(RedisTimeoutError)
+    @app.errorhandler(BrokerError)
+    def _queue_down(exc: Exception):
+        log.error("job queue unreachable: %s", exc)
+        return error_response(APIError(503, "The job queue is unavailable; retry later.", code="queue_unavailable",
+                                       headers={"Retry-After": "5"}))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 #: The `models/` folder that ships next to the packages in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 UNKNOWN_FIELDS_CHOICES = ("reject", "ignore")
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,20 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Broker and job store; also read by `tasks.celery_app`.
+    redis_url: str = DEFAULT_REDIS_URL
+    #: Keys accepted on `/v1`; empty means the API is open.
+    api_keys: frozenset[str] = frozenset()
+    #: Origins allowed to call `/v1` from a browser; empty means CORS is off.
+    cors_origins: tuple[str, ...] = ()
+    #: Jobs waiting per queue before new submissions are refused.
+    max_queue_depth: int = 256
+    #: Seconds a job may run before it is failed.
+    job_timeout: float = 600.0
+    #: Seconds a finished job's record and result are kept.
+    job_ttl: int = 86400
+    #: Seconds between SSE keep-alive comments on an idle stream.
+    keepalive_interval: float = 15.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -37,6 +55,13 @@ class Settings:
             max_request_bytes=_int(environ, "LOCALQ_MAX_REQUEST_BYTES", cls.max_request_bytes),
             host=environ.get("LOCALQ_HOST", cls.host),
             port=_int(environ, "LOCALQ_PORT", cls.port),
+            redis_url=_redis_url(environ, "LOCALQ_REDIS_URL", cls.redis_url),
+            api_keys=_api_keys(environ),
+            cors_origins=_origins(environ, "LOCALQ_CORS_ORIGINS"),
+            max_queue_depth=_int(environ, "LOCALQ_MAX_QUEUE_DEPTH", cls.max_queue_depth),
+            job_timeout=_float(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
+            job_ttl=_int(environ, "LOCALQ_JOB_TTL", cls.job_ttl),
+            keepalive_interval=_float(environ, "LOCALQ_SSE_KEEPALIVE", cls.keepalive_interval),
         )
 
 
@@ -52,3 +77,106 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    """A positive, finite number of seconds."""
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _redis_url(environ: Mapping[str, str], name: str, default: str) -> str:
+    """A URL redis-py and Celery accept; blank counts as unset."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    parts = urlsplit(raw)
+    if parts.scheme not in REDIS_URL_SCHEMES:
+        raise ValueError(
+            f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}"
+        )
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port  # noqa: B018 - raises on a non-numeric port
+        except ValueError:
+            raise ValueError(f"{name} has an invalid port: {raw!r}") from None
+        if not parts.hostname:
+            raise ValueError(f"{name} names no host: {raw!r}")
+    return raw
+
+
+def _api_keys(environ: Mapping[str, str]) -> frozenset[str]:
+    """Keys from LOCALQ_API_KEYS (comma-separated) and LOCALQ_API_KEYS_FILE (one per line), merged."""
+    keys: set[str] = set()
+    raw = environ.get("LOCALQ_API_KEYS", "")
+    if raw.strip():
+        listed = [key.strip() for key in raw.split(",") if key.strip()]
+        if not listed:
+            raise ValueError("LOCALQ_API_KEYS lists no key (expected comma-separated keys)")
+        keys.update(_check_key("LOCALQ_API_KEYS", key) for key in listed)
+    path = environ.get("LOCALQ_API_KEYS_FILE", "").strip()
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"LOCALQ_API_KEYS_FILE: cannot read {path}: {exc}") from None
+        listed = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                listed.append(line)
+        if not listed:
+            # A keys file that was meant to lock the API but holds no key must not open it.
+            raise ValueError(f"LOCALQ_API_KEYS_FILE: {path} contains no key")
+        keys.update(_check_key(f"LOCALQ_API_KEYS_FILE ({path})", key) for key in listed)
+    return frozenset(keys)
+
+
+def _check_key(source: str, key: str) -> str:
+    """Keys travel in HTTP headers: printable ASCII, no spaces, no commas."""
+    if not all("!" <= ch <= "~" for ch in key) or "," in key:
+        raise ValueError(
+            f"{source}: an API key may only hold printable ASCII characters without spaces "
+            f"or commas (one key is {len(key)} characters long and holds something else)"
+        )
+    return key
+
+
+def _origins(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """`*` or `scheme://host[:port]` origins, as browsers send them in the Origin header."""
+    raw = environ.get(name, "")
+    origins: list[str] = []
+    for item in raw.split(","):
+        origin = item.strip()
+        if not origin:
+            continue
+        if origin != "*":
+            parts = urlsplit(origin)
+            try:
+                parts.port  # noqa: B018
+            except ValueError:
+                raise ValueError(f"{name}: invalid port in origin {origin!r}") from None
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username
+            ):
+                raise ValueError(
+                    f"{name}: {origin!r} is not an origin; expected '*' or scheme://host[:port], "
+                    "e.g. http://localhost:3000"
+                )
+            origin = origin.rstrip("/")
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)

@@ -931,7 +931,7 @@ object_schema('LocalqJob', {
     'result': Any_(required=True, metadata={'description': 'The response body the endpoint would have returned directly, once the job has succeeded; null before that. Its shape depends on the job type.'}),
 }, unknown='raise')
 object_schema('LocalqJobEvent', {
-    'type': Str(required=True, validate=[OneOf(['delta', 'progress', 'result', 'error', 'status'])], metadata={'description': 'delta is an incremental piece of output, progress a completion estimate, status a lifecycle change, result the final body and error the reason for a failure.'}),
+    'type': Str(required=True, validate=[OneOf(['delta', 'progress', 'result', 'error', 'status', 'cancelled'])], metadata={'description': 'delta is an incremental piece of output (for chat and completions, one OpenAI stream chunk), progress a completion estimate, status a lifecycle change, result the final body, error the reason for a failure and cancelled the end of a job that was stopped.'}),
     'data': Any_(required=True, metadata={'description': 'Payload of the event; its shape depends on `type`.'}),
 }, unknown='raise')
 object_schema('LocalqSpeechExtensions', {

@@ -1,0 +1,86 @@
+"""The path every model call takes: resolve the model, check it can honour the request, enqueue,
+then either stream the job's events or wait for its result.
+"""
+
+from __future__ import annotations
+
+from flask import current_app, jsonify, request
+
+from api.errors import APIError
+from api.sse import JOB_HEADER, followed, openai_stream, sse_response
+from tasks.dispatch import QueueFull, submit
+from tasks.runtime import Runtime, connect
+from tasks.settings import QueueSettings
+from workers.capabilities import unsupported
+
+EXTENSIONS = "x-localai-extensions"
+
+
+def queue_runtime() -> Runtime:
+    """This app's Redis connections (job store and event log), made on first use."""
+    extensions = current_app.extensions
+    if "localq.queue" not in extensions:
+        extensions["localq.queue"] = connect(QueueSettings.from_env())
+    return extensions["localq.queue"]
+
+
+def setting(name: str, default):
+    return getattr(current_app.config.get("LOCALQ"), name, default)
+
+
+def resolve_model(name: str, kind: str, body: dict):
+    config = current_app.extensions["localq.models"].resolve(name)
+    if config is None:
+        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+    problem = unsupported(kind, config, body)
+    if problem:
+        param, message = problem
+        raise APIError(400, message, param=param, code="unsupported_parameter")
+    return config
+
+
+def run(kind: str, body: dict, *, stream: bool = False):
+    """Enqueue a job of `kind` for the validated `body` and answer as OpenAI would."""
+    config = resolve_model(body["model"], kind, body)
+    extensions = body.get(EXTENSIONS) or {}
+    rt = queue_runtime()
+    try:
+        job = submit(rt, kind=kind, model=body["model"], queue=config.device, request=body,
+                     priority=extensions.get("priority", "interactive"), timeout=extensions.get("timeout"),
+                     max_depth=setting("max_queue_depth", None))
+    except QueueFull as full:
+        raise APIError(429, f"The {full.queue} queue is full ({full.depth} jobs waiting); retry later.",
+                       type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+    keepalive = float(setting("keepalive_interval", 15.0))
+    if stream:
+        return sse_response(openai_stream(rt, job["id"], keepalive=keepalive, deadline=job["deadline"],
+                                          grace=rt.settings.resume_grace), job["id"])
+    return wait_for_result(rt, job, keepalive=keepalive)
+
+
+def wait_for_result(rt: Runtime, job: dict, *, keepalive: float):
+    job_id = job["id"]
+    rt.jobs.attach(job_id)
+    try:
+        for event in followed(rt, job_id, after="0-0", keepalive=min(keepalive, 1.0), deadline=job["deadline"]):
+            if event is None:
+                continue
+            if event.type == "result":
+                response = jsonify(event.data)
+                response.headers[JOB_HEADER] = job_id
+                response.headers["x-request-id"] = job_id
+                return response
+            if event.type == "error":
+                error = event.data["error"]
+                raise APIError(event.data.get("status", 500), error["message"], type=error["type"],
+                               param=error.get("param"), code=error.get("code"), headers={JOB_HEADER: job_id})
+            if event.type == "cancelled":
+                raise APIError(409, "The job was cancelled before it finished.", code="job_cancelled",
+                               headers={JOB_HEADER: job_id})
+    finally:
+        rt.jobs.detach(job_id)
+    raise APIError(500, "The job's event log ended without a result.", type="server_error")
+
+
+def last_event_id() -> str:
+    return request.headers.get("Last-Event-ID", "0-0") or "0-0"

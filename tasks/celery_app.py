@@ -1,0 +1,56 @@
+"""The Celery application: a Redis broker, reliability settings, and one queue per device tag.
+
+Why each setting (see Celery's "Optimizing" and "Tasks: acks_late" guides):
+- late acks + reject on worker lost: a job whose worker dies is put back on the queue, not lost;
+  `tasks.run` counts deliveries so a job that kills every worker ends as failed instead of looping;
+- prefetch multiplier 1: a worker holds only the job it runs, so a long job does not sit on others;
+- the broker's visibility timeout is longer than the longest allowed job, so a running job is not
+  handed to a second worker while the first is still on it;
+- JSON only, soft and hard time limits, no result backend (results travel on the job event log);
+- priorities: kombu's Redis transport keeps one list per priority step and pops the lowest step
+  first, so interactive calls (0) are taken before batch lines (9) waiting on the same queue.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from tasks.settings import QueueSettings
+
+DEVICE_QUEUES = ("cpu", "gpu")
+PRIORITIES = {"interactive": 0, "batch": 9}
+PRIORITY_STEPS = [0, 3, 6, 9]
+HARD_LIMIT_MARGIN = 30.0
+
+
+def make_app(settings: QueueSettings | None = None) -> Celery:
+    settings = settings or QueueSettings.from_env()
+    app = Celery("localq", broker=settings.redis_url, include=["tasks.run"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_soft_time_limit=settings.job_timeout,
+        task_time_limit=settings.job_timeout + HARD_LIMIT_MARGIN,
+        task_queues=[Queue(name) for name in DEVICE_QUEUES],
+        task_default_queue="cpu",
+        task_default_priority=PRIORITIES["interactive"],
+        broker_transport_options={
+            "visibility_timeout": int(settings.job_timeout + 2 * HARD_LIMIT_MARGIN),
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = make_app()

@@ -1,0 +1,49 @@
+"""What the API uses to hand work to the queue: create the job record, check depth, send the task."""
+
+from __future__ import annotations
+
+import time
+
+from kombu.transport.redis import Channel
+
+from tasks.celery_app import PRIORITIES, PRIORITY_STEPS, app
+from tasks.jobs import new_job_id
+from tasks.run import TASK_NAME
+from tasks.runtime import Runtime
+
+
+class QueueFull(Exception):
+    def __init__(self, queue: str, depth: int):
+        super().__init__(f"queue {queue!r} holds {depth} jobs")
+        self.queue = queue
+        self.depth = depth
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue, one per priority step."""
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
+
+
+def queue_depth(rt: Runtime, queue: str) -> int:
+    pipe = rt.redis.pipeline(transaction=False)
+    for key in queue_keys(queue):
+        pipe.llen(key)
+    return sum(pipe.execute())
+
+
+def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
+           timeout: float | None = None, attached: bool = True, max_depth: int | None = None) -> dict:
+    """Enqueue one job; returns the job message (with its id). Raises QueueFull over `max_depth`."""
+    if max_depth is not None:
+        depth = queue_depth(rt, queue)
+        if depth >= max_depth:
+            raise QueueFull(queue, depth)
+    limit = min(timeout or rt.settings.job_timeout, rt.settings.job_timeout)
+    now = time.time()
+    job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
+           "deadline": now + limit}
+    rt.jobs.create(job["id"], kind=kind, model=model, queue=queue, priority=priority, deadline=now + limit,
+                   attached=attached)
+    app.send_task(TASK_NAME, args=[job], queue=queue, priority=PRIORITIES[priority], soft_time_limit=limit,
+                  time_limit=limit + 30)
+    return job

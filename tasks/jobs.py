@@ -1,0 +1,130 @@
+"""Job records in Redis: status, timestamps, cancel flags and delivery counts.
+
+A job's record is a hash that both sides write: the API creates it and may flag it cancelled,
+the worker moves it through running to a final status. Everything expires with the job TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
+
+# OpenAI object type of each job kind's result, shown in GET /v1/jobs/{id}.
+KIND_TYPES = {
+    "chat": "chat.completion",
+    "completion": "text_completion",
+    "embedding": "embedding",
+    "tokenize": "tokenize",
+    "detokenize": "detokenize",
+}
+
+
+def job_key(job_id: str) -> str:
+    return f"localq:job:{job_id}"
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl: float):
+        self.client = client
+        self.ttl = int(ttl)
+
+    def create(self, job_id: str, *, kind: str, model: str, queue: str, priority: str, deadline: float,
+               attached: bool) -> None:
+        now = time.time()
+        fields = {
+            "id": job_id, "kind": kind, "model": model, "queue": queue, "priority": priority,
+            "status": "queued", "created_at": f"{now:.6f}", "deadline": f"{deadline:.6f}",
+            "attached": "1" if attached else "0", "attempts": "0",
+        }
+        pipe = self.client.pipeline()
+        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.expire(job_key(job_id), self.ttl)
+        pipe.execute()
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        raw = self.client.hgetall(job_key(job_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        pipe = self.client.pipeline()
+        pipe.hset(job_key(job_id), mapping=encoded)
+        pipe.expire(job_key(job_id), self.ttl)
+        pipe.execute()
+
+    def start(self, job_id: str, worker: str) -> None:
+        self.update(job_id, status="running", started_at=f"{time.time():.6f}", worker=worker)
+
+    def finish(self, job_id: str, status: str, *, result: Any = None, error: Any = None) -> None:
+        fields: dict[str, Any] = {"status": status, "finished_at": f"{time.time():.6f}"}
+        if result is not None:
+            fields["result"] = result
+        if error is not None:
+            fields["error"] = error
+        self.update(job_id, **fields)
+
+    def count_delivery(self, job_id: str) -> int:
+        """Count one more delivery of the job to a worker; redeliveries follow a worker's death."""
+        return int(self.client.hincrby(job_key(job_id), "attempts", 1))
+
+    def request_cancel(self, job_id: str) -> None:
+        self.client.set(f"{job_key(job_id)}:cancel", "1", ex=self.ttl)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.client.exists(f"{job_key(job_id)}:cancel"))
+
+    def attach(self, job_id: str) -> int:
+        """A client started reading the job's events; jobs with readers are not cancelled."""
+        key = f"{job_key(job_id)}:readers"
+        pipe = self.client.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, self.ttl)
+        return int(pipe.execute()[0])
+
+    def detach(self, job_id: str) -> int:
+        return int(self.client.decr(f"{job_key(job_id)}:readers"))
+
+    def readers(self, job_id: str) -> int:
+        return int(self.client.get(f"{job_key(job_id)}:readers") or 0)
+
+
+def public_view(record: dict[str, str]) -> dict:
+    """The job as `GET /v1/jobs/{id}` shows it (the overlay's LocalqJob)."""
+
+    def seconds(name: str) -> int | None:
+        value = record.get(name)
+        return int(float(value)) if value else None
+
+    def decoded(name: str):
+        value = record.get(name)
+        return json.loads(value) if value else None
+
+    return {
+        "id": record["id"],
+        "object": "job",
+        "status": record.get("status", "queued"),
+        "type": KIND_TYPES.get(record.get("kind", ""), record.get("kind", "")),
+        "model": record.get("model", ""),
+        "created_at": seconds("created_at") or 0,
+        "started_at": seconds("started_at"),
+        "finished_at": seconds("finished_at"),
+        "queue": record.get("queue", ""),
+        "error": decoded("error"),
+        "result": decoded("result"),
+    }
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,101 @@
+"""The one task every model job runs through: deliver the job to `workers.execute`, record the outcome.
+
+The task itself is model-agnostic: the job's kind and model pick the backend inside the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from tasks.celery_app import app
+from tasks.publisher import BackgroundPublisher
+from tasks.runtime import model_runtime, runtime
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "localq.run_job"
+# How often a running job looks at its cancel flag: often enough to free the worker at once,
+# rarely enough that the Redis round trip costs nothing next to a token.
+CANCEL_POLL = 0.05
+
+
+def error_payload(status: int, message: str, type_: str, *, param=None, code=None) -> dict:
+    return {"status": status, "error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
+    rt.jobs.finish(job_id, status, error=payload["error"])
+    rt.events.append(job_id, "error", payload)
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run_job(self, job: dict) -> None:
+    rt = runtime()
+    job_id = job["id"]
+    deliveries = rt.jobs.count_delivery(job_id)
+    if deliveries > rt.settings.max_deliveries:
+        _fail(rt, job_id, error_payload(
+            500, f"The job stopped its worker {deliveries - 1} times and was given up.", "server_error",
+            code="worker_lost"))
+        return
+    if rt.jobs.cancel_requested(job_id):
+        rt.jobs.finish(job_id, "cancelled")
+        rt.events.append(job_id, "cancelled", {"reason": "cancelled before it started"})
+        return
+    if time.time() > float(job.get("deadline") or "inf"):
+        _fail(rt, job_id, error_payload(504, "The job timed out while waiting in the queue.", "timeout_error",
+                                        code="job_timeout"), status="expired")
+        return
+
+    already_sent = 0
+    if deliveries > 1:
+        already_sent = sum(1 for event in rt.events.all(job_id) if event.type == "delta")
+        log.warning("job %s redelivered (delivery %d); %d deltas already published", job_id, deliveries,
+                    already_sent)
+    rt.jobs.start(job_id, worker=f"{self.request.hostname}:{os.getpid()}")
+    publisher = BackgroundPublisher(rt.events, job_id, skip_deltas=already_sent)
+    publisher.emit("status", {"status": "running", "delivery": deliveries})
+
+    from workers.errors import JobError
+    from workers.execute import execute
+
+    registry, cache = model_runtime()
+    cancelled = False
+    next_check = 0.0
+
+    def is_cancelled() -> bool:
+        """Asked between tokens; asks Redis at most every CANCEL_POLL seconds."""
+        nonlocal cancelled, next_check
+        now = time.monotonic()
+        if not cancelled and now >= next_check:
+            next_check = now + CANCEL_POLL
+            cancelled = rt.jobs.cancel_requested(job_id)
+        return cancelled
+
+    outcome, error = "succeeded", None
+    try:
+        execute(job, publisher.emit, is_cancelled, registry=registry, cache=cache)
+    except JobError as err:
+        outcome, error = "failed", error_payload(err.status, err.message, err.type, param=err.param, code=err.code)
+    except SoftTimeLimitExceeded:
+        outcome, error = "failed", error_payload(504, "The job ran longer than its timeout.", "timeout_error",
+                                                 code="job_timeout")
+    except Exception:
+        log.exception("job %s failed", job_id)
+        outcome, error = "failed", error_payload(500, "The worker had an error while running the job.",
+                                                 "server_error")
+    finally:
+        publisher.close()
+
+    if error is not None:
+        _fail(rt, job_id, error)
+    elif cancelled or publisher.result is None:
+        rt.jobs.finish(job_id, "cancelled")
+        rt.events.append(job_id, "cancelled", {"reason": "cancelled by the client"})
+    else:
+        rt.jobs.finish(job_id, outcome, result=publisher.result)
+        rt.events.append(job_id, "result", publisher.result)

@@ -1,0 +1,49 @@
+"""Queue settings shared by the API (which enqueues) and the workers (which run jobs).
+
+Read from the environment once per process, so that both sides agree on the broker, on how long
+job records live and on how long a job may run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    redis_url: str = DEFAULT_REDIS_URL
+    # how long a job's record and event log stay readable after their last write
+    job_ttl: float = 86400.0
+    # default and upper bound of a job's run time (a request may ask for less with `timeout`)
+    job_timeout: float = 600.0
+    # deliveries of one job before it is failed instead of retried (a job that kills its worker)
+    max_deliveries: int = 3
+    # how long a detached client has to resume a job's stream before the job is cancelled
+    resume_grace: float = 2.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
+        return cls(
+            redis_url=environ.get("LOCALQ_REDIS_URL", DEFAULT_REDIS_URL),
+            job_ttl=_positive(environ, "LOCALQ_JOB_TTL", cls.job_ttl),
+            job_timeout=_positive(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
+            max_deliveries=int(_positive(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries)),
+            resume_grace=_positive(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
+        )
+
+
+def _positive(environ: Mapping[str, str], name: str, default: float, allow_zero: bool = False) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
