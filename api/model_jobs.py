@@ -10,7 +10,6 @@ from api.errors import APIError
 from api.sse import JOB_HEADER, followed, openai_stream, sse_response
 from tasks.dispatch import QueueFull, submit
 from tasks.runtime import Runtime, connect
-from tasks.settings import QueueSettings
 from workers.capabilities import unsupported
 
 EXTENSIONS = "x-localai-extensions"
@@ -20,7 +19,7 @@ def queue_runtime() -> Runtime:
     """This app's Redis connections (job store and event log), made on first use."""
     extensions = current_app.extensions
     if "localq.queue" not in extensions:
-        extensions["localq.queue"] = connect(QueueSettings.from_env())
+        extensions["localq.queue"] = connect(current_app.config["LOCALQ"].queue)
     return extensions["localq.queue"]
 
 

@@ -14,7 +14,7 @@ from flask import Blueprint, jsonify
 from marshmallow import fields
 
 from schemas.generated import DOCUMENT, OPERATIONS, SCHEMAS
-from schemas.runtime import TYPES, Any_, Binary, MapOf, Ref, Tagged, Union
+from schemas.runtime import TYPES, Any_, Binary, MapOf, Range, Ref, Tagged, Union
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -61,6 +61,30 @@ def _localq_fields(converter, field: fields.Field, ret: dict, **kwargs) -> dict:
     if isinstance(field, Any_):
         return {}
     return {}
+
+
+def _exclusive_bounds(converter, field: fields.Field, ret: dict, **kwargs) -> dict:
+    """apispec writes every Range as minimum/maximum; OpenAPI 3.1 says exclusive bounds as numbers."""
+    for validator in field.validators:
+        if not isinstance(validator, Range):
+            continue
+        if validator.min is not None and not validator.min_inclusive:
+            ret.pop("minimum", None)
+            ret["exclusiveMinimum"] = validator.min
+        if validator.max is not None and not validator.max_inclusive:
+            ret.pop("maximum", None)
+            ret["exclusiveMaximum"] = validator.max
+    return {}
+
+
+def _presence_rules(schema_cls) -> dict:
+    """The object-level rules marshmallow enforces in a hook, written back as JSON Schema."""
+    rules: dict = {}
+    if schema_cls.required_any_of:
+        rules["anyOf"] = [{"required": list(group)} for group in schema_cls.required_any_of]
+    if schema_cls.forbidden_together:
+        rules["not"] = {"required": list(schema_cls.forbidden_together)}
+    return rules
 
 
 def _operation(op: dict) -> dict:
@@ -114,11 +138,13 @@ def build_document() -> dict:
         security=DOCUMENT["security"],
     )
     plugin.converter.add_attribute_function(_localq_fields)
+    plugin.converter.add_attribute_function(_exclusive_bounds)
     for name, scheme in DOCUMENT["security_schemes"].items():
         spec.components.security_scheme(name, scheme)
     for name in sorted(SCHEMAS):
         if name not in spec.components.schemas:
             spec.components.schema(name, schema=SCHEMAS[name])
+    document_rules = {name: _presence_rules(cls) for name, cls in SCHEMAS.items() if _presence_rules(cls)}
     for name in sorted(TYPES):
         spec.components.schema(name, component=plugin.converter.field2property(TYPES[name]()))
     by_path: dict[str, dict] = {}
@@ -127,7 +153,10 @@ def build_document() -> dict:
         by_path.setdefault(key, {})[op["method"].lower()] = _operation(op)
     for path, operations in by_path.items():
         spec.path(path=path, operations=operations)
-    return spec.to_dict()
+    document = spec.to_dict()
+    for name, rules in document_rules.items():
+        document["components"]["schemas"][name].update(rules)
+    return document
 
 
 @blueprint.get("/openapi.json")

@@ -62,9 +62,10 @@ def _view(ops: list[dict], handlers: dict[str, Handler]):
     ranked = sorted(ops, key=lambda op: -len(op["query"]))
 
     def view(**path_params):
+        method = "GET" if request.method == "HEAD" else request.method  # Flask answers HEAD with the GET view
         op = next(
             op for op in ranked
-            if op["method"] == request.method and all(request.args.get(k) == v for k, v in op["query"].items())
+            if op["method"] == method and all(request.args.get(k) == v for k, v in op["query"].items())
         )
         call = Call(operation=op, path=path_params, body=read_body(op), query=read_query(op))
         handler = handlers.get(op["operation_id"])
@@ -109,9 +110,9 @@ def read_body(op: dict) -> dict | None:
         )
     schema_name = accepted[mimetype]
     if mimetype == JSON:
-        data = parse_json(request.get_data(cache=True)) if has_body else ({} if op["request_required"] else None)
-        if data is None:
+        if not has_body and not op["request_required"]:
             return None
+        data = parse_json(request.get_data(cache=True)) if has_body else {}
         if schema_name is None:
             return data
         try:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tasks.settings import QueueSettings
+
 #: The `models/` folder that ships next to the packages in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 UNKNOWN_FIELDS_CHOICES = ("reject", "ignore")
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,14 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8080
-    #: Broker and job store; also read by `tasks.celery_app`.
-    redis_url: str = DEFAULT_REDIS_URL
+    #: Broker, job store and job limits: the part of the settings the workers read too.
+    queue: QueueSettings = field(default_factory=QueueSettings)
     #: Keys accepted on `/v1`; empty means the API is open.
     api_keys: frozenset[str] = frozenset()
     #: Origins allowed to call `/v1` from a browser; empty means CORS is off.
     cors_origins: tuple[str, ...] = ()
     #: Jobs waiting per queue before new submissions are refused.
     max_queue_depth: int = 256
-    #: Seconds a job may run before it is failed.
-    job_timeout: float = 600.0
-    #: Seconds a finished job's record and result are kept.
-    job_ttl: int = 86400
     #: Seconds between SSE keep-alive comments on an idle stream.
     keepalive_interval: float = 15.0
 
@@ -55,12 +51,10 @@ class Settings:
             max_request_bytes=_int(environ, "LOCALQ_MAX_REQUEST_BYTES", cls.max_request_bytes),
             host=environ.get("LOCALQ_HOST", cls.host),
             port=_int(environ, "LOCALQ_PORT", cls.port),
-            redis_url=_redis_url(environ, "LOCALQ_REDIS_URL", cls.redis_url),
+            queue=QueueSettings.from_env(environ),
             api_keys=_api_keys(environ),
             cors_origins=_origins(environ, "LOCALQ_CORS_ORIGINS"),
             max_queue_depth=_int(environ, "LOCALQ_MAX_QUEUE_DEPTH", cls.max_queue_depth),
-            job_timeout=_float(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
-            job_ttl=_int(environ, "LOCALQ_JOB_TTL", cls.job_ttl),
             keepalive_interval=_float(environ, "LOCALQ_SSE_KEEPALIVE", cls.keepalive_interval),
         )
 
@@ -91,26 +85,6 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
-
-
-def _redis_url(environ: Mapping[str, str], name: str, default: str) -> str:
-    """A URL redis-py and Celery accept; blank counts as unset."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    parts = urlsplit(raw)
-    if parts.scheme not in REDIS_URL_SCHEMES:
-        raise ValueError(
-            f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}"
-        )
-    if parts.scheme in ("redis", "rediss"):
-        try:
-            parts.port  # noqa: B018 - raises on a non-numeric port
-        except ValueError:
-            raise ValueError(f"{name} has an invalid port: {raw!r}") from None
-        if not parts.hostname:
-            raise ValueError(f"{name} names no host: {raw!r}")
-    return raw
 
 
 def _api_keys(environ: Mapping[str, str]) -> frozenset[str]:

@@ -1,24 +1,59 @@
-"""The `localq` command: serve the API (`api`, `up`) and inspect model configs (`models`)."""
+"""The `localq` command: run everything (`up`), the API (`api`), a worker (`worker`), list `models`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
+import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from api import create_app
 from api.settings import Settings
+from ops.redis_server import RedisServer, RedisServerError, child_preexec, port_is_free
 from workers.config import ModelConfigError
 from workers.registry import ModelRegistry
 
-DEFAULT_THREADS = 8
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CELERY_APP = "tasks.celery_app:app"
+
+# --- gunicorn, tuned for many concurrent long-lived SSE streams -----------------------------
+# gthread: each in-flight request (an SSE stream lasts as long as its job) holds one thread, so
+# a worker needs many threads; idle keep-alive connections wait in the poller, not on a thread.
+DEFAULT_THREADS = 64
+# With gthread, `timeout` is the worker's heartbeat, sent by its main loop about every second
+# whatever the request threads are doing; it never cuts a request short. A generous value keeps
+# SSE streams safe even if that loop is briefly starved, while a worker that truly hangs is
+# still replaced (0 would disable that).
+GUNICORN_TIMEOUT = 300
+# Seconds an idle keep-alive connection stays open: SDK clients reuse connections between
+# calls (submit, then poll or stream), which saves a TCP handshake per call.
+GUNICORN_KEEPALIVE = 15
+# On stop, in-flight requests (open streams) get this long before the worker exits; clients
+# can resume a job's stream from another API process.
+GUNICORN_GRACEFUL_TIMEOUT = 10
+
+# --- `localq up` ---------------------------------------------------------------------------
+DEFAULT_REDIS_DIR = REPO_ROOT / "var" / "redis"
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_READY_TIMEOUT = 120.0
+WORKER_PING_TIMEOUT = 30.0
+UP_WORKER_NAME = "cpu@%h"
+# After asking a child to stop (SIGTERM), how long before SIGQUIT, then SIGKILL.
+API_STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 10
+FORCE_STOP_TIMEOUT = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         return args.command(args, settings)
-    except (ModelConfigError, ValueError) as exc:
+    except (ModelConfigError, ValueError, RedisServerError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
@@ -43,31 +78,77 @@ def _parser() -> argparse.ArgumentParser:
     serve = argparse.ArgumentParser(add_help=False)
     serve.add_argument("--host", help="bind address (default: LOCALQ_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="bind port (default: LOCALQ_PORT or 8080)")
-    serve.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="gunicorn worker processes")
     serve.add_argument(
-        "--threads", type=int, default=DEFAULT_THREADS, help="threads per worker (gthread)"
+        "--threads", type=_positive_int, default=DEFAULT_THREADS,
+        help=f"threads per gunicorn worker, i.e. concurrent requests and streams (default {DEFAULT_THREADS})",
     )
+
+    up = commands.add_parser(
+        "up", parents=[serve],
+        help="start Redis (unless LOCALQ_REDIS_URL is set), one CPU worker and the API",
+    )
+    up.add_argument(
+        "--force-public", action="store_true",
+        help="allow binding a non-loopback address without API keys",
+    )
+    up.add_argument(
+        "--data-dir", type=Path, default=None,
+        help=f"data folder of the embedded Redis (default: {_shown(DEFAULT_REDIS_DIR)})",
+    )
+    up.add_argument(
+        "--redis-port", type=int, default=DEFAULT_REDIS_PORT,
+        help=f"port of the embedded Redis; a free one is picked if it is busy (default {DEFAULT_REDIS_PORT})",
+    )
+    up.add_argument(
+        "--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT,
+        help=f"seconds to wait for the API to answer (default {DEFAULT_READY_TIMEOUT:g})",
+    )
+    up.set_defaults(command=_run_up)
 
     api = commands.add_parser("api", parents=[serve], help="serve the HTTP API with gunicorn")
     api.set_defaults(command=_run_api)
 
-    up = commands.add_parser("up", parents=[serve], help="start localq on this machine")
-    up.add_argument(
-        "--force-public",
-        action="store_true",
-        help="allow binding a non-loopback address (the API has no authentication)",
+    worker = commands.add_parser("worker", help="run a Celery worker in the foreground")
+    worker.add_argument("-Q", "--queues", default="cpu", help="comma-separated queues (default cpu)")
+    worker.add_argument(
+        "-c", "--concurrency", type=_positive_int, default=1,
+        help="jobs run at once, one pool process each (default 1)",
     )
-    up.set_defaults(command=_run_up)
+    worker.add_argument("-n", "--name", help="node name (default: FIRST_QUEUE@%%h)")
+    worker.add_argument(
+        "-P", "--pool", default="prefork", choices=("prefork", "solo", "threads"),
+        help="Celery pool (default prefork)",
+    )
+    worker.add_argument(
+        "-l", "--loglevel", default="info",
+        choices=("debug", "info", "warning", "error", "critical"), help="log level (default info)",
+    )
+    worker.set_defaults(command=_run_worker)
 
     models = commands.add_parser("models", help="list the configured models")
     models.set_defaults(command=_run_models)
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     """Environment settings, overridden by whichever flags were given."""
     overrides = {
-        "models_dir": args.models_dir,
+        "models_dir": Path(args.models_dir) if args.models_dir else None,
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
     }
@@ -75,46 +156,398 @@ def _settings(args: argparse.Namespace) -> Settings:
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _run_api(args: argparse.Namespace, settings: Settings, on_ready=None) -> int:
-    """Load the app first (bad configs fail here, clearly), then hand it to gunicorn."""
-    options = {
-        "bind": host_port(settings.host, settings.port),
+# --- localq api -----------------------------------------------------------------------------
+
+
+def gunicorn_options(host: str, port: int, workers: int, threads: int) -> dict:
+    """Gunicorn settings for `localq api`; see the constants above for why each value."""
+    return {
+        "bind": host_port(host, port),
         "worker_class": "gthread",
-        "workers": args.workers,
-        "threads": args.threads,
+        "workers": workers,
+        "threads": threads,
+        "timeout": GUNICORN_TIMEOUT,
+        "keepalive": GUNICORN_KEEPALIVE,
+        "graceful_timeout": GUNICORN_GRACEFUL_TIMEOUT,
     }
-    if on_ready is not None:
-        options["when_ready"] = lambda arbiter: on_ready()
+
+
+def _run_api(args: argparse.Namespace, settings: Settings) -> int:
+    """Load the app first (bad configs fail here, clearly), then hand it to gunicorn."""
+    from api import create_app
+
+    options = gunicorn_options(settings.host, settings.port, args.workers, args.threads)
     GunicornServer(create_app(settings), options).run()  # returns via SystemExit
     return 0
 
 
-def _run_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Like `api`, but guarded for laptops and announcing the URL when listening."""
-    if not args.force_public and not is_loopback(settings.host):
-        Console(stderr=True).print(
-            f"[bold red]refusing to bind {escape(settings.host)}:[/] it is not a loopback address "
-            "and the API has no authentication; pass --force-public to expose it anyway.",
-            highlight=False,
+# --- localq worker --------------------------------------------------------------------------
+
+
+def worker_argv(
+    queues: str = "cpu",
+    concurrency: int = 1,
+    name: str | None = None,
+    pool: str = "prefork",
+    loglevel: str = "info",
+) -> list[str]:
+    """The `python -m celery ... worker` command line `localq worker` runs."""
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()]
+    if not queue_list:
+        raise ValueError("--queues names no queue")
+    return [
+        sys.executable, "-m", "celery", "-A", CELERY_APP, "worker",
+        "--pool", pool,
+        "--concurrency", str(concurrency),
+        "--queues", ",".join(queue_list),
+        # One job at a time per pool process; a long job does not hold others back.
+        "--prefetch-multiplier", "1",
+        "--hostname", name or f"{queue_list[0]}@%h",
+        # No worker-to-worker chatter at start-up and while running; workers share nothing.
+        "--without-gossip", "--without-mingle",
+        "--loglevel", loglevel.upper(),
+    ]
+
+
+def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Become the Celery worker (exec), so its signal handling applies unchanged.
+
+    Celery's own command line runs in this very process (same pid): SIGTERM is a warm shutdown
+    (the running job finishes), SIGQUIT a cold one, Ctrl-C warm then cold on a second press.
+    Settings travel through the environment, which exec keeps.
+    """
+    argv = worker_argv(args.queues, args.concurrency, args.name, args.pool, args.loglevel)
+    if importlib.util.find_spec(CELERY_APP.partition(":")[0]) is None:
+        raise ValueError(f"the Celery app module {CELERY_APP.partition(':')[0]} is not installed")
+    if args.models_dir:
+        os.environ["LOCALQ_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached; kept for tests that replace os.execv
+
+
+# --- localq up ------------------------------------------------------------------------------
+
+
+def bind_refusal(host: str, has_api_keys: bool, force_public: bool) -> str | None:
+    """Why `localq up` will not bind `host`, or None when it may."""
+    if is_loopback(host) or has_api_keys or force_public:
+        return None
+    return (
+        f"refusing to bind {host}: it is not a loopback address and no API keys are configured "
+        "(LOCALQ_API_KEYS or LOCALQ_API_KEYS_FILE); configure keys, or pass --force-public to "
+        "expose the API without authentication."
+    )
+
+
+class ChildExited(Exception):
+    """A process `localq up` started ended on its own."""
+
+
+@dataclass
+class Child:
+    label: str
+    process: subprocess.Popen
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise ChildExited(f"the {self.label} exited unexpectedly (status {self.process.returncode})")
+
+
+class Stack:
+    """What `localq up` runs: an embedded Redis (maybe), the worker and the API, stopped in reverse."""
+
+    def __init__(self, err: Console):
+        self.err = err
+        self.redis: RedisServer | None = None
+        self.children: list[Child] = []
+        self.stopping = False
+        self.signals = 0  # stop requests (Ctrl-C, SIGTERM, SIGHUP) seen so far
+
+    # Signals: the first one interrupts whatever `up` is doing (like Ctrl-C does); while the
+    # stack is stopping, a further one only hurries the stop along.
+    def on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        if not self.stopping:
+            raise KeyboardInterrupt
+
+    def spawn(self, label: str, argv: list[str], env: dict[str, str]) -> Child:
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=_stderr_fd(),  # `up`'s own stdout carries only its summary
+            # Own process group: the terminal's Ctrl-C reaches `up` alone, which then stops
+            # the children in order (API, worker, Redis) instead of all at once.
+            process_group=0,
+            preexec_fn=child_preexec(),
         )
+        child = Child(label, process)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        for child in self.children:
+            child.check()
+        if self.redis is not None and not self.redis.running:
+            raise ChildExited("the embedded Redis exited unexpectedly")
+
+    def stop(self, worker_timeout: float) -> None:
+        self.stopping = True
+        for child in reversed(self.children):
+            timeout = worker_timeout if child.label == "worker" else API_STOP_TIMEOUT
+            self._stop_child(child, timeout)
+        if self.redis is not None:
+            self.err.print("stopping Redis", highlight=False)
+            self.redis.stop()
+
+    def _stop_child(self, child: Child, timeout: float) -> None:
+        process = child.process
+        if process.poll() is not None:
+            return
+        self.err.print(f"stopping the {child.label} (pid {process.pid})", highlight=False)
+        _signal(process, signal.SIGTERM)  # gunicorn: graceful stop; Celery: warm shutdown
+        signals_before = self.signals
+        started = time.monotonic()
+        hinted = forced = False
+        while process.poll() is None:
+            waited = time.monotonic() - started
+            if not forced and (self.signals > signals_before or waited > timeout):
+                # gunicorn: quick shutdown; Celery: cold shutdown (running jobs are
+                # re-queued, as their acks are late).
+                _signal(process, signal.SIGQUIT)
+                forced, started = True, time.monotonic()
+            elif forced and waited > FORCE_STOP_TIMEOUT:
+                _kill_group(process)
+            elif not hinted and waited > 3 and not forced:
+                hinted = True
+                self.err.print(
+                    f"waiting for the {child.label} to finish what it is doing; "
+                    "press Ctrl-C again to stop it now",
+                    highlight=False,
+                )
+            time.sleep(0.1)
+        # Whatever the leader left behind in its group (pool processes) goes with it.
+        _kill_group(process)
+
+
+def _run_up(args: argparse.Namespace, settings: Settings) -> int:
+    """Start Redis (unless LOCALQ_REDIS_URL is set), one CPU worker and the API; stop them on a signal."""
+    out, err = Console(), Console(stderr=True)
+    refusal = bind_refusal(settings.host, bool(settings.api_keys), args.force_public)
+    if refusal:
+        err.print(f"[bold red]{escape(refusal)}[/]", highlight=False)
         return 2
-    url = f"http://{host_port(settings.host, settings.port)}"
+    registry = ModelRegistry.load(settings.models_dir)  # bad configs stop us before anything runs
 
-    def announce() -> None:
-        Console().print(f"localq ready on [bold]{escape(url)}[/]", highlight=False)
+    stack = Stack(err)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, stack.on_signal) for signum in handled}
+    try:
+        try:
+            redis_note = _start_redis(stack, args, err)
+            env = _child_env(args)
+            worker = stack.spawn("worker", worker_command(), env)
+            api_url = f"http://{host_port(settings.host, settings.port)}"
+            stack.spawn("API", api_command(args, settings), env)
+            _wait_for_api(stack, _probe_url(settings.host, settings.port), args.ready_timeout)
+            worker_state = _wait_for_worker(stack, UP_WORKER_NAME)
+            _print_summary(out, settings, registry, redis_note, worker, worker_state, api_url)
+            while True:
+                time.sleep(0.5)
+                stack.check()
+        except ChildExited as exc:
+            err.print(f"[bold red]localq: {escape(str(exc))}; stopping everything.[/]", highlight=False)
+            stack.stop(worker_timeout=settings.queue.job_timeout + 30)
+            return 1
+        except KeyboardInterrupt:
+            err.print("localq: stopping", highlight=False)
+            stack.stop(worker_timeout=settings.queue.job_timeout + 30)
+            return 0
+        except BaseException:
+            stack.stop(worker_timeout=FORCE_STOP_TIMEOUT)
+            raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
-    return _run_api(args, settings, on_ready=announce)
+
+def worker_command() -> list[str]:
+    """The one CPU worker `localq up` runs."""
+    return [sys.executable, "-m", "ops.cli", "worker", "--queues", "cpu", "--name", UP_WORKER_NAME]
+
+
+def api_command(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The API `localq up` runs (settings other than these flags travel in the environment)."""
+    return [
+        sys.executable, "-m", "ops.cli", "api", "--host", settings.host, "--port", str(settings.port),
+        "--workers", str(args.workers), "--threads", str(args.threads),
+    ]
+
+
+def _start_redis(stack: Stack, args: argparse.Namespace, err: Console) -> str:
+    """Use LOCALQ_REDIS_URL if it is set (and answers), else start the embedded Redis; a summary line."""
+    external = os.environ.get("LOCALQ_REDIS_URL", "").strip()
+    if external:
+        _check_external_redis(external)
+        return f"{redact_url(external)} (LOCALQ_REDIS_URL)"
+    data_dir = (args.data_dir or DEFAULT_REDIS_DIR).resolve()
+    port = args.redis_port
+    if port and not port_is_free(port):
+        err.print(f"port {port} is busy; the embedded Redis picks a free port", highlight=False)
+        port = 0
+    stack.redis = RedisServer(data_dir, port)
+    stack.redis.start()
+    os.environ["LOCALQ_REDIS_URL"] = stack.redis.url  # for the children, and for the worker ping
+    if port != args.redis_port:
+        err.print(f"embedded Redis on port {stack.redis.port}", highlight=False)
+    return f"{stack.redis.url} (embedded, data in {_shown(data_dir)})"
+
+
+def _check_external_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise RedisServerError(
+            f"cannot reach Redis at {redact_url(url)} (LOCALQ_REDIS_URL): {exc}"
+        ) from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***`, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _child_env(args: argparse.Namespace) -> dict[str, str]:
+    """The children's settings: this environment, plus the Redis URL and a --models-dir given here."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if args.models_dir:
+        env["LOCALQ_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    return env
+
+
+def _probe_url(host: str, port: int) -> str:
+    """Where `up` checks the API: a wildcard bind is reached over loopback."""
+    bare = host.strip("[]")
+    if bare in ("0.0.0.0", ""):
+        bare = "127.0.0.1"
+    elif bare == "::":
+        bare = "::1"
+    return f"http://{host_port(bare, port)}/healthz"
+
+
+def _wait_for_api(stack: Stack, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        stack.check()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ChildExited(f"the API did not answer {url} within {timeout:g}s")
+        time.sleep(0.2)
+
+
+def _wait_for_worker(stack: Stack, name: str) -> str:
+    """Ping the worker through the broker; a word for the summary."""
+    deadline = time.monotonic() + WORKER_PING_TIMEOUT
+    while time.monotonic() < deadline:
+        stack.check()
+        if ping_worker(name):
+            return "ready"
+    return "started, not answering pings yet"
+
+
+def ping_worker(name: str, timeout: float = 1.0) -> bool:
+    """True when the Celery node `name` (`%h` expanded) answers a control ping."""
+    try:
+        from celery.utils.nodenames import host_format
+
+        from tasks.celery_app import app
+
+        node = host_format(name)
+        return any(node in reply for reply in app.control.ping(destination=[node], timeout=timeout))
+    except Exception:  # noqa: BLE001 - not ready, or no broker yet
+        time.sleep(timeout)
+        return False
+
+
+def _print_summary(out, settings, registry, redis_note, worker, worker_state, api_url) -> None:
+    from celery.utils.nodenames import host_format
+
+    auth = f"{len(settings.api_keys)} API key(s) required on /v1" if settings.api_keys else "open (no API keys)"
+    cors = ", ".join(settings.cors_origins) if settings.cors_origins else "off"
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("Redis", escape(redis_note))
+    grid.add_row(
+        "Worker",
+        escape(f"{host_format(UP_WORKER_NAME)} (queue cpu, pid {worker.process.pid}): {worker_state}"),
+    )
+    grid.add_row("API", escape(f"{api_url}  (docs {api_url}/docs)"))
+    grid.add_row("Access", escape(f"{auth}; CORS {cors}"))
+    out.print(grid)
+    out.print(_models_table(registry, settings.models_dir))
+    out.print(f"localq ready on [bold]{escape(api_url)}[/]", highlight=False)
+    out.print("Ctrl-C stops everything.", highlight=False)
+
+
+def _stderr_fd() -> int | None:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced stderr (pytest capture, IDEs)
+        return None
+
+
+def _signal(process: subprocess.Popen, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (it leads one: started with process_group=0)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+# --- localq models --------------------------------------------------------------------------
 
 
 def _run_models(args: argparse.Namespace, settings: Settings) -> int:
     """A table of the configured models, validating every file on the way."""
     registry = ModelRegistry.load(settings.models_dir)
-    table = Table("name", "aliases", "backend", "device", title=f"models in {settings.models_dir}")
+    Console().print(_models_table(registry, settings.models_dir))
+    return 0
+
+
+def _models_table(registry: ModelRegistry, models_dir: Path) -> Table:
+    table = Table("name", "aliases", "backend", "device", title=f"models in {models_dir}")
     for config in registry.list():
         cells = (config.name, ", ".join(config.aliases), config.backend or "-", config.device)
         table.add_row(*map(escape, cells))
-    Console().print(table)
-    return 0
+    return table
+
+
+# --- helpers --------------------------------------------------------------------------------
 
 
 class GunicornServer(BaseApplication):

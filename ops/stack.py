@@ -16,20 +16,16 @@ from pathlib import Path
 
 import httpx
 
+from ops.cli import worker_argv
 from ops.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def worker_argv(name: str, queues: str, concurrency: int = 1) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tasks.celery_app:app", "worker", "-Q", queues,
-            "-c", str(concurrency), "-P", "prefork", "--prefetch-multiplier", "1", "--without-gossip",
-            "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h", "--loglevel", "INFO"]
-
-
 def api_argv(port: int, threads: int = 16) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "api.wsgi:app", "-k", "gthread", "--threads", str(threads),
-            "-b", f"127.0.0.1:{port}", "--timeout", "0", "--graceful-timeout", "5"]
+    """`localq api` on loopback: the same gunicorn set-up `localq up` runs."""
+    return [sys.executable, "-m", "ops.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+            "--threads", str(threads)]
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.1):
@@ -47,7 +43,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1):
 
 
 @dataclass
-class Stack:
+class ServiceProcesses:
     """Worker and API processes sharing one environment (which names the Redis to use)."""
 
     env: dict
@@ -63,7 +59,7 @@ class Stack:
                                     start_new_session=True)
 
     def start_worker(self, name: str = "cpu", queues: str = "cpu") -> subprocess.Popen:
-        proc = self._spawn(worker_argv(name, queues), f"worker-{name}.log")
+        proc = self._spawn(worker_argv(queues, name=f"{name}@%h"), f"worker-{name}.log")
         self.workers[name] = proc
         return proc
 

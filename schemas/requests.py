@@ -67,7 +67,10 @@ def validate(
             unknown = unknown_field_paths(err.messages) if ignore_unknown else []
             if not unknown:
                 raise _as_sent(first_error(err.messages), extensions, hoisted) from None
-            data = copy.deepcopy(data)
+            try:
+                data = copy.deepcopy(data)
+            except RecursionError:
+                raise Invalid(None, "The request body is nested too deeply.", "invalid_value") from None
             for path in unknown:
                 log.warning("ignoring unknown request field %s", join_path(path))
                 _delete(data, path)
@@ -135,6 +138,8 @@ def coerce_form(schema_name: str, form, files=None, *, extensions: Mapping | Non
     data: dict[str, Any] = {}
     for source in (form, files or {}):
         for raw_key in _keys(source):
+            if not isinstance(raw_key, str) or not raw_key:
+                raise Invalid(None, "Every part of a multipart body needs a name.", "invalid_value")
             key = raw_key[:-2] if raw_key.endswith("[]") else raw_key
             values = source.getlist(raw_key) if hasattr(source, "getlist") else [source[raw_key]]
             field = schema_fields.get(key)
@@ -161,12 +166,16 @@ def _unwrap(field):
     return field
 
 
+def _json_or_none(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _split_list(value: Any, inner) -> list:
     if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = None
+        parsed = _json_or_none(value)
         if isinstance(parsed, list):
             return parsed
     return [coerce_text(inner, value)]
@@ -192,13 +201,9 @@ def coerce_text(field, value: Any) -> Any:
     if isinstance(field, Obj | MapOf | Tagged) or ("object" in kinds or "array" in kinds):
         stripped = value.lstrip()
         if stripped.startswith(("{", "[")) or "string" not in kinds:
-            try:
-                return json.loads(value)
-            except ValueError:
-                return value
+            parsed = _json_or_none(value)
+            return value if parsed is None else parsed
     if isinstance(field, Union) and kinds & {"integer", "number"}:
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+        parsed = _json_or_none(value)
+        return value if parsed is None else parsed
     return value

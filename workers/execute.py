@@ -1,0 +1,298 @@
+"""Run one job: the single entry point the task layer calls in a worker process.
+
+Chat and completion jobs emit every OpenAI streaming chunk as a "delta" event (also when the
+client did not ask for a stream), then the full OpenAI response as one "result" event, built
+from the same pieces, so the concatenated stream always equals the result. Other kinds emit
+only the result. A cancelled job stops between tokens and emits no result.
+
+Without a `seed` in the request (or the model config), sampling is seeded from the job id: a
+job delivered again after its worker died replays the same tokens, so the deltas already
+published stay a prefix of the new ones; two jobs still sample differently.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from workers import capabilities, sampling
+from workers.cache import ModelCache
+from workers.config import ModelConfig
+from workers.errors import JobError
+from workers.registry import ModelRegistry
+
+Emit = Callable[[str, dict], None]
+Cancelled = Callable[[], bool]
+
+
+def execute(
+    job: dict,
+    emit: Emit,
+    cancelled: Cancelled,
+    *,
+    registry: ModelRegistry,
+    cache: ModelCache,
+) -> None:
+    """Run `job` (`{"id", "kind", "model", "request", "created"}`), reporting through `emit`.
+
+    Raises JobError for failures the client caused (unknown model: 404; a request the model
+    cannot honour, a prompt longer than the context: 400); anything else is a server error.
+    """
+    kind, name, request = job["kind"], job["model"], job["request"]
+    handler = _HANDLERS.get(kind)
+    if handler is None:
+        raise ValueError(f"unknown job kind {kind!r}")
+    config = registry.resolve(name)
+    if config is None:
+        raise JobError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+    problem = capabilities.unsupported(kind, config, request)
+    if problem is not None:
+        param, message = problem
+        raise JobError(400, message, param=param, code="unsupported_parameter")
+    if cancelled():
+        return
+    handler(job, config, cache.get(config), emit, cancelled)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat
+# ---------------------------------------------------------------------------------------------
+
+
+def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    request = job["request"]
+    params = sampling.resolve("chat", request, config)
+    run = backend.start(backend.chat_prompt(request["messages"]), params, param="messages")
+    stream = _Stream(emit, {
+        "id": f"chatcmpl-{job['id']}",
+        "object": "chat.completion.chunk",
+        "created": job["created"],
+        "model": job["model"],
+        "system_fingerprint": None,
+    }, _include_usage(request))
+    want_logprobs = params["logprobs"]
+    choices, completion_tokens = [], 0
+    for index in range(request.get("n") or 1):
+        stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}])
+        generation = run.choice(_seed(params["seed"], job, index), cancelled)
+        content: list[dict] = []
+        for piece in generation:
+            entries = [_chat_logprob(info) for info in piece.logprobs] if want_logprobs else []
+            content.extend(entries)
+            stream.chunk([{
+                "index": index,
+                "delta": {"content": piece.text},
+                "logprobs": {"content": entries, "refusal": None} if want_logprobs else None,
+                "finish_reason": None,
+            }])
+        if generation.finish_reason == "cancelled":
+            return
+        stream.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": generation.finish_reason}])
+        completion_tokens += generation.completion_tokens
+        choices.append({
+            "index": index,
+            "message": {"role": "assistant", "content": generation.text, "refusal": None, "annotations": []},
+            "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
+            "finish_reason": generation.finish_reason,
+        })
+    usage = _usage(len(run.prompt_tokens), completion_tokens)
+    stream.usage(usage)
+    emit("result", {**stream.base, "object": "chat.completion", "choices": choices, "usage": usage})
+
+
+def _chat_logprob(info) -> dict:
+    return {
+        "token": info.piece.decode("utf-8", errors="replace"),
+        "logprob": info.logprob,
+        "bytes": list(info.piece),
+        "top_logprobs": [
+            {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
+            for piece, logprob in info.top
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# completions
+# ---------------------------------------------------------------------------------------------
+
+
+def _completion(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    request = job["request"]
+    params = sampling.resolve("completion", request, config)
+    n = request.get("n") or 1
+    echo = bool(request.get("echo"))
+    # Every prompt is checked before the first chunk goes out.
+    prompts = []
+    for position, prompt in enumerate(_prompts(request.get("prompt"))):
+        param = "prompt" if position == 0 else f"prompt[{position}]"
+        tokens, text = backend.completion_prompt(prompt, param="prompt")
+        prompts.append((backend.start(tokens, params, param=param), text))
+    stream = _Stream(emit, {
+        "id": f"cmpl-{job['id']}",
+        "object": "text_completion",
+        "created": job["created"],
+        "model": job["model"],
+        "system_fingerprint": None,
+    }, _include_usage(request))
+    want_logprobs = params["logprobs"] is not None
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for position, (run, prompt_text) in enumerate(prompts):
+        prompt_tokens += len(run.prompt_tokens)
+        base_offset = len(prompt_text)
+        for j in range(n):
+            index = position * n + j
+            text = ""
+            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            if echo and prompt_text:
+                text = prompt_text
+                stream.chunk([{"text": prompt_text, "index": index, "logprobs": None, "finish_reason": None}])
+            generation = run.choice(_seed(params["seed"], job, j), cancelled)
+            for piece in generation:
+                chunk_logprobs = _completion_logprobs(piece.logprobs, base_offset) if want_logprobs else None
+                if chunk_logprobs:
+                    for key, values in chunk_logprobs.items():
+                        logprobs[key].extend(values)
+                text += piece.text
+                stream.chunk([{"text": piece.text, "index": index, "logprobs": chunk_logprobs,
+                               "finish_reason": None}])
+            if generation.finish_reason == "cancelled":
+                return
+            stream.chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": generation.finish_reason}])
+            completion_tokens += generation.completion_tokens
+            choices.append({
+                "text": text,
+                "index": index,
+                "logprobs": logprobs if want_logprobs else None,
+                "finish_reason": generation.finish_reason,
+            })
+    usage = _usage(prompt_tokens, completion_tokens)
+    stream.usage(usage)
+    emit("result", {**stream.base, "object": "text_completion", "choices": choices, "usage": usage})
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a completions request: one string, strings, one token list, token lists."""
+    if prompt is None:
+        return [""]
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]
+    return list(prompt) or [""]
+
+
+def _completion_logprobs(entries, base_offset: int) -> dict:
+    return {
+        "tokens": [info.piece.decode("utf-8", errors="replace") for info in entries],
+        "token_logprobs": [info.logprob for info in entries],
+        "top_logprobs": [
+            {
+                **{piece.decode("utf-8", errors="replace"): logprob for piece, logprob in info.top},
+                info.piece.decode("utf-8", errors="replace"): info.logprob,
+            }
+            for info in entries
+        ],
+        "text_offset": [base_offset + info.offset for info in entries],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings, tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _embedding(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    request = job["request"]
+    raw = request["input"]
+    if isinstance(raw, str):
+        inputs: list = [raw]
+    elif raw and all(isinstance(item, int) for item in raw):
+        inputs = [list(raw)]
+    else:
+        inputs = list(raw)
+    outcome = backend.embed(inputs, dimensions=request.get("dimensions"), cancelled=cancelled)
+    if outcome is None:
+        return
+    vectors, tokens = outcome
+    as_base64 = request.get("encoding_format") == "base64"
+    emit("result", {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": _base64(vector) if as_base64 else vector}
+            for index, vector in enumerate(vectors)
+        ],
+        "model": job["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: the little-endian float32 bytes of the vector."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _tokenize(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    request = job["request"]
+    tokens = backend.tokenize(request["content"], add_special=request.get("add_special", True))
+    emit("result", {"tokens": tokens, "model": job["model"]})
+
+
+def _detokenize(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    emit("result", {"content": backend.detokenize(job["request"]["tokens"]), "model": job["model"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# shared
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """Emits chunks sharing one id; with include_usage every chunk has `usage: null` and a last
+    chunk with no choices carries the usage."""
+
+    def __init__(self, emit: Emit, base: dict, include_usage: bool):
+        self._emit = emit
+        self.base = base
+        self._include_usage = include_usage
+
+    def chunk(self, choices: list[dict]) -> None:
+        chunk = {**self.base, "choices": choices}
+        if self._include_usage:
+            chunk["usage"] = None
+        self._emit("delta", chunk)
+
+    def usage(self, usage: dict) -> None:
+        if self._include_usage:
+            self._emit("delta", {**self.base, "choices": [], "usage": usage})
+
+
+def _include_usage(request: dict) -> bool:
+    return bool((request.get("stream_options") or {}).get("include_usage"))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _seed(seed: int | None, job: dict, index: int) -> int:
+    """Choice `index`'s seed: the request's seed + index, else one derived from the job id."""
+    base = zlib.crc32(str(job["id"]).encode("utf-8")) if seed is None else seed
+    return base + index
+
+
+_HANDLERS: dict[str, Callable[..., None]] = {
+    "chat": _chat,
+    "completion": _completion,
+    "embedding": _embedding,
+    "tokenize": _tokenize,
+    "detokenize": _detokenize,
+}
