@@ -4,7 +4,7 @@ then either stream the job's events or wait for its result.
 
 from __future__ import annotations
 
-from flask import current_app, jsonify, request
+from flask import Response, current_app, request
 
 from api.errors import APIError
 from api.sse import JOB_HEADER, followed, openai_stream, sse_response
@@ -65,10 +65,9 @@ def wait_for_result(rt: Runtime, job: dict, *, keepalive: float):
             if event is None:
                 continue
             if event.type == "result":
-                response = jsonify(event.data)
-                response.headers[JOB_HEADER] = job_id
-                response.headers["x-request-id"] = job_id
-                return response
+                # the worker's JSON, passed through as written
+                return Response(event.raw, mimetype="application/json",
+                                headers={JOB_HEADER: job_id, "x-request-id": job_id})
             if event.type == "error":
                 error = event.data["error"]
                 raise APIError(event.data.get("status", 500), error["message"], type=error["type"],

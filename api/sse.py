@@ -50,7 +50,7 @@ def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline
     for event in rt.events.follow(job_id, after, block_ms=max(1, int(keepalive * 1000))):
         if event is None and deadline is not None and time.time() > deadline + 1.0:
             rt.jobs.request_cancel(job_id)
-            yield Event("", "error", timeout_error())
+            yield Event("", "error", json.dumps(timeout_error()))
             return
         yield event
 
@@ -66,7 +66,7 @@ def openai_stream(rt: Runtime, job_id: str, *, after: str = "0-0", keepalive: fl
             if event is None:
                 yield KEEPALIVE
             elif event.type == "delta":
-                yield frame(event.data, event_id=event.id)
+                yield frame(event.raw, event_id=event.id)
             elif event.type == "error":
                 finished = True
                 yield frame({"error": event.data["error"]}, event_id=event.id or None)
@@ -89,7 +89,7 @@ def job_event_stream(rt: Runtime, job_id: str, *, after: str, keepalive: float, 
                 yield KEEPALIVE
                 continue
             finished = finished or event.terminal
-            yield frame(event.data, event_id=event.id, event=event.type)
+            yield frame(event.raw, event_id=event.id, event=event.type)
     finally:
         _detached(rt, job_id, finished, grace)
 

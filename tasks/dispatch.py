@@ -7,7 +7,7 @@ import time
 from kombu.transport.redis import Channel
 
 from tasks.celery_app import PRIORITIES, PRIORITY_STEPS, app
-from tasks.jobs import new_job_id
+from tasks.jobs import job_key, new_job_id
 from tasks.run import TASK_NAME
 from tasks.runtime import Runtime
 
@@ -33,17 +33,24 @@ def queue_depth(rt: Runtime, queue: str) -> int:
 
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
            timeout: float | None = None, attached: bool = True, max_depth: int | None = None) -> dict:
-    """Enqueue one job; returns the job message (with its id). Raises QueueFull over `max_depth`."""
-    if max_depth is not None:
-        depth = queue_depth(rt, queue)
-        if depth >= max_depth:
-            raise QueueFull(queue, depth)
+    """Enqueue one job; returns the job message (with its id). Raises QueueFull over `max_depth`.
+
+    The depth check and the job record share one round trip; a refused job's record is removed.
+    """
     limit = min(timeout or rt.settings.job_timeout, rt.settings.job_timeout)
     now = time.time()
     job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
            "deadline": now + limit}
+    pipe = rt.redis.pipeline(transaction=False)
+    keys = queue_keys(queue) if max_depth is not None else []
+    for key in keys:
+        pipe.llen(key)
     rt.jobs.create(job["id"], kind=kind, model=model, queue=queue, priority=priority, deadline=now + limit,
-                   attached=attached)
+                   attached=attached, pipe=pipe)
+    depth = sum(pipe.execute()[:len(keys)])
+    if max_depth is not None and depth >= max_depth:
+        rt.redis.delete(job_key(job["id"]))
+        raise QueueFull(queue, depth)
     app.send_task(TASK_NAME, args=[job], queue=queue, priority=PRIORITIES[priority], soft_time_limit=limit,
                   time_limit=limit + 30)
     return job

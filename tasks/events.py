@@ -32,7 +32,11 @@ def valid_event_id(value: str) -> bool:
 class Event(NamedTuple):
     id: str
     type: str
-    data: Any
+    raw: str  # the data as JSON text, exactly as the worker wrote it: relayed without re-encoding
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.raw)
 
     @property
     def terminal(self) -> bool:
@@ -47,16 +51,20 @@ class EventLog:
     def append(self, job_id: str, type_: str, data: Any = None) -> str:
         return self.append_many(job_id, [(type_, data)])[-1]
 
-    def append_many(self, job_id: str, events: Iterable[tuple[str, Any]]) -> list[str]:
-        """Add events in order in one round trip, and push the log's expiry forward."""
+    def append_many(self, job_id: str, events: Iterable[tuple[str, Any]], pipe=None) -> list[str]:
+        """Add events in order in one round trip, and push the log's expiry forward.
+
+        With `pipe`, the commands are only queued on it (and nothing is returned).
+        """
         key = events_key(job_id)
-        pipe = self.client.pipeline(transaction=False)
+        own = pipe is None
+        pipe = self.client.pipeline(transaction=False) if own else pipe
         count = 0
         for type_, data in events:
             pipe.xadd(key, {"type": type_, "data": json.dumps(data, separators=(",", ":"))})
             count += 1
         pipe.expire(key, self.ttl)
-        return [_text(i) for i in pipe.execute()[:count]]
+        return [_text(i) for i in pipe.execute()[:count]] if own else []
 
     def read(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int | None = None) -> list[Event]:
         reply = self.client.xread({events_key(job_id): after}, block=block_ms, count=count)
@@ -85,4 +93,4 @@ def _text(value) -> str:
 
 def _event(entry_id, fields: dict) -> Event:
     fields = {_text(k): _text(v) for k, v in fields.items()}
-    return Event(_text(entry_id), fields.get("type", ""), json.loads(fields.get("data") or "null"))
+    return Event(_text(entry_id), fields.get("type", ""), fields.get("data") or "null")

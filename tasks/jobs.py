@@ -39,17 +39,19 @@ class JobStore:
         self.ttl = int(ttl)
 
     def create(self, job_id: str, *, kind: str, model: str, queue: str, priority: str, deadline: float,
-               attached: bool) -> None:
+               attached: bool, pipe=None) -> None:
         now = time.time()
         fields = {
             "id": job_id, "kind": kind, "model": model, "queue": queue, "priority": priority,
             "status": "queued", "created_at": f"{now:.6f}", "deadline": f"{deadline:.6f}",
             "attached": "1" if attached else "0", "attempts": "0",
         }
-        pipe = self.client.pipeline()
+        own = pipe is None
+        pipe = self.client.pipeline() if own else pipe
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.expire(job_key(job_id), self.ttl)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.client.hgetall(job_key(job_id))
@@ -57,23 +59,33 @@ class JobStore:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    def update(self, job_id: str, **fields: Any) -> None:
-        encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
-        pipe = self.client.pipeline()
+    def update(self, job_id: str, pipe=None, **fields: Any) -> None:
+        """Set fields (JSON-encoding non-strings); queued on `pipe` if given, else sent at once."""
+        encoded = {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in fields.items()}
+        own = pipe is None
+        pipe = self.client.pipeline() if own else pipe
         pipe.hset(job_key(job_id), mapping=encoded)
         pipe.expire(job_key(job_id), self.ttl)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
-    def start(self, job_id: str, worker: str) -> None:
-        self.update(job_id, status="running", started_at=f"{time.time():.6f}", worker=worker)
+    def begin_delivery(self, job_id: str, worker: str, pipe) -> None:
+        """Queue on `pipe`: count this delivery, read the cancel flag, mark the job running.
 
-    def finish(self, job_id: str, status: str, *, result: Any = None, error: Any = None) -> None:
+        One round trip at the start of every job; the task reads the count (first reply) and
+        the flag (second) and overwrites the status at once if the job must not run after all.
+        """
+        pipe.hincrby(job_key(job_id), "attempts", 1)
+        pipe.exists(f"{job_key(job_id)}:cancel")
+        self.update(job_id, pipe, status="running", started_at=f"{time.time():.6f}", worker=worker)
+
+    def finish(self, job_id: str, status: str, *, result: Any = None, error: Any = None, pipe=None) -> None:
         fields: dict[str, Any] = {"status": status, "finished_at": f"{time.time():.6f}"}
         if result is not None:
             fields["result"] = result
         if error is not None:
             fields["error"] = error
-        self.update(job_id, **fields)
+        self.update(job_id, pipe, **fields)
 
     def count_delivery(self, job_id: str) -> int:
         """Count one more delivery of the job to a worker; redeliveries follow a worker's death."""

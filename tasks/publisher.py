@@ -25,8 +25,8 @@ class BackgroundPublisher:
         self.result: Any = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"publish-{job_id}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first event: most jobs that
+        # answer in one piece (embeddings, tokenize) never need it
 
     def emit(self, type_: str, data: Any = None) -> None:
         if type_ == "delta" and self.skip_deltas > 0:
@@ -37,10 +37,15 @@ class BackgroundPublisher:
             # whoever sees the result event also sees a finished job record
             self.result = data
             return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"publish-{self.job_id}", daemon=True)
+            self._thread.start()
         self._queue.put((type_, data))
 
     def close(self) -> None:
         """Send everything emitted so far, then stop the thread; re-raise a publishing failure."""
+        if self._thread is None:
+            return
         self._queue.put(_STOP)
         self._thread.join()
         if self._error is not None:

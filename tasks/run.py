@@ -21,30 +21,44 @@ TASK_NAME = "localq.run_job"
 # How often a running job looks at its cancel flag: often enough to free the worker at once,
 # rarely enough that the Redis round trip costs nothing next to a token.
 CANCEL_POLL = 0.05
+# Job kinds whose output arrives token by token (and whose log says when they start running).
+STREAMING_KINDS = frozenset({"chat", "completion"})
 
 
 def error_payload(status: int, message: str, type_: str, *, param=None, code=None) -> dict:
     return {"status": status, "error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _end(rt, job_id: str, status: str, event: str, data, *, result=None, error=None) -> None:
+    """Record the final status, then publish the terminal event, in one round trip (in that order,
+    so whoever sees the event also sees a finished job record)."""
+    pipe = rt.redis.pipeline(transaction=False)
+    rt.jobs.finish(job_id, status, result=result, error=error, pipe=pipe)
+    rt.events.append_many(job_id, [(event, data)], pipe=pipe)
+    pipe.execute()
+
+
 def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
-    rt.jobs.finish(job_id, status, error=payload["error"])
-    rt.events.append(job_id, "error", payload)
+    _end(rt, job_id, status, "error", payload, error=payload["error"])
 
 
 @app.task(name=TASK_NAME, bind=True)
 def run_job(self, job: dict) -> None:
     rt = runtime()
     job_id = job["id"]
-    deliveries = rt.jobs.count_delivery(job_id)
+    pipe = rt.redis.pipeline(transaction=False)
+    rt.jobs.begin_delivery(job_id, f"{self.request.hostname}:{os.getpid()}", pipe)
+    if job["kind"] in STREAMING_KINDS:  # one-piece jobs go straight to their result: one wake-up less
+        rt.events.append_many(job_id, [("status", {"status": "running"})], pipe=pipe)
+    replies = pipe.execute()
+    deliveries, cancel_flag = int(replies[0]), bool(replies[1])
     if deliveries > rt.settings.max_deliveries:
         _fail(rt, job_id, error_payload(
             500, f"The job stopped its worker {deliveries - 1} times and was given up.", "server_error",
             code="worker_lost"))
         return
-    if rt.jobs.cancel_requested(job_id):
-        rt.jobs.finish(job_id, "cancelled")
-        rt.events.append(job_id, "cancelled", {"reason": "cancelled before it started"})
+    if cancel_flag:
+        _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled before it started"})
         return
     if time.time() > float(job.get("deadline") or "inf"):
         _fail(rt, job_id, error_payload(504, "The job timed out while waiting in the queue.", "timeout_error",
@@ -56,9 +70,7 @@ def run_job(self, job: dict) -> None:
         already_sent = sum(1 for event in rt.events.all(job_id) if event.type == "delta")
         log.warning("job %s redelivered (delivery %d); %d deltas already published", job_id, deliveries,
                     already_sent)
-    rt.jobs.start(job_id, worker=f"{self.request.hostname}:{os.getpid()}")
     publisher = BackgroundPublisher(rt.events, job_id, skip_deltas=already_sent)
-    publisher.emit("status", {"status": "running", "delivery": deliveries})
 
     from workers.errors import JobError
     from workers.execute import execute
@@ -94,8 +106,6 @@ def run_job(self, job: dict) -> None:
     if error is not None:
         _fail(rt, job_id, error)
     elif cancelled or publisher.result is None:
-        rt.jobs.finish(job_id, "cancelled")
-        rt.events.append(job_id, "cancelled", {"reason": "cancelled by the client"})
+        _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:
-        rt.jobs.finish(job_id, outcome, result=publisher.result)
-        rt.events.append(job_id, "result", publisher.result)
+        _end(rt, job_id, outcome, "result", publisher.result, result=publisher.result)
