@@ -7,8 +7,9 @@ banned through `logit_bias` so every generation is exactly `--tokens` long, the 
 2. localq: embedded Redis, one Celery worker process and the API under gunicorn, over HTTP;
 3. llama_cpp.server: llama-cpp-python's own OpenAI server, over HTTP.
 
-It prints time to first token and tokens per second for each, the ratios to in-process, and the
-p50/p99 round trip of a trivial job (`POST /v1/tokenize` of one word) through localq's queue.
+The three take turns, round after round (after one warm-up each), so background load on a shared
+machine falls on all of them alike. It prints the median time to first token and tokens per
+second of each, the ratios to in-process, and the p50/p99 round trip of a trivial job (`POST /v1/tokenize` of one word) through localq's queue.
 Run it by hand (it takes a few minutes):
 
     .venv/bin/python -m ops.bench.llm --tokens 128 --runs 5
@@ -66,44 +67,60 @@ def summarise(samples: list[tuple[float, float, int]]) -> dict:
     return {"ttft_ms": ttft * 1000, "tokens_per_s": statistics.median(rates), "tokens": samples[0][2]}
 
 
-def run_in_process(path: Path, args, bias) -> dict:
-    from llama_cpp import Llama
+class InProcess:
+    """llama-cpp-python in this process: the baseline."""
 
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, verbose=False)
-    samples = []
-    for i in range(args.runs + 1):
+    def __init__(self, path: Path, threads: int, bias: dict, tokens: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, verbose=False)
+        self.kwargs = {"messages": MESSAGES, "max_tokens": tokens, "temperature": 0, "seed": 7, "stream": True,
+                       "logit_bias": {int(k): v for k, v in bias.items()}}
+
+    def generate(self) -> tuple[float, float, int]:
         start = time.perf_counter()
         first, tokens = None, 0
-        for chunk in llm.create_chat_completion(messages=MESSAGES, max_tokens=args.tokens, temperature=0, seed=7,
-                                                logit_bias={int(k): v for k, v in bias.items()}, stream=True):
+        for chunk in self.llm.create_chat_completion(**self.kwargs):
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = first or time.perf_counter()
                 tokens += 1
-        if i:  # the first run warms up
-            samples.append((first - start, time.perf_counter() - start, tokens))
-    return summarise(samples)
+        return first - start, time.perf_counter() - start, tokens
 
 
-def run_over_http(base_url: str, model: str, args, bias) -> dict:
-    body = {"model": model, "messages": MESSAGES, "max_tokens": args.tokens, "temperature": 0, "seed": 7,
-            "logit_bias": bias, "stream": True}
-    samples = []
-    with httpx.Client(timeout=300) as client:
-        for i in range(args.runs + 1):
-            start = time.perf_counter()
-            first, tokens = None, 0
-            with client.stream("POST", base_url + "/v1/chat/completions", json=body) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                        first = first or time.perf_counter()
-                        tokens += 1
-            if i:
-                samples.append((first - start, time.perf_counter() - start, tokens))
-    return summarise(samples)
+class OverHttp:
+    """An OpenAI-compatible server, streamed over HTTP with httpx."""
+
+    def __init__(self, base_url: str, model: str, bias: dict, tokens: int):
+        self.url = base_url + "/v1/chat/completions"
+        self.client = httpx.Client(timeout=300)
+        self.body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0, "seed": 7,
+                     "logit_bias": bias, "stream": True}
+
+    def generate(self) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first, tokens = None, 0
+        with self.client.stream("POST", self.url, json=self.body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    tokens += 1
+        return first - start, time.perf_counter() - start, tokens
+
+
+def interleaved(systems: dict, runs: int) -> dict:
+    """Warm each system, then run them in turn, round after round, so that the machine's
+    background load falls on all of them alike; medians per system."""
+    for system in systems.values():
+        system.generate()
+    samples: dict[str, list] = {name: [] for name in systems}
+    for _ in range(runs):
+        for name, system in systems.items():
+            samples[name].append(system.generate())
+    return {name: summarise(found) for name, found in samples.items()}
 
 
 def trivial_round_trips(base_url: str, count: int) -> dict:
@@ -131,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     path = model_path()
     bias = banned_eos(path)
     results: dict = {"model": str(path.name), "tokens": args.tokens, "threads": args.threads, "runs": args.runs}
-    results["in_process"] = run_in_process(path, args, bias)
-    print("in-process", results["in_process"], flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -141,32 +156,30 @@ def main(argv: list[str] | None = None) -> int:
         (models / "bench.yaml").write_text(yaml.safe_dump({
             "name": MODEL_NAME, "backend": "llama-cpp", "context_size": 2048, "threads": args.threads,
             "parameters": {"model": str(path)}}))
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--n_threads", str(args.threads),
+             "--n_ctx", "2048", "--port", str(port), "--interrupt_requests", "False", "--model_alias", MODEL_NAME],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with RedisServer(tmp / "redis") as redis_server:
             env = {**os.environ, "LOCALQ_REDIS_URL": redis_server.url, "LOCALQ_MODELS_DIR": str(models)}
             stack = ServiceProcesses(env=env, log_dir=tmp / "logs")
             try:
                 stack.start_worker()
                 stack.start_api()
-                results["localq"] = run_over_http(stack.base_url, MODEL_NAME, args, bias)
-                print("localq", results["localq"], flush=True)
+                server_url = f"http://127.0.0.1:{port}"
+                wait_until(lambda: httpx.get(server_url + "/v1/models", timeout=1).status_code == 200, 120,
+                           "llama_cpp.server")
+                results.update(interleaved({
+                    "in_process": InProcess(path, args.threads, bias, args.tokens),
+                    "localq": OverHttp(stack.base_url, MODEL_NAME, bias, args.tokens),
+                    "llama_cpp_server": OverHttp(server_url, MODEL_NAME, bias, args.tokens),
+                }, args.runs))
                 results["trivial_job"] = trivial_round_trips(stack.base_url, args.round_trips)
-                print("trivial job", results["trivial_job"], flush=True)
             finally:
                 stack.stop()
-
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--n_threads", str(args.threads),
-             "--n_ctx", "2048", "--port", str(port), "--interrupt_requests", "False", "--model_alias", MODEL_NAME],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: httpx.get(base + "/v1/models", timeout=1).status_code == 200, 120, "llama_cpp.server")
-            results["llama_cpp_server"] = run_over_http(base, MODEL_NAME, args, bias)
-            print("llama_cpp.server", results["llama_cpp_server"], flush=True)
-        finally:
-            server.terminate()
-            server.wait(15)
+                server.terminate()
+                server.wait(15)
 
     base = results["in_process"]
     for name in ("localq", "llama_cpp_server"):
