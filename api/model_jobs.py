@@ -4,6 +4,10 @@ then either stream the job's events or wait for its result.
 
 from __future__ import annotations
 
+import select
+import socket
+import time
+
 from flask import Response, current_app, request
 
 from api.errors import APIError
@@ -13,6 +17,8 @@ from tasks.runtime import Runtime, connect
 from workers.capabilities import unsupported
 
 EXTENSIONS = "x-localai-extensions"
+# How often a request waiting for a result looks whether its client is still connected.
+CLIENT_CHECK = 0.5
 
 
 def queue_runtime() -> Runtime:
@@ -23,8 +29,8 @@ def queue_runtime() -> Runtime:
     return extensions["localq.queue"]
 
 
-def setting(name: str, default):
-    return getattr(current_app.config.get("LOCALQ"), name, default)
+def setting(name: str):
+    return getattr(current_app.config["LOCALQ"], name)
 
 
 def resolve_model(name: str, kind: str, body: dict):
@@ -46,22 +52,45 @@ def run(kind: str, body: dict, *, stream: bool = False):
     try:
         job = submit(rt, kind=kind, model=body["model"], queue=config.device, request=body,
                      priority=extensions.get("priority", "interactive"), timeout=extensions.get("timeout"),
-                     max_depth=setting("max_queue_depth", None))
+                     max_depth=setting("max_queue_depth"))
     except QueueFull as full:
         raise APIError(429, f"The {full.queue} queue is full ({full.depth} jobs waiting); retry later.",
                        type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-    keepalive = float(setting("keepalive_interval", 15.0))
+    keepalive = setting("keepalive_interval")
     if stream:
         return sse_response(openai_stream(rt, job["id"], keepalive=keepalive, deadline=job["deadline"],
                                           grace=rt.settings.resume_grace), job["id"])
     return wait_for_result(rt, job, keepalive=keepalive)
 
 
+def client_gone() -> bool:
+    """Whether the client of this (non-streaming) request has closed its connection.
+
+    A waiting WSGI handler writes nothing, so it would never notice; the socket tells: readable
+    with nothing to read means the peer closed it. Only gunicorn exposes the socket.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 def wait_for_result(rt: Runtime, job: dict, *, keepalive: float):
     job_id = job["id"]
     rt.jobs.attach(job_id)
+    next_check = time.monotonic() + CLIENT_CHECK
     try:
-        for event in followed(rt, job_id, after="0-0", keepalive=min(keepalive, 1.0), deadline=job["deadline"]):
+        for event in followed(rt, job_id, after="0-0", keepalive=min(keepalive, CLIENT_CHECK),
+                              deadline=job["deadline"]):
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + CLIENT_CHECK
+                if client_gone():
+                    rt.jobs.request_cancel(job_id)  # nobody will read the answer: free the worker
+                    return Response(status=499)
             if event is None:
                 continue
             if event.type == "result":

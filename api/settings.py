@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tasks.settings import QueueSettings
+from tasks.settings import QueueSettings, positive_int, positive_number
 
 #: The `models/` folder that ships next to the packages in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -48,43 +47,15 @@ class Settings:
         return cls(
             models_dir=Path(environ.get("LOCALQ_MODELS_DIR", cls.models_dir)),
             unknown_fields=unknown_fields,
-            max_request_bytes=_int(environ, "LOCALQ_MAX_REQUEST_BYTES", cls.max_request_bytes),
+            max_request_bytes=positive_int(environ, "LOCALQ_MAX_REQUEST_BYTES", cls.max_request_bytes),
             host=environ.get("LOCALQ_HOST", cls.host),
-            port=_int(environ, "LOCALQ_PORT", cls.port),
+            port=positive_int(environ, "LOCALQ_PORT", cls.port),
             queue=QueueSettings.from_env(environ),
             api_keys=_api_keys(environ),
             cors_origins=_origins(environ, "LOCALQ_CORS_ORIGINS"),
-            max_queue_depth=_int(environ, "LOCALQ_MAX_QUEUE_DEPTH", cls.max_queue_depth),
-            keepalive_interval=_float(environ, "LOCALQ_SSE_KEEPALIVE", cls.keepalive_interval),
+            max_queue_depth=positive_int(environ, "LOCALQ_MAX_QUEUE_DEPTH", cls.max_queue_depth),
+            keepalive_interval=positive_number(environ, "LOCALQ_SSE_KEEPALIVE", cls.keepalive_interval),
         )
-
-
-def _int(environ: Mapping[str, str], name: str, default: int) -> int:
-    """A positive integer variable, so a typo stops start-up instead of misbehaving."""
-    raw = environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _float(environ: Mapping[str, str], name: str, default: float) -> float:
-    """A positive, finite number of seconds."""
-    raw = environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
-    return value
 
 
 def _api_keys(environ: Mapping[str, str]) -> frozenset[str]:

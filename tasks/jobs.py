@@ -40,18 +40,11 @@ class JobStore:
 
     def create(self, job_id: str, *, kind: str, model: str, queue: str, priority: str, deadline: float,
                attached: bool, pipe=None) -> None:
-        now = time.time()
-        fields = {
-            "id": job_id, "kind": kind, "model": model, "queue": queue, "priority": priority,
-            "status": "queued", "created_at": f"{now:.6f}", "deadline": f"{deadline:.6f}",
-            "attached": "1" if attached else "0", "attempts": "0",
-        }
-        own = pipe is None
-        pipe = self.client.pipeline() if own else pipe
-        pipe.hset(job_key(job_id), mapping=fields)
-        pipe.expire(job_key(job_id), self.ttl)
-        if own:
-            pipe.execute()
+        self.update(
+            job_id, pipe, id=job_id, kind=kind, model=model, queue=queue, priority=priority, status="queued",
+            created_at=f"{time.time():.6f}", deadline=f"{deadline:.6f}", attached="1" if attached else "0",
+            attempts="0",
+        )
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.client.hgetall(job_key(job_id))

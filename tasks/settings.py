@@ -32,15 +32,29 @@ class QueueSettings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
         return cls(
             redis_url=_redis_url(environ, "LOCALQ_REDIS_URL", DEFAULT_REDIS_URL),
-            job_ttl=_positive(environ, "LOCALQ_JOB_TTL", cls.job_ttl),
-            job_timeout=_positive(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
-            max_deliveries=int(_positive(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries)),
-            resume_grace=_positive(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
+            job_ttl=positive_number(environ, "LOCALQ_JOB_TTL", cls.job_ttl),
+            job_timeout=positive_number(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
+            max_deliveries=positive_int(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries),
+            resume_grace=positive_number(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
         )
 
 
-def _positive(environ: Mapping[str, str], name: str, default: float, allow_zero: bool = False) -> float:
-    """A positive, finite number of seconds (or a count); a typo stops start-up instead of misbehaving."""
+def positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer variable, so a typo stops start-up instead of misbehaving."""
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def positive_number(environ: Mapping[str, str], name: str, default: float, allow_zero: bool = False) -> float:
+    """A positive, finite number (of seconds, mostly); a typo stops start-up instead of misbehaving."""
     raw = environ.get(name)
     if raw is None:
         return default

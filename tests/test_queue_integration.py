@@ -240,6 +240,19 @@ def test_client_disconnect_frees_the_worker(service, store, client):
     assert float(long_record["finished_at"]) <= float(next_job["started_at"]) + 0.5
 
 
+def test_non_streaming_client_that_gives_up_cancels_its_job(service, store):
+    started = time.time()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(service.base_url + "/v1/chat/completions", json=LONG, timeout=httpx.Timeout(30, read=2.0))
+    gave_up = time.time()
+    job = wait_until(lambda: next((store.hgetall(k) for k in store.scan_iter("localq:job:job_*")
+                                   if k.count(":") == 2 and float(store.hget(k, "created_at")) >= started), None),
+                     10, "the job record")
+    record = wait_until(lambda: (r := job_record(store, job["id"]))["status"] == "cancelled" and r, 15,
+                        "the job to be cancelled")
+    assert float(record["finished_at"]) - gave_up < 3
+
+
 def _running_job(store, since: float):
     for key in store.scan_iter("localq:job:job_*"):
         if key.count(":") != 2:
@@ -250,16 +263,21 @@ def _running_job(store, since: float):
     return None
 
 
-def test_killed_worker_process_job_is_redelivered_and_completes(service, store):
-    started = time.time()
-    outcome = {}
+def _post_in_background(service, body: dict) -> tuple[threading.Thread, dict]:
+    """Send a non-streaming chat request from a thread; its response lands in the dict."""
+    outcome: dict = {}
 
     def call():
-        outcome["response"] = httpx.post(service.base_url + "/v1/chat/completions",
-                                         json={**LONG, "max_tokens": 200}, timeout=180)
+        outcome["response"] = httpx.post(service.base_url + "/v1/chat/completions", json=body, timeout=300)
 
     caller = threading.Thread(target=call)
     caller.start()
+    return caller, outcome
+
+
+def test_killed_worker_process_job_is_redelivered_and_completes(service, store):
+    started = time.time()
+    caller, outcome = _post_in_background(service, {**LONG, "max_tokens": 200})
     job = wait_until(lambda: _running_job(store, started), 60, "the job to start")
     wait_until(lambda: store.xlen(f"localq:job:{job['id']}:events") > 5, 30, "some tokens")
     os.kill(int(job["worker"].rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process running the job
@@ -273,14 +291,7 @@ def test_killed_worker_process_job_is_redelivered_and_completes(service, store):
 
 def test_job_that_kills_every_worker_ends_failed(service, store):
     started = time.time()
-    outcome = {}
-
-    def call():
-        outcome["response"] = httpx.post(service.base_url + "/v1/chat/completions",
-                                         json={**LONG, "max_tokens": 400}, timeout=300)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = _post_in_background(service, {**LONG, "max_tokens": 400})
     killed = set()
     for _ in range(3):  # LOCALQ_MAX_DELIVERIES defaults to 3
         job = wait_until(lambda: (r := _running_job(store, started)) and r["worker"] not in killed and r, 60,

@@ -28,7 +28,7 @@ def stream_job_events(call):
         raise APIError(400, f"Invalid Last-Event-ID {after!r}: expected an id such as 1700000000000-0.",
                        param="Last-Event-ID", code="invalid_value")
     rt = queue_runtime()
-    return sse_response(job_event_stream(rt, job_id, after=after, keepalive=float(setting("keepalive_interval", 15.0)),
+    return sse_response(job_event_stream(rt, job_id, after=after, keepalive=setting("keepalive_interval"),
                                          grace=rt.settings.resume_grace), job_id)
 
 
