@@ -26,7 +26,18 @@ BACKEND_NAMES = {
     "sentence-transformers": "sentence-transformers",
     "sentencetransformers": "sentence-transformers",
     "sentence_transformers": "sentence-transformers",
+    "diffusers": "diffusers",
+    "whisper": "faster-whisper",
+    "faster-whisper": "faster-whisper",
+    "faster_whisper": "faster-whisper",
+    "piper": "piper",
 }
+
+#: Job kinds of the media backends; their parameter checks live beside their job handlers.
+IMAGE_KINDS = frozenset({"image", "image_edit"})
+AUDIO_KINDS = frozenset({"speech", "transcription", "translation"})
+_MEDIA_KINDS = {"diffusers": IMAGE_KINDS, "faster-whisper": frozenset({"transcription", "translation"}),
+                "piper": frozenset({"speech"})}
 
 KINDS = ("chat", "completion", "embedding", "tokenize", "detokenize")
 
@@ -36,6 +47,11 @@ _KIND_LABELS = {
     "embedding": "embeddings",
     "tokenize": "tokenization",
     "detokenize": "detokenization",
+    "image": "image generation",
+    "image_edit": "image edits",
+    "speech": "speech",
+    "transcription": "transcriptions",
+    "translation": "translations",
 }
 
 # LocalAI's known_usecases names for the kinds that a config may switch off.
@@ -146,6 +162,8 @@ def supported_kinds(config: ModelConfig) -> frozenset[str]:
             kinds.add("embedding")
     elif backend == "sentence-transformers":
         kinds = {"embedding", "tokenize", "detokenize"}
+    elif backend in _MEDIA_KINDS:
+        return _MEDIA_KINDS[backend]
     else:
         return frozenset()
     if config.known_usecases:
@@ -170,6 +188,14 @@ def unsupported(kind: str, config: ModelConfig, request: dict) -> tuple[str, str
             why = f"its backend {config.backend!r} is not one localq workers can run"
             return "model", f"The model {label} cannot be used: {why}."
         return "model", f"The model {label} does not support {_KIND_LABELS.get(kind, kind)}."
+    if kind in IMAGE_KINDS:
+        from workers import image_jobs
+
+        return image_jobs.unsupported(kind, config, request)
+    if kind in AUDIO_KINDS:
+        from workers import audio_jobs
+
+        return audio_jobs.unsupported(kind, config, request)
     checks = _CHECKS[kind]
     honoured = checks["honoured"]
     special: Mapping[str, Callable] = checks["special"]

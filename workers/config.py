@@ -77,6 +77,13 @@ class ModelConfigSchema(Schema):
     known_usecases = fields.List(fields.String(), load_default=list)
     device = fields.String(validate=validate.OneOf(["cpu", "gpu"]), load_default="cpu")
     aliases = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+    # image models, in LocalAI's shape: `diffusers: {pipeline_type, scheduler_type, cuda,
+    # enable_parameters, img2img, clip_skip}`, default steps and guidance scale
+    diffusers = fields.Dict(keys=fields.String(), load_default=dict)
+    step = _integer(validate=validate.Range(min=1))
+    cfg_scale = fields.Float(validate=validate.Range(min=0))
+    # speech models: voice name clients send -> voice model (path or package:// reference)
+    voices = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
 
     @post_load
     def _freeze_lists(self, data: dict[str, Any], **_) -> dict[str, Any]:
@@ -109,6 +116,10 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     embedding_dimensions: int | None = None
     model_ref: str | None = None
+    diffusers: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None
+    cfg_scale: float | None = None
+    voices: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -296,3 +296,9 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     "tokenize": _tokenize,
     "detokenize": _detokenize,
 }
+
+# Media kinds: their handlers live beside their backends (and import nothing heavy at import time).
+from workers import audio_jobs, image_jobs  # noqa: E402
+
+_HANDLERS.update(image_jobs.HANDLERS)
+_HANDLERS.update(audio_jobs.HANDLERS)

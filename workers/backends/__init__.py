@@ -16,6 +16,9 @@ from workers.config import ModelConfig, ModelConfigError
 _CLASSES = {
     "llama-cpp": ("workers.backends.llama_cpp", "LlamaCppBackend"),
     "sentence-transformers": ("workers.backends.sentence_transformers", "SentenceTransformersBackend"),
+    "diffusers": ("workers.backends.diffusers", "DiffusersBackend"),
+    "faster-whisper": ("workers.backends.whisper", "WhisperBackend"),
+    "piper": ("workers.backends.piper", "PiperBackend"),
 }
 
 
