@@ -10,6 +10,7 @@ from flask import Flask
 
 from api.auth import install_auth, install_cors
 from api.docs import blueprint as docs_blueprint
+from api.generated import blueprint as generated_blueprint
 from api.errors import register_error_handlers
 from api.openapi import blueprint as openapi_blueprint
 from api.operations import register_operations
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_cors(app, settings.cors_origins)
     app.register_blueprint(openapi_blueprint)
     app.register_blueprint(docs_blueprint)
+    app.register_blueprint(generated_blueprint)
     register_operations(app, collect_handlers())
     app.add_url_rule("/healthz", "healthz", _healthz, methods=["GET"])
     return app

@@ -11,7 +11,15 @@ import time
 from flask import Response, current_app, request
 
 from api.errors import APIError
-from api.sse import JOB_HEADER, followed, openai_stream, sse_response
+from api.sse import (
+    JOB_HEADER,
+    Renderer,
+    audio_bytes,
+    completion_frames,
+    followed,
+    relay,
+    sse_response,
+)
 from tasks.dispatch import QueueFull, submit
 from tasks.runtime import Runtime, connect
 from workers.capabilities import unsupported
@@ -44,23 +52,75 @@ def resolve_model(name: str, kind: str, body: dict):
     return config
 
 
-def run(kind: str, body: dict, *, stream: bool = False):
-    """Enqueue a job of `kind` for the validated `body` and answer as OpenAI would."""
-    config = resolve_model(body["model"], kind, body)
+def run(kind: str, body: dict, *, stream: bool = False, frames: Renderer = completion_frames,
+        files: dict[str, list] | None = None, model: str | None = None, respond=None):
+    """Enqueue a job of `kind` for the validated `body` and answer as OpenAI would.
+
+    `frames` renders the job's events when the client asked for a stream; `respond` turns the
+    result's JSON text into the response otherwise (default: that JSON, as is).
+    """
+    rt, job = enqueue(kind, body, files=files, model=model)
+    if stream:
+        return sse_response(relay(rt, job["id"], frames, keepalive=setting("keepalive_interval"),
+                                  deadline=job["deadline"], grace=rt.settings.resume_grace), job["id"])
+    return wait_for_result(rt, job, keepalive=setting("keepalive_interval"), respond=respond or json_response)
+
+
+def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, model: str | None = None):
+    model = model or body["model"]
+    config = resolve_model(model, kind, body)
     extensions = body.get(EXTENSIONS) or {}
     rt = queue_runtime()
     try:
-        job = submit(rt, kind=kind, model=body["model"], queue=config.device, request=body,
+        job = submit(rt, kind=kind, model=model, queue=config.device, request=body,
                      priority=extensions.get("priority", "interactive"), timeout=extensions.get("timeout"),
-                     max_depth=setting("max_queue_depth"))
+                     max_depth=setting("max_queue_depth"), files=files, base_url=request.host_url)
     except QueueFull as full:
         raise APIError(429, f"The {full.queue} queue is full ({full.depth} jobs waiting); retry later.",
                        type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-    keepalive = setting("keepalive_interval")
-    if stream:
-        return sse_response(openai_stream(rt, job["id"], keepalive=keepalive, deadline=job["deadline"],
-                                          grace=rt.settings.resume_grace), job["id"])
-    return wait_for_result(rt, job, keepalive=keepalive)
+    return rt, job
+
+
+def json_response(raw: str, job_id: str) -> Response:
+    """The worker's JSON, passed through as written."""
+    return Response(raw, mimetype="application/json", headers=job_headers(job_id))
+
+
+def job_headers(job_id: str) -> dict:
+    return {JOB_HEADER: job_id, "x-request-id": job_id}
+
+
+def _raise_job_error(event, job_id: str):
+    error = event.data["error"]
+    raise APIError(event.data.get("status", 500), error["message"], type=error["type"], param=error.get("param"),
+                   code=error.get("code"), headers={JOB_HEADER: job_id})
+
+
+def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = None) -> Response:
+    """Speech as an audio body streamed as it is made. The first piece (or the job's error) is
+    awaited before answering, so that a job that fails still gets its proper status code."""
+    rt, job = enqueue(kind, body, model=model)
+    job_id = job["id"]
+    first = None
+    for event in followed(rt, job_id, after="0-0", keepalive=CLIENT_CHECK, deadline=job["deadline"]):
+        if event is None:
+            if client_gone():
+                rt.jobs.request_cancel(job_id)
+                return Response(status=499)
+            continue
+        if event.type == "error":
+            _raise_job_error(event, job_id)
+        if event.type == "delta" or event.terminal:
+            first = event
+            break
+
+    def body_bytes():
+        yield from audio_bytes(first)
+        if not first.terminal:
+            yield from relay(rt, job_id, audio_bytes, after=first.id, keepalive=setting("keepalive_interval"),
+                             deadline=job["deadline"], grace=rt.settings.resume_grace, keepalive_frame=None)
+
+    return Response(body_bytes(), mimetype=mimetype, headers=job_headers(job_id))
 
 
 def client_gone() -> bool:
@@ -79,7 +139,7 @@ def client_gone() -> bool:
         return True
 
 
-def wait_for_result(rt: Runtime, job: dict, *, keepalive: float):
+def wait_for_result(rt: Runtime, job: dict, *, keepalive: float, respond=json_response):
     job_id = job["id"]
     rt.jobs.attach(job_id)
     next_check = time.monotonic() + CLIENT_CHECK
@@ -94,13 +154,9 @@ def wait_for_result(rt: Runtime, job: dict, *, keepalive: float):
             if event is None:
                 continue
             if event.type == "result":
-                # the worker's JSON, passed through as written
-                return Response(event.raw, mimetype="application/json",
-                                headers={JOB_HEADER: job_id, "x-request-id": job_id})
+                return respond(event.raw, job_id)
             if event.type == "error":
-                error = event.data["error"]
-                raise APIError(event.data.get("status", 500), error["message"], type=error["type"],
-                               param=error.get("param"), code=error.get("code"), headers={JOB_HEADER: job_id})
+                _raise_job_error(event, job_id)
             if event.type == "cancelled":
                 raise APIError(409, "The job was cancelled before it finished.", code="job_cancelled",
                                headers={JOB_HEADER: job_id})

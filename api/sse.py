@@ -7,10 +7,11 @@ keep-alives while the job waits in the queue.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Response
@@ -55,43 +56,61 @@ def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline
         yield event
 
 
-def openai_stream(rt: Runtime, job_id: str, *, after: str = "0-0", keepalive: float, deadline: float | None,
-                  grace: float) -> Iterator[str]:
-    """An OpenAI completion stream (`chat.completion.chunk` / `text_completion` chunks) from the log."""
+Renderer = Callable[[Event], Iterable[str | bytes]]
+
+
+def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", keepalive: float,
+          deadline: float | None, grace: float, keepalive_frame: str | None = KEEPALIVE) -> Iterator[str | bytes]:
+    """Follow a job's log and turn each event into what the client reads; the client counts as a
+    reader of the job while it is connected (see `_detached` for what leaving does)."""
     finished = False
     rt.jobs.attach(job_id)
     try:
-        yield KEEPALIVE  # sends the headers (and the job id) at once, even while the job waits
+        if keepalive_frame:
+            yield keepalive_frame  # sends the headers (and the job id) at once, even while the job waits
         for event in followed(rt, job_id, after=after, keepalive=keepalive, deadline=deadline):
             if event is None:
-                yield KEEPALIVE
-            elif event.type == "delta":
-                yield frame(event.raw, event_id=event.id)
-            elif event.type == "error":
-                finished = True
-                yield frame({"error": event.data["error"]}, event_id=event.id or None)
-                yield DONE
-            elif event.type in ("result", "cancelled"):
-                finished = True
-                yield frame("[DONE]", event_id=event.id)
-    finally:
-        _detached(rt, job_id, finished, grace)
-
-
-def job_event_stream(rt: Runtime, job_id: str, *, after: str, keepalive: float, grace: float) -> Iterator[str]:
-    """Every event of a job as `event: <type>` frames; ends after the job's last event."""
-    finished = False
-    rt.jobs.attach(job_id)
-    try:
-        yield KEEPALIVE
-        for event in followed(rt, job_id, after=after, keepalive=keepalive, deadline=None):
-            if event is None:
-                yield KEEPALIVE
+                if keepalive_frame:
+                    yield keepalive_frame
                 continue
             finished = finished or event.terminal
-            yield frame(event.raw, event_id=event.id, event=event.type)
+            yield from render(event)
     finally:
         _detached(rt, job_id, finished, grace)
+
+
+def completion_frames(event: Event) -> Iterable[str]:
+    """Chat and completions streams: `data: {chunk}` per delta, errors in-stream, `data: [DONE]`."""
+    if event.type == "delta":
+        yield frame(event.raw, event_id=event.id)
+    elif event.type == "error":
+        yield frame({"error": event.data["error"]}, event_id=event.id or None)
+        yield DONE
+    elif event.type in ("result", "cancelled"):
+        yield frame("[DONE]", event_id=event.id)
+
+
+def typed_frames(event: Event) -> Iterable[str]:
+    """Image, transcription and speech-SSE streams: each delta is a typed event object
+    (`image_generation.partial_image`, `transcript.text.delta`, ...) sent with its type as the SSE
+    event name; the stream ends with the job."""
+    if event.type == "delta":
+        yield frame(event.raw, event_id=event.id, event=event.data.get("type"))
+    elif event.type == "error":
+        yield frame({"error": event.data["error"]}, event_id=event.id or None, event="error")
+
+
+def audio_bytes(event: Event) -> Iterable[bytes]:
+    """Speech as a plain audio body: the encoded bytes of each piece, as soon as it is made."""
+    if event.type == "delta":
+        data = event.data
+        if data.get("type") == "speech.audio.delta":
+            yield base64.b64decode(data["audio"])
+
+
+def job_frames(event: Event) -> Iterable[str]:
+    """`GET /v1/jobs/{id}/events`: every event, named by its type."""
+    yield frame(event.raw, event_id=event.id, event=event.type)
 
 
 def _detached(rt: Runtime, job_id: str, finished: bool, grace: float) -> None:

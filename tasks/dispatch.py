@@ -7,6 +7,7 @@ import time
 from kombu.transport.redis import Channel
 
 from tasks.celery_app import PRIORITIES, PRIORITY_STEPS, app
+from tasks.files import store_uploads
 from tasks.jobs import job_key, new_job_id
 from tasks.run import TASK_NAME
 from tasks.runtime import Runtime
@@ -32,7 +33,8 @@ def queue_depth(rt: Runtime, queue: str) -> int:
 
 
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
-           timeout: float | None = None, attached: bool = True, max_depth: int | None = None) -> dict:
+           timeout: float | None = None, attached: bool = True, max_depth: int | None = None,
+           files: dict[str, list] | None = None, base_url: str | None = None) -> dict:
     """Enqueue one job; returns the job message (with its id). Raises QueueFull over `max_depth`.
 
     The depth check and the job record share one round trip; a refused job's record is removed.
@@ -40,7 +42,7 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     limit = min(timeout or rt.settings.job_timeout, rt.settings.job_timeout)
     now = time.time()
     job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
-           "deadline": now + limit}
+           "deadline": now + limit, "base_url": base_url}
     pipe = rt.redis.pipeline(transaction=False)
     keys = queue_keys(queue) if max_depth is not None else []
     for key in keys:
@@ -51,6 +53,9 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     if max_depth is not None and depth >= max_depth:
         rt.redis.delete(job_key(job["id"]))
         raise QueueFull(queue, depth)
+    if files:
+        # kept for as long as the job may live, redeliveries included
+        job["request"] = store_uploads(rt.blobs, job["id"], request, files, ttl=int(limit + 120))
     app.send_task(TASK_NAME, args=[job], queue=queue, priority=PRIORITIES[priority], soft_time_limit=limit,
                   time_limit=limit + 30)
     return job

@@ -12,6 +12,7 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks.celery_app import app
+from tasks.files import GENERATED_PATH, fetch_uploads, publish_outputs
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import model_runtime, runtime
 
@@ -36,6 +37,11 @@ def _end(rt, job_id: str, status: str, event: str, data, *, result=None, error=N
     rt.jobs.finish(job_id, status, result=result, error=error, pipe=pipe)
     rt.events.append_many(job_id, [(event, data)], pipe=pipe)
     pipe.execute()
+
+
+def _url_maker(job: dict):
+    base = job.get("base_url") or "/"
+    return lambda name: f"{base.rstrip('/')}/{GENERATED_PATH}/{name}"
 
 
 def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
@@ -63,6 +69,13 @@ def run_job(self, job: dict) -> None:
     if time.time() > float(job.get("deadline") or "inf"):
         _fail(rt, job_id, error_payload(504, "The job timed out while waiting in the queue.", "timeout_error",
                                         code="job_timeout"), status="expired")
+        return
+
+    try:
+        job = {**job, "request": fetch_uploads(rt.blobs, job["request"])}
+    except LookupError as err:
+        _fail(rt, job_id, error_payload(400, f"{err}; send the request again.", "invalid_request_error",
+                                        code="upload_expired"))
         return
 
     already_sent = 0
@@ -108,4 +121,5 @@ def run_job(self, job: dict) -> None:
     elif cancelled or publisher.result is None:
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:
-        _end(rt, job_id, outcome, "result", publisher.result, result=publisher.result)
+        result = publish_outputs(rt.blobs, publisher.result, _url_maker(job), int(rt.settings.generated_ttl))
+        _end(rt, job_id, outcome, "result", result, result=result)

@@ -23,14 +23,16 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 @dataclass(frozen=True)
 class Runtime:
     settings: QueueSettings
-    redis: redis.Redis
+    redis: redis.Redis  # text replies: job records and event logs
+    blobs: redis.Redis  # byte replies: uploads and generated files
     jobs: JobStore
     events: EventLog
 
 
 def connect(settings: QueueSettings) -> Runtime:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
-    return Runtime(settings, client, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))
+    blobs = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))
 
 
 @cache

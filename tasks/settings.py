@@ -27,6 +27,8 @@ class QueueSettings:
     max_deliveries: int = 3
     # how long a detached client has to resume a job's stream before the job is cancelled
     resume_grace: float = 2.0
+    # how long generated files (images and audio answered by URL) stay downloadable
+    generated_ttl: float = 3600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
@@ -36,6 +38,7 @@ class QueueSettings:
             job_timeout=positive_number(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
             max_deliveries=positive_int(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries),
             resume_grace=positive_number(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
+            generated_ttl=positive_number(environ, "LOCALQ_GENERATED_TTL", cls.generated_ttl),
         )
 
 

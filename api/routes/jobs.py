@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from api.errors import APIError
 from api.model_jobs import last_event_id, queue_runtime, setting
-from api.sse import job_event_stream, sse_response
+from api.sse import job_frames, relay, sse_response
 from tasks.events import valid_event_id
 from tasks.jobs import public_view
 
@@ -28,8 +28,8 @@ def stream_job_events(call):
         raise APIError(400, f"Invalid Last-Event-ID {after!r}: expected an id such as 1700000000000-0.",
                        param="Last-Event-ID", code="invalid_value")
     rt = queue_runtime()
-    return sse_response(job_event_stream(rt, job_id, after=after, keepalive=setting("keepalive_interval"),
-                                         grace=rt.settings.resume_grace), job_id)
+    return sse_response(relay(rt, job_id, job_frames, after=after, keepalive=setting("keepalive_interval"),
+                              deadline=None, grace=rt.settings.resume_grace), job_id)
 
 
 HANDLERS = {"getJob": get_job, "streamJobEvents": stream_job_events}
