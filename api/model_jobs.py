@@ -21,24 +21,13 @@ from api.sse import (
     sse_response,
 )
 from tasks.dispatch import QueueFull, submit
-from tasks.runtime import Runtime, connect
+from api.queue import queue_runtime, setting
+from tasks.runtime import Runtime
 from workers.capabilities import unsupported
 
 EXTENSIONS = "x-localai-extensions"
 # How often a request waiting for a result looks whether its client is still connected.
 CLIENT_CHECK = 0.5
-
-
-def queue_runtime() -> Runtime:
-    """This app's Redis connections (job store and event log), made on first use."""
-    extensions = current_app.extensions
-    if "localq.queue" not in extensions:
-        extensions["localq.queue"] = connect(current_app.config["LOCALQ"].queue)
-    return extensions["localq.queue"]
-
-
-def setting(name: str):
-    return getattr(current_app.config["LOCALQ"], name)
 
 
 def resolve_model(name: str, kind: str, body: dict):

@@ -121,8 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="Celery pool (default prefork)",
     )
     worker.add_argument(
-        "-l", "--loglevel", default="info",
-        choices=("debug", "info", "warning", "error", "critical"), help="log level (default info)",
+        "-l", "--loglevel", default="warning",
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="log level (default warning: Celery logs every job it receives at info, on the job's critical path)",
     )
     worker.set_defaults(command=_run_worker)
 
@@ -189,7 +190,7 @@ def worker_argv(
     concurrency: int = 1,
     name: str | None = None,
     pool: str = "prefork",
-    loglevel: str = "info",
+    loglevel: str = "warning",
 ) -> list[str]:
     """The `python -m celery ... worker` command line `localq worker` runs."""
     queue_list = [q.strip() for q in queues.split(",") if q.strip()]

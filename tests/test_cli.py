@@ -198,7 +198,7 @@ def test_worker_argv():
     assert argv[:6] == [sys.executable, "-m", "celery", "-A", "tasks.celery_app:app", "worker"]
     joined = " ".join(argv)
     for part in ("--pool prefork", "--concurrency 1", "--queues cpu", "--prefetch-multiplier 1",
-                 "--hostname cpu@%h", "--without-gossip", "--without-mingle", "--loglevel INFO"):
+                 "--hostname cpu@%h", "--without-gossip", "--without-mingle", "--loglevel WARNING"):
         assert part in joined
     gpu = " ".join(cli.worker_argv("gpu, cpu", concurrency=2, name="big@%h", pool="solo", loglevel="debug"))
     for part in ("--queues gpu,cpu", "--concurrency 2", "--hostname big@%h", "--pool solo", "--loglevel DEBUG"):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from api.errors import APIError
-from api.model_jobs import last_event_id, queue_runtime, setting
+from api.model_jobs import last_event_id
+from api.queue import queue_runtime, setting
 from api.sse import job_frames, relay, sse_response
 from tasks.events import valid_event_id
 from tasks.jobs import public_view
