@@ -90,6 +90,7 @@ def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = No
     awaited before answering, so that a job that fails still gets its proper status code."""
     rt, job = enqueue(kind, body, model=model)
     job_id = job["id"]
+    keepalive = setting("keepalive_interval")  # read here: the body below runs outside the app context
     first = None
     for event in followed(rt, job_id, after="0-0", keepalive=CLIENT_CHECK, deadline=job["deadline"]):
         if event is None:
@@ -106,7 +107,7 @@ def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = No
     def body_bytes():
         yield from audio_bytes(first)
         if not first.terminal:
-            yield from relay(rt, job_id, audio_bytes, after=first.id, keepalive=setting("keepalive_interval"),
+            yield from relay(rt, job_id, audio_bytes, after=first.id, keepalive=keepalive,
                              deadline=job["deadline"], grace=rt.settings.resume_grace, keepalive_frame=None)
 
     return Response(body_bytes(), mimetype=mimetype, headers=job_headers(job_id))

@@ -146,7 +146,7 @@ def test_each_speech_format_decodes_as_its_format(client, response_format, codec
                                        response_format=response_format).content
     with av.open(io.BytesIO(audio)) as container:
         stream = container.streams.audio[0]
-        assert stream.codec_context.name == codec
+        assert stream.codec_context.name.startswith(codec)  # FFmpeg decodes mp3 with "mp3float"
         samples = sum(frame.samples for frame in container.decode(stream))
     assert samples > 0.3 * stream.codec_context.sample_rate  # at least ~0.3 s of speech
 
