@@ -4,19 +4,19 @@ then either stream the job's events or wait for its result.
 
 from __future__ import annotations
 
-import select
-import socket
 import time
 
 from flask import Response, current_app, request
 
 from api.errors import APIError
 from api.sse import (
+    CLIENT_CHECK,
     JOB_HEADER,
     Renderer,
     audio_bytes,
     completion_frames,
     followed,
+    peer_closed,
     relay,
     sse_response,
 )
@@ -26,8 +26,6 @@ from tasks.runtime import Runtime
 from workers.capabilities import unsupported
 
 EXTENSIONS = "x-localai-extensions"
-# How often a request waiting for a result looks whether its client is still connected.
-CLIENT_CHECK = 0.5
 
 
 def resolve_model(name: str, kind: str, body: dict):
@@ -51,7 +49,8 @@ def run(kind: str, body: dict, *, stream: bool = False, frames: Renderer = compl
     rt, job = enqueue(kind, body, files=files, model=model)
     if stream:
         return sse_response(relay(rt, job["id"], frames, keepalive=setting("keepalive_interval"),
-                                  deadline=job["deadline"], grace=rt.settings.resume_grace), job["id"])
+                                  deadline=job["deadline"], grace=rt.settings.resume_grace, sock=client_socket()),
+                            job["id"])
     return wait_for_result(rt, job, keepalive=setting("keepalive_interval"), respond=respond or json_response)
 
 
@@ -91,6 +90,7 @@ def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = No
     rt, job = enqueue(kind, body, model=model)
     job_id = job["id"]
     keepalive = setting("keepalive_interval")  # read here: the body below runs outside the app context
+    sock = client_socket()
     first = None
     for event in followed(rt, job_id, after="0-0", keepalive=CLIENT_CHECK, deadline=job["deadline"]):
         if event is None:
@@ -108,25 +108,19 @@ def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = No
         yield from audio_bytes(first)
         if not first.terminal:
             yield from relay(rt, job_id, audio_bytes, after=first.id, keepalive=keepalive,
-                             deadline=job["deadline"], grace=rt.settings.resume_grace, keepalive_frame=None)
+                             deadline=job["deadline"], grace=rt.settings.resume_grace, keepalive_frame=None,
+                             sock=sock)
 
     return Response(body_bytes(), mimetype=mimetype, headers=job_headers(job_id))
 
 
-def client_gone() -> bool:
-    """Whether the client of this (non-streaming) request has closed its connection.
+def client_socket():
+    """The connection of the current request (gunicorn only), to notice a client that left."""
+    return request.environ.get("gunicorn.socket")
 
-    A waiting WSGI handler writes nothing, so it would never notice; the socket tells: readable
-    with nothing to read means the peer closed it. Only gunicorn exposes the socket.
-    """
-    sock = request.environ.get("gunicorn.socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+
+def client_gone() -> bool:
+    return peer_closed(client_socket())
 
 
 def wait_for_result(rt: Runtime, job: dict, *, keepalive: float, respond=json_response):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +23,8 @@ from tasks.jobs import FINAL_STATUSES
 from tasks.runtime import Runtime
 
 JOB_HEADER = "x-localq-job-id"
+# How often a waiting or relaying handler looks whether its client is still connected.
+CLIENT_CHECK = 0.5
 KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
 
@@ -59,16 +63,41 @@ def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline
 Renderer = Callable[[Event], Iterable[str | bytes]]
 
 
+def peer_closed(sock) -> bool:
+    """Whether the client at the other end of `sock` has closed the connection.
+
+    A handler that is not writing never learns that its client left; the socket tells: readable
+    with nothing to read means the peer closed it. Only gunicorn exposes the socket (None: unknown).
+    """
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", keepalive: float,
-          deadline: float | None, grace: float, keepalive_frame: str | None = KEEPALIVE) -> Iterator[str | bytes]:
+          deadline: float | None, grace: float, keepalive_frame: str | None = KEEPALIVE,
+          sock=None) -> Iterator[str | bytes]:
     """Follow a job's log and turn each event into what the client reads; the client counts as a
-    reader of the job while it is connected (see `_detached` for what leaving does)."""
+    reader of the job while it is connected (see `_detached` for what leaving does).
+
+    Events the client is not sent (progress) write nothing, so the connection is also looked at
+    every CLIENT_CHECK seconds: a client that left is noticed even while nothing is written.
+    """
     finished = False
+    next_check = time.monotonic() + CLIENT_CHECK
     rt.jobs.attach(job_id)
     try:
         if keepalive_frame:
             yield keepalive_frame  # sends the headers (and the job id) at once, even while the job waits
-        for event in followed(rt, job_id, after=after, keepalive=keepalive, deadline=deadline):
+        for event in followed(rt, job_id, after=after, keepalive=min(keepalive, CLIENT_CHECK), deadline=deadline):
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + CLIENT_CHECK
+                if peer_closed(sock):
+                    return
             if event is None:
                 if keepalive_frame:
                     yield keepalive_frame

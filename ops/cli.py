@@ -1,4 +1,5 @@
-"""The `localq` command: run everything (`up`), the API (`api`), a worker (`worker`), list `models`."""
+"""The `localq` command: run everything (`up`), the API (`api`), a worker (`worker`), list `models`
+(`models prepare` builds the tiny demo models)."""
 
 from __future__ import annotations
 
@@ -127,8 +128,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(command=_run_worker)
 
-    models = commands.add_parser("models", help="list the configured models")
+    models = commands.add_parser("models", help="list the configured models; `models prepare` builds the tiny ones")
     models.set_defaults(command=_run_models)
+    model_actions = models.add_subparsers(metavar="ACTION")
+    prepare = model_actions.add_parser(
+        "prepare", help="build the tiny Stable Diffusion pipeline the tiny-diffusion config uses (no download)",
+    )
+    prepare.add_argument(
+        "--dir", type=Path, default=None,
+        help="folder to build it in, as DIR/tiny-diffusion (default: where the tiny-diffusion config points, "
+             "else var/models)",
+    )
+    prepare.add_argument("--force", action="store_true", help="rebuild it even when it is already there")
+    prepare.set_defaults(command=_run_models_prepare)
     return parser
 
 
@@ -538,6 +550,36 @@ def _run_models(args: argparse.Namespace, settings: Settings) -> int:
     registry = ModelRegistry.load(settings.models_dir)
     Console().print(_models_table(registry, settings.models_dir))
     return 0
+
+
+def _run_models_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    """Build the tiny diffusion pipeline (idempotent: an existing one is kept unless --force)."""
+    from ops import tiny_models
+
+    target = tiny_models.tiny_diffusion_path(args.dir) if args.dir else _tiny_diffusion_target(settings.models_dir)
+    if args.force or not tiny_models.is_prepared(target):
+        Console(stderr=True).print(f"building {tiny_models.TINY_DIFFUSION} in {escape(_shown(target))}", highlight=False)
+    if tiny_models.prepare_tiny_diffusion(target, force=args.force):
+        Console().print(f"built {tiny_models.TINY_DIFFUSION} in {escape(_shown(target))}", highlight=False)
+    else:
+        Console().print(
+            f"{tiny_models.TINY_DIFFUSION} is already in {escape(_shown(target))} (--force rebuilds it)",
+            highlight=False,
+        )
+    return 0
+
+
+def _tiny_diffusion_target(models_dir: Path) -> Path:
+    """Where the models dir's tiny-diffusion config points, else var/models/tiny-diffusion."""
+    from ops import tiny_models
+
+    try:
+        config = ModelRegistry.load(models_dir).resolve(tiny_models.TINY_DIFFUSION)
+    except ModelConfigError:
+        config = None
+    if config is not None and config.model_file is not None:
+        return config.model_file.resolve()
+    return tiny_models.tiny_diffusion_path()
 
 
 def _models_table(registry: ModelRegistry, models_dir: Path) -> Table:

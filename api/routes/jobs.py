@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.errors import APIError
-from api.model_jobs import last_event_id
+from api.model_jobs import client_socket, last_event_id
 from api.queue import queue_runtime, setting
 from api.sse import job_frames, relay, sse_response
 from tasks.events import valid_event_id
@@ -30,7 +30,7 @@ def stream_job_events(call):
                        param="Last-Event-ID", code="invalid_value")
     rt = queue_runtime()
     return sse_response(relay(rt, job_id, job_frames, after=after, keepalive=setting("keepalive_interval"),
-                              deadline=None, grace=rt.settings.resume_grace), job_id)
+                              deadline=None, grace=rt.settings.resume_grace, sock=client_socket()), job_id)
 
 
 HANDLERS = {"getJob": get_job, "streamJobEvents": stream_job_events}
