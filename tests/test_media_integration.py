@@ -223,3 +223,17 @@ def test_bad_input_gets_openai_shaped_4xx_and_the_worker_stays_up(client, servic
         client.images.edit(image=("in.txt", b"not an image", "text/plain"), prompt="x")
     # the worker is still there and answers
     assert client.audio.speech.create(model="tts-1", voice="alloy", input="Still here.", response_format="wav").content
+
+
+def test_model_libraries_load_only_in_the_pool_process(client, service):
+    """CUDA must never be initialised before workers fork: the Celery parent loads no model library."""
+    client.images.generate(prompt="x", size="64x64", response_format="b64_json")  # torch is in use by now
+    parent = service.workers["cpu"].pid
+    children = [int(pid) for pid in open(f"/proc/{parent}/task/{parent}/children").read().split()]
+    assert children, "no pool process"
+
+    def mapped(pid: int) -> str:
+        return open(f"/proc/{pid}/maps").read()
+
+    assert "libtorch" not in mapped(parent) and "libcuda" not in mapped(parent)
+    assert any("libtorch" in mapped(child) for child in children)

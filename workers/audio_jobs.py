@@ -463,6 +463,8 @@ def _transcribe(kind: str, job: dict, config: ModelConfig, backend: Any, emit: E
         options=options, vad=_vad(request.get("chunking_strategy"), knobs.get("vad_filter")),
     )
     text, out_segments, out_words = "", [], []
+    # Whisper's timestamps come in 20 ms steps and can overshoot the end of the audio: clamp them
+    end_of_audio = float(info.duration)
     for index, segment in enumerate(segments):
         piece = segment.text.rstrip()
         if not text:
@@ -470,9 +472,10 @@ def _transcribe(kind: str, job: dict, config: ModelConfig, backend: Any, emit: E
         if piece:
             text += piece
             emit("delta", {"type": "transcript.text.delta", "delta": piece})
-        out_segments.append(_segment(index, segment))
+        out_segments.append(_segment(index, segment, end_of_audio))
         out_words.extend(
-            {"word": word.word.strip(), "start": _seconds(word.start), "end": _seconds(word.end)}
+            {"word": word.word.strip(), "start": _seconds(min(word.start, end_of_audio)),
+             "end": _seconds(min(word.end, end_of_audio))}
             for word in segment.words or ()
         )
         if cancelled():
@@ -570,12 +573,12 @@ def _seconds(value: float) -> float:
     return round(float(value), 3)
 
 
-def _segment(index: int, segment: Any) -> dict:
+def _segment(index: int, segment: Any, end_of_audio: float) -> dict:
     return {
         "id": index,
         "seek": int(segment.seek),
-        "start": _seconds(segment.start),
-        "end": _seconds(segment.end),
+        "start": _seconds(min(segment.start, end_of_audio)),
+        "end": _seconds(min(segment.end, end_of_audio)),
         "text": segment.text,
         "tokens": [int(token) for token in segment.tokens],
         "temperature": float(segment.temperature or 0.0),

@@ -8,15 +8,8 @@ from flask import Response
 
 from api import model_jobs, uploads
 from api.sse import typed_frames
+from workers.audio_jobs import SPEECH_CONTENT_TYPES
 
-SPEECH_TYPES = {
-    "mp3": "audio/mpeg",
-    "opus": "audio/opus",
-    "aac": "audio/aac",
-    "flac": "audio/flac",
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-}
 TEXT_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
 
 
@@ -24,7 +17,7 @@ def create_speech(call):
     body = call.body
     if body.get("stream_format") == "sse":
         return model_jobs.run("speech", body, stream=True, frames=typed_frames)
-    return model_jobs.stream_audio("speech", body, SPEECH_TYPES[body.get("response_format") or "mp3"])
+    return model_jobs.stream_audio("speech", body, SPEECH_CONTENT_TYPES[body.get("response_format") or "mp3"])
 
 
 def _transcript_responder(body: dict):
