@@ -154,7 +154,9 @@ def _detached(rt: Runtime, job_id: str, finished: bool, grace: float) -> None:
 
     def cancel_if_abandoned() -> None:
         record = rt.jobs.get(job_id)
-        if record and record.get("status") not in FINAL_STATUSES and rt.jobs.readers(job_id) <= 0:
+        # only jobs a client is waiting for (not batch lines someone merely watches) are cancelled
+        if (record and record.get("attached") == "1" and record.get("status") not in FINAL_STATUSES
+                and rt.jobs.readers(job_id) <= 0):
             rt.jobs.request_cancel(job_id)
 
     if grace <= 0:

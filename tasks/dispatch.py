@@ -25,13 +25,6 @@ def queue_keys(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
 
 
-def queue_depth(rt: Runtime, queue: str) -> int:
-    pipe = rt.redis.pipeline(transaction=False)
-    for key in queue_keys(queue):
-        pipe.llen(key)
-    return sum(pipe.execute())
-
-
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
            timeout: float | None = None, attached: bool = True, max_depth: int | None = None,
            files: dict[str, list] | None = None, base_url: str | None = None) -> dict:

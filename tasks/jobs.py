@@ -80,10 +80,6 @@ class JobStore:
             fields["error"] = error
         self.update(job_id, pipe, **fields)
 
-    def count_delivery(self, job_id: str) -> int:
-        """Count one more delivery of the job to a worker; redeliveries follow a worker's death."""
-        return int(self.client.hincrby(job_key(job_id), "attempts", 1))
-
     def request_cancel(self, job_id: str) -> None:
         self.client.set(f"{job_key(job_id)}:cancel", "1", ex=self.ttl)
 

@@ -10,9 +10,12 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: Where uploaded files (`/v1/files`) keep their bytes: `var/files` in the source checkout.
+DEFAULT_FILES_DIR = Path(__file__).resolve().parent.parent / "var" / "files"
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
 
@@ -29,6 +32,11 @@ class QueueSettings:
     resume_grace: float = 2.0
     # how long generated files (images and audio answered by URL) stay downloadable
     generated_ttl: float = 3600.0
+    # the bytes of `/v1/files` uploads and of files localq writes (batch output); metadata is in Redis
+    files_dir: Path = DEFAULT_FILES_DIR
+    # largest file `/v1/files` accepts (OpenAI: 512 MB), and for purpose=batch (OpenAI: 200 MB)
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_batch_file_bytes: int = 200 * 1024 * 1024
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
@@ -39,6 +47,9 @@ class QueueSettings:
             max_deliveries=positive_int(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries),
             resume_grace=positive_number(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
             generated_ttl=positive_number(environ, "LOCALQ_GENERATED_TTL", cls.generated_ttl),
+            files_dir=_directory(environ, "LOCALQ_FILES_DIR", cls.files_dir),
+            max_file_bytes=positive_int(environ, "LOCALQ_MAX_FILE_BYTES", cls.max_file_bytes),
+            max_batch_file_bytes=positive_int(environ, "LOCALQ_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes),
         )
 
 
@@ -89,3 +100,15 @@ def _redis_url(environ: Mapping[str, str], name: str, default: str) -> str:
             raise ValueError(f"{name} names no host: {raw!r}")
     return raw
 
+
+def _directory(environ: Mapping[str, str], name: str, default: Path) -> Path:
+    """A folder (created on first use, so it need not exist yet); blank counts as unset."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if "\x00" in raw:
+        raise ValueError(f"{name} must be a folder path, got {raw!r}")
+    path = Path(raw).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} must be a folder, but {path} is not one")
+    return path
