@@ -1,0 +1,142 @@
+"""Batch records in Redis: the OpenAI Batch object, and each line's outcome recorded exactly once.
+
+A line's outcome is stored with HSETNX under its `custom_id` and the request counts move in the
+same atomic script only when that store succeeded, so a line task that is redelivered after its
+worker died (and runs again) can neither be counted twice nor appear twice in the output files.
+Records have no TTL: a batch outlives Redis restarts (AOF) and lives until deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+import redis
+
+INDEX = "localq:batches"
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+              "cancelled_at")
+
+# KEYS: results hash, batch hash. ARGV: custom_id, outcome json, counter field ("completed"/"failed").
+# Returns 1 if the outcome was recorded now, 0 if this custom_id already had one.
+_RECORD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  return 1
+end
+return 0
+"""
+
+
+def batch_key(batch_id: str) -> str:
+    return f"localq:batch:{batch_id}"
+
+
+def results_key(batch_id: str) -> str:
+    return f"localq:batch:{batch_id}:results"
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(16)
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._record = client.register_script(_RECORD)
+
+    def create(self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
+               window_seconds: int) -> dict:
+        batch_id = new_batch_id()
+        now = int(time.time())
+        fields = {
+            "id": batch_id, "input_file_id": input_file_id, "endpoint": endpoint,
+            "completion_window": completion_window, "status": "validating", "created_at": now,
+            "expires_at": now + window_seconds, "metadata": json.dumps(metadata) if metadata is not None else "",
+            "total": 0, "completed": 0, "failed": 0,
+        }
+        pipe = self.client.pipeline()
+        pipe.hset(batch_key(batch_id), mapping=fields)
+        pipe.zadd(INDEX, {batch_id: now})
+        pipe.execute()
+        return self.get(batch_id)
+
+    def record(self, batch_id: str) -> dict[str, str] | None:
+        raw = self.client.hgetall(batch_key(batch_id))
+        return {_text(k): _text(v) for k, v in raw.items()} or None
+
+    def get(self, batch_id: str) -> dict | None:
+        record = self.record(batch_id)
+        return batch_object(record) if record else None
+
+    def list(self, *, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        """Newest first, as OpenAI lists batches; `after` is the id the previous page ended with."""
+        start = 0
+        if after:
+            rank = self.client.zrevrank(INDEX, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
+        ids = [_text(i) for i in self.client.zrevrange(INDEX, start, start + limit)]
+        batches = [b for b in (self.get(i) for i in ids[:limit]) if b]
+        return batches, len(ids) > limit
+
+    def set_status(self, batch_id: str, status: str, **fields: Any) -> None:
+        """Move to `status`, stamping its `<status>_at` time where OpenAI has one."""
+        stamp = f"{status}_at"
+        values = {"status": status, **{k: v if isinstance(v, str | int) else json.dumps(v) for k, v in fields.items()}}
+        if stamp in TIMESTAMPS:
+            values[stamp] = int(time.time())
+        self.client.hset(batch_key(batch_id), mapping=values)
+
+    def record_outcome(self, batch_id: str, custom_id: str, outcome: dict, *, failed: bool) -> bool:
+        """Keep the first outcome of a line; False if it already had one (a redelivered line)."""
+        recorded = self._record(keys=[results_key(batch_id), batch_key(batch_id)],
+                                args=[custom_id, json.dumps(outcome, separators=(",", ":")),
+                                      "failed" if failed else "completed"])
+        return bool(recorded)
+
+    def outcomes(self, batch_id: str) -> dict[str, dict]:
+        """Every recorded line outcome by custom_id (read in slices, for large batches)."""
+        found = {}
+        for custom_id, raw in self.client.hscan_iter(results_key(batch_id), count=1000):
+            found[_text(custom_id)] = json.loads(raw)
+        return found
+
+    def counts(self, batch_id: str) -> tuple[int, int, int]:
+        total, completed, failed = self.client.hmget(batch_key(batch_id), "total", "completed", "failed")
+        return int(total or 0), int(completed or 0), int(failed or 0)
+
+
+def batch_object(record: dict[str, str]) -> dict:
+    """The OpenAI Batch object of a record."""
+
+    def seconds(name: str) -> int | None:
+        return int(record[name]) if record.get(name) else None
+
+    batch: dict[str, Any] = {
+        "id": record["id"],
+        "object": "batch",
+        "endpoint": record["endpoint"],
+        "errors": json.loads(record["errors"]) if record.get("errors") else None,
+        "input_file_id": record["input_file_id"],
+        "completion_window": record["completion_window"],
+        "status": record["status"],
+        "output_file_id": record.get("output_file_id") or None,
+        "error_file_id": record.get("error_file_id") or None,
+        "created_at": int(record["created_at"]),
+        "expires_at": seconds("expires_at"),
+        "request_counts": {"total": int(record.get("total") or 0), "completed": int(record.get("completed") or 0),
+                           "failed": int(record.get("failed") or 0)},
+        "metadata": json.loads(record["metadata"]) if record.get("metadata") else None,
+    }
+    for name in TIMESTAMPS:
+        batch[name] = seconds(name)
+    return batch
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,85 @@
+"""Batch records on a real Redis: exactly-once line outcomes, counts, listing, persistence across a restart."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from ops.redis_server import RedisServer
+from tasks.batches import BatchStore
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+@pytest.fixture
+def store(server):
+    return BatchStore(redis.Redis.from_url(server.url, decode_responses=True))
+
+
+def new(store, **extra):
+    return store.create(input_file_id="file-x", endpoint="/v1/chat/completions", completion_window="24h",
+                        metadata=extra.get("metadata"), window_seconds=86400)
+
+
+def test_a_new_batch_is_validating_with_openai_fields(store):
+    batch = new(store, metadata={"k": "v"})
+    assert batch["object"] == "batch" and batch["status"] == "validating" and batch["metadata"] == {"k": "v"}
+    assert batch["expires_at"] - batch["created_at"] == 86400
+    assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    assert batch["in_progress_at"] is None and batch["output_file_id"] is None
+
+
+def test_each_line_counts_once_even_when_recorded_again(store):
+    batch_id = new(store)["id"]
+    assert store.record_outcome(batch_id, "a", {"ok": 1}, failed=False)
+    assert not store.record_outcome(batch_id, "a", {"ok": 2}, failed=False)  # a redelivered line
+    assert store.record_outcome(batch_id, "b", {"err": 1}, failed=True)
+    assert store.counts(batch_id)[1:] == (1, 1)
+    assert store.outcomes(batch_id) == {"a": {"ok": 1}, "b": {"err": 1}}
+
+
+def test_concurrent_recorders_never_double_count(store):
+    batch_id = new(store)["id"]
+    recorded = []
+
+    def record_all():
+        for i in range(200):
+            if store.record_outcome(batch_id, f"line-{i}", {"i": i}, failed=False):
+                recorded.append(i)
+
+    threads = [threading.Thread(target=record_all) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(recorded) == list(range(200)) and store.counts(batch_id)[1] == 200
+
+
+def test_status_changes_stamp_their_times(store):
+    batch_id = new(store)["id"]
+    store.set_status(batch_id, "in_progress", total=3)
+    store.set_status(batch_id, "finalizing")
+    batch = store.get(batch_id)
+    assert batch["status"] == "finalizing" and batch["request_counts"]["total"] == 3
+    assert batch["in_progress_at"] and batch["finalizing_at"] and batch["completed_at"] is None
+
+
+def test_listing_newest_first_with_after(store):
+    ids = [new(store)["id"] for _ in range(5)]
+    first, more = store.list(limit=2)
+    assert more and len(first) == 2
+    second, _ = store.list(after=first[-1]["id"], limit=2)
+    assert not {b["id"] for b in first} & {b["id"] for b in second}
+    assert set(ids) <= {b["id"] for b in store.list(limit=1000)[0]}
+
+
+def test_batches_survive_a_redis_restart(server, store):
+    batch_id = new(store)["id"]
+    store.record_outcome(batch_id, "a", {"ok": True}, failed=False)
+    server.restart()
+    again = BatchStore(redis.Redis.from_url(server.url, decode_responses=True))
+    assert again.get(batch_id)["request_counts"]["completed"] == 1 and again.outcomes(batch_id) == {"a": {"ok": True}}
