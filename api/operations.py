@@ -24,6 +24,15 @@ from schemas.requests import coerce_form, validate
 
 JSON = "application/json"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: Room for a multipart body's boundaries, part headers and text fields around its file.
+MULTIPART_ALLOWANCE = 1024 * 1024
+
+#: Body limits that replace the app-wide MAX_CONTENT_LENGTH (LOCALQ_MAX_REQUEST_BYTES) for one
+#: operation, computed from the app's settings. Set on the request before its body is touched, so a
+#: Content-Length over the limit is answered 413 without a byte of the body being read.
+BODY_LIMITS: dict[str, Callable[[Any], int]] = {
+    "createFile": lambda settings: settings.queue.max_file_bytes + MULTIPART_ALLOWANCE,
+}
 
 
 @dataclass
@@ -67,6 +76,9 @@ def _view(ops: list[dict], handlers: dict[str, Handler]):
             op for op in ranked
             if op["method"] == method and all(request.args.get(k) == v for k, v in op["query"].items())
         )
+        body_limit = BODY_LIMITS.get(op["operation_id"])
+        if body_limit is not None:
+            request.max_content_length = body_limit(current_app.config["LOCALQ"])
         call = Call(operation=op, path=path_params, body=read_body(op), query=read_query(op))
         handler = handlers.get(op["operation_id"])
         if handler is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -142,6 +143,16 @@ def coerce_form(schema_name: str, form, files=None, *, extensions: Mapping | Non
                 raise Invalid(None, "Every part of a multipart body needs a name.", "invalid_value")
             key = raw_key[:-2] if raw_key.endswith("[]") else raw_key
             values = source.getlist(raw_key) if hasattr(source, "getlist") else [source[raw_key]]
+            nested = _BRACKETED.match(key)
+            if nested and nested.group(1) in schema_fields and values:
+                # `expires_after[seconds]=3600`: a field of an object, as form encoders write it
+                parent, child = nested.groups()
+                target = _unwrap(schema_fields[parent])
+                child_fields = _fields_by_wire_name(type(target.schema)) if isinstance(target, Obj) else {}
+                holder = data.setdefault(parent, {})
+                if isinstance(holder, dict):
+                    holder[child] = coerce_text(child_fields.get(child), values[0])
+                continue
             field = schema_fields.get(key)
             if isinstance(_unwrap(field), ListOf):
                 inner = _unwrap(field).inner
@@ -150,6 +161,9 @@ def coerce_form(schema_name: str, form, files=None, *, extensions: Mapping | Non
             elif values:
                 data[key] = coerce_text(field, values[0])
     return data
+
+
+_BRACKETED = re.compile(r"^([A-Za-z_][\w-]*)\[([^\[\]]+)\]$")
 
 
 def _keys(source) -> list[str]:

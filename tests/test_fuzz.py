@@ -54,7 +54,11 @@ FUZZ_SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_heal
 # Designed answers >= 500 besides 501 that are not crashes: (status, error.code).
 TOLERATED_5XX = {(503, "queue_unavailable")}
 # Nothing listens on port 1: handlers that need the queue answer 503 instead of queueing fuzz jobs.
-TEST_ENV = {"LOCALQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+TEST_ENV = {
+    "LOCALQ_REDIS_URL": "redis://127.0.0.1:1/0",
+    # createFile writes the bytes before (failing to write) the metadata: keep them out of var/files.
+    "LOCALQ_FILES_DIR": os.path.join(os.environ.get("TMPDIR") or "/tmp", f"localq-fuzz-files-{os.getpid()}"),
+}
 
 # One app for the whole module: schemathesis loads the served document from it and calls it
 # in-process; the hypothesis tests below use a test client over the same app.
