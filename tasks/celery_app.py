@@ -26,7 +26,7 @@ HARD_LIMIT_MARGIN = 30.0
 
 def make_app(settings: QueueSettings | None = None) -> Celery:
     settings = settings or QueueSettings.from_env()
-    app = Celery("localq", broker=settings.redis_url, include=["tasks.run"])
+    app = Celery("localq", broker=settings.redis_url, include=["tasks.run", "tasks.batch_run"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -1,0 +1,113 @@
+"""`/v1/batches`: OpenAI's Batch API. The API checks the input file and records the batch; the
+`localq.batch.*` Celery tasks (`tasks.batch_run`) validate its lines, run them at batch priority
+and write the output and error files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from api.errors import APIError
+from api.queue import queue_runtime
+from api.routes.files import file_store
+from tasks.batch_input import BATCH_ENDPOINTS
+from tasks.batch_run import START_TASK, cancel_key
+from tasks.batches import FINAL, BatchStore
+from tasks.celery_app import PRIORITIES, app
+
+WINDOWS = {"24h": 86400}
+MAX_LIST_LIMIT = 100
+BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+
+
+def _store() -> BatchStore:
+    return BatchStore(queue_runtime().redis)
+
+
+def _window_seconds(window: str) -> int:
+    override = os.environ.get("LOCALQ_BATCH_WINDOW", "").strip()
+    if override:
+        try:
+            seconds = int(override)
+        except ValueError:
+            seconds = 0
+        if seconds > 0:
+            return seconds
+    return WINDOWS[window]
+
+
+def _not_found(batch_id: str) -> APIError:
+    return APIError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
+
+
+def _get(batch_id: str) -> dict:
+    if not BATCH_ID.fullmatch(batch_id or ""):
+        raise _not_found(batch_id)
+    found = _store().get(batch_id)
+    if found is None:
+        raise _not_found(batch_id)
+    return found
+
+
+def create_batch(call):
+    body = call.body
+    endpoint = body["endpoint"]
+    if endpoint not in BATCH_ENDPOINTS:
+        raise APIError(400, f"The endpoint {endpoint} is not supported by localq batches; use one of "
+                            f"{', '.join(BATCH_ENDPOINTS)}.", param="endpoint", code="unsupported_endpoint")
+    file_id = body["input_file_id"]
+    found = file_store().get(file_id)
+    if found is None:
+        raise APIError(404, f"No such File object: {file_id}", param="input_file_id", code="file_not_found")
+    if found["purpose"] != "batch":
+        raise APIError(400, f"The file {file_id} has purpose '{found['purpose']}'; a batch needs purpose 'batch'.",
+                       param="input_file_id", code="invalid_file_purpose")
+    batch = _store().create(input_file_id=file_id, endpoint=endpoint, completion_window=body["completion_window"],
+                            metadata=body.get("metadata"), window_seconds=_window_seconds(body["completion_window"]))
+    app.send_task(START_TASK, args=[batch["id"]], queue="cpu", priority=PRIORITIES["batch"])
+    return batch
+
+
+def retrieve_batch(call):
+    return _get(call.path["batch_id"])
+
+
+def list_batches(call):
+    query = call.query
+    limit = query.get("limit", 20)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise APIError(400, f"Invalid 'limit': {limit!r}. Expected an integer between 1 and {MAX_LIST_LIMIT}.",
+                       param="limit", code="integer_out_of_range")
+    after = query.get("after") or None
+    items, has_more = _store().list(after=after, limit=limit)
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": has_more,
+    }
+
+
+def cancel_batch(call):
+    batch_id = call.path["batch_id"]
+    batch = _get(batch_id)
+    status = batch["status"]
+    if status in ("cancelling", "cancelled"):
+        return batch
+    if status in FINAL or status == "finalizing":
+        raise APIError(400, f"The batch {batch_id} is {status} and can no longer be cancelled.",
+                       param="batch_id", code="batch_not_cancellable")
+    rt = queue_runtime()
+    rt.redis.set(cancel_key(batch_id), "1")
+    _store().set_status(batch_id, "cancelling")
+    return _get(batch_id)
+
+
+HANDLERS = {
+    "createBatch": create_batch,
+    "retrieveBatch": retrieve_batch,
+    "listBatches": list_batches,
+    "cancelBatch": cancel_batch,
+}

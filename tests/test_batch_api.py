@@ -1,0 +1,232 @@
+"""The Batch API end to end: the `openai` SDK -> API -> Redis -> Celery worker (`tasks.batch_run`) -> files.
+
+One real service (embedded Redis, one CPU worker, the API, the default models) serves the module.
+Every batch is uploaded with `files.create(purpose="batch")`, created with `batches.create`, polled
+with `batches.retrieve` until it is final, and its output read back with `files.content`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from tests.service import running_service
+
+CHAT_MODEL = "gpt-4o-mini"
+EMBED_MODEL = "text-embedding-3-small"
+FINAL = {"completed", "failed", "expired", "cancelled"}
+DEADLINE = 120
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batchsvc")
+    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
+        warm = OpenAI(base_url=svc.base_url + "/v1", api_key="unused", timeout=180, max_retries=0)
+        warm.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        warm.embeddings.create(model=EMBED_MODEL, input="hi")
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return OpenAI(base_url=service.base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def store(service):
+    return redis.Redis.from_url(service.redis.url, decode_responses=True)
+
+
+def jsonl(items) -> bytes:
+    return b"".join((item if isinstance(item, str) else json.dumps(item)).encode() + b"\n" for item in items)
+
+
+def upload(client, items, name="input.jsonl"):
+    return client.files.create(file=(name, jsonl(items)), purpose="batch")
+
+
+def chat_line(custom_id, content, **extra):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": content}], **extra}}
+
+
+def wait_final(client, batch_id, deadline=DEADLINE):
+    end = time.monotonic() + deadline
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in FINAL:
+            return batch
+        assert time.monotonic() < end, f"batch {batch_id} still {batch.status} after {deadline} s"
+        time.sleep(0.2)
+
+
+def read_jsonl(client, file_id) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+
+
+CHAT_PARAMS = {"max_tokens": 8, "temperature": 0, "seed": 1}
+PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Name a fruit."]
+
+
+def test_chat_batch_matches_synchronous_answers(client):
+    lines = [chat_line(f"req-{i}", prompt, **CHAT_PARAMS) for i, prompt in enumerate(PROMPTS)]
+    source = upload(client, lines)
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"suite": "batch"})
+    assert batch.status == "validating" and batch.object == "batch" and batch.metadata == {"suite": "batch"}
+    assert batch.expires_at - batch.created_at == 86400
+    done = wait_final(client, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts.total == 4 and done.request_counts.completed == 4 and done.request_counts.failed == 0
+    assert done.output_file_id and done.error_file_id is None
+    assert done.in_progress_at and done.finalizing_at and done.completed_at
+    output = read_jsonl(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in range(4)]
+    output_file = client.files.retrieve(done.output_file_id)
+    assert output_file.purpose == "batch_output" and output_file.filename == f"{batch.id}_output.jsonl"
+    for outcome in output:
+        assert outcome["id"].startswith("batch_req_") and outcome["error"] is None
+        response = outcome["response"]
+        assert response["status_code"] == 200 and response["request_id"]
+        body = response["body"]
+        assert body["object"] == "chat.completion" and body["model"] == CHAT_MODEL
+        prompt = PROMPTS[int(outcome["custom_id"].split("-")[1])]
+        direct = client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": prompt}],
+                                                **CHAT_PARAMS)
+        assert body["choices"][0]["message"]["content"] == direct.choices[0].message.content
+        assert body["choices"][0]["finish_reason"] == direct.choices[0].finish_reason
+        assert body["usage"] == direct.usage.model_dump(exclude_none=True, include={
+            "prompt_tokens", "completion_tokens", "total_tokens"})
+
+
+def test_embeddings_batch_matches_synchronous_vectors(client):
+    texts = ["the sea is blue", "a quick brown fox", "batch jobs run later"]
+    lines = [{"custom_id": f"emb-{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": EMBED_MODEL, "input": text}} for i, text in enumerate(texts)]
+    source = upload(client, lines)
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+    done = wait_final(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    output = read_jsonl(client, done.output_file_id)
+    assert [o["custom_id"] for o in output] == ["emb-0", "emb-1", "emb-2"]  # input order
+    for outcome in output:
+        text = texts[int(outcome["custom_id"].split("-")[1])]
+        vector = outcome["response"]["body"]["data"][0]["embedding"]
+        direct = client.embeddings.create(model=EMBED_MODEL, input=text).data[0].embedding
+        assert len(vector) == len(direct) == 384
+        assert vector == pytest.approx(direct, abs=1e-5)
+
+
+def test_invalid_lines_fail_the_batch_with_their_line_numbers(client):
+    items = [
+        chat_line("ok-1", "hi", max_tokens=2),
+        chat_line("ok-1", "duplicate id", max_tokens=2),                                     # 2
+        {**chat_line("wrong-url", "hi"), "url": "/v1/embeddings"},                            # 3
+        {"custom_id": "bad-body", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": CHAT_MODEL}},                                                      # 4
+        chat_line("streaming", "hi", stream=True),                                            # 5
+        '{"custom_id": "broken", ',                                                           # 6
+        chat_line("no-model", "hi", model="no-such-model"),                                   # 7
+    ]
+    source = upload(client, items)
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_final(client, batch.id)
+    assert done.status == "failed" and done.failed_at
+    errors = {e.line: e for e in done.errors.data}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7]
+    assert errors[2].code == "duplicate_custom_id"
+    assert errors[3].code == "mismatched_url"
+    assert errors[4].param.startswith("body")
+    assert errors[5].param == "body.stream"
+    assert errors[6].code == "invalid_json_line"
+    assert errors[7].code == "model_not_found"
+    assert done.output_file_id is None and done.request_counts.total == 0
+
+
+def test_create_refusals(client, service):
+    with pytest.raises(NotFoundError) as missing:
+        client.batches.create(input_file_id="file-" + "a" * 24, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert missing.value.body["code"] == "file_not_found" and missing.value.body["param"] == "input_file_id"
+    other = client.files.create(file=("notes.txt", b"hello"), purpose="user_data")
+    with pytest.raises(BadRequestError) as purpose:
+        client.batches.create(input_file_id=other.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert purpose.value.body["param"] == "input_file_id"
+    source = upload(client, [chat_line("a", "hi")])
+    answer = httpx.post(f"{service.base_url}/v1/batches", json={
+        "input_file_id": source.id, "endpoint": "/v1/moderations", "completion_window": "24h"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "unsupported_endpoint" and answer.json()["error"]["param"] == "endpoint"
+    with pytest.raises(NotFoundError) as unknown:
+        client.batches.retrieve("batch_" + "0" * 32)
+    assert unknown.value.body["code"] == "batch_not_found"
+    with pytest.raises(NotFoundError):
+        client.batches.cancel("nonsense")
+
+
+def test_cancel_a_running_batch(client, store):
+    lines = [chat_line(f"c-{i}", f"Tell a long story about the number {i}.", max_tokens=64) for i in range(30)]
+    source = upload(client, lines)
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    end = time.monotonic() + DEADLINE
+    while client.batches.retrieve(batch.id).status == "validating":
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")  # cancelling again: as is
+    done = wait_final(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at and done.cancelling_at
+    counts = done.request_counts
+    assert counts.total == 30 and counts.completed + counts.failed <= counts.total
+    assert counts.completed < 30  # it really stopped early
+    outcomes = read_jsonl(client, done.output_file_id) if done.output_file_id else []
+    assert len(outcomes) == counts.completed
+    assert len({o["custom_id"] for o in outcomes}) == len(outcomes)
+    assert all(o["response"]["status_code"] == 200 for o in outcomes)
+    dropped = int(store.hget(f"localq:batch:{batch.id}", "dropped") or 0)
+    assert counts.completed + counts.failed + dropped == 30
+    assert client.batches.cancel(batch.id).status == "cancelled"  # a cancelled batch is answered as is
+    finished = next(b for b in client.batches.list(limit=100).data if b.status == "completed")
+    with pytest.raises(BadRequestError) as final:
+        client.batches.cancel(finished.id)
+    assert final.value.body["code"] == "batch_not_cancellable"
+
+
+def test_lines_past_the_window_expire(client, service, store):
+    # keep the worker busy so that the batch's lines run after the window was moved into the past
+    busy = threading.Thread(target=lambda: client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a long essay about rivers."}],
+        max_tokens=200, temperature=0))
+    busy.start()
+    time.sleep(0.3)
+    source = upload(client, [chat_line(f"x-{i}", "hi", max_tokens=2) for i in range(2)])
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    store.hset(f"localq:batch:{batch.id}", "expires_at", int(time.time()) - 1)
+    busy.join()
+    done = wait_final(client, batch.id)
+    assert done.status == "expired" and done.expired_at
+    assert done.request_counts.failed == 2 and done.output_file_id is None
+    errors = read_jsonl(client, done.error_file_id)
+    assert sorted(e["custom_id"] for e in errors) == ["x-0", "x-1"]
+    assert all(e["error"]["code"] == "batch_expired" and e["response"] is None for e in errors)
+
+
+def test_list_batches_with_after(client):
+    everything = client.batches.list(limit=100).data
+    assert len(everything) >= 4
+    assert [b.created_at for b in everything] == sorted((b.created_at for b in everything), reverse=True)
+    first = client.batches.list(limit=2)
+    assert len(first.data) == 2 and first.has_more
+    assert first.data[0].id == everything[0].id
+    page = client.batches.with_raw_response.list(limit=2, after=first.data[-1].id).parse()
+    assert [b.id for b in page.data] == [b.id for b in everything[2:4]]
+    ids = [b.id for b in client.batches.list(limit=2)]  # the SDK's auto-pagination walks `after`
+    assert ids == [b.id for b in client.batches.list(limit=100).data]
