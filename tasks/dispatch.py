@@ -20,9 +20,11 @@ class QueueFull(Exception):
         self.depth = depth
 
 
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue, one per priority step."""
-    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
+def queue_keys(queue: str, up_to: int | None = None) -> list[str]:
+    """The Redis lists kombu keeps for one queue, one per priority step (those served no later
+    than priority `up_to`, if given)."""
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS
+            if up_to is None or step <= up_to]
 
 
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
@@ -37,7 +39,9 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
            "deadline": now + limit, "base_url": base_url}
     pipe = rt.redis.pipeline(transaction=False)
-    keys = queue_keys(queue) if max_depth is not None else []
+    # only jobs that would be served before this one count: batch lines waiting at a lower
+    # priority never make an interactive call wait, so they never refuse one either
+    keys = queue_keys(queue, up_to=PRIORITIES[priority]) if max_depth is not None else []
     for key in keys:
         pipe.llen(key)
     rt.jobs.create(job["id"], kind=kind, model=model, queue=queue, priority=priority, deadline=now + limit,

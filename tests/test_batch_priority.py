@@ -1,0 +1,66 @@
+"""Interactive calls keep their latency while a large batch runs on the same worker.
+
+Batch lines wait on the queue at the lowest priority, so an interactive call only waits for the
+line that is running when it arrives. The test's bound is generous (shared machines are noisy);
+the measured figures are printed for the notes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.service import running_service, wait_until
+
+LINES = 500
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+        "temperature": 0, "seed": 1, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("priority")
+    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
+        yield svc
+
+
+def time_to_first_token(base_url: str) -> float:
+    start = time.perf_counter()
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=CHAT, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                return time.perf_counter() - start
+    raise AssertionError("no token came")
+
+
+def test_interactive_time_to_first_token_while_a_500_line_batch_runs(service):
+    client = OpenAI(base_url=service.base_url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    for _ in range(2):
+        time_to_first_token(service.base_url)  # warm
+    idle = statistics.median(time_to_first_token(service.base_url) for _ in range(7))
+
+    lines = "\n".join(json.dumps({
+        "custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": f"Hi {i}"}]},
+    }) for i in range(LINES))
+    batch_file = client.files.create(file=("load.jsonl", lines.encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 120, "the batch to run")
+    loaded = []
+    for _ in range(7):
+        loaded.append(time_to_first_token(service.base_url))
+        time.sleep(0.05)
+    under_load = statistics.median(loaded)
+    progress = client.batches.retrieve(batch.id).request_counts.completed
+    print(f"time to first token: idle p50 {idle * 1000:.1f} ms, during the batch p50 {under_load * 1000:.1f} ms "
+          f"({under_load / idle:.2f}x); batch lines done meanwhile: {progress}/{LINES}")
+    assert progress < LINES, "the batch finished before the measurement: it did not measure anything"
+    # generous: a 2x target, plus the one batch line that may be running when a call arrives
+    assert under_load < 2 * idle + 0.5
+    client.batches.cancel(batch.id)
