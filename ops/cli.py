@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from api.settings import Settings
+from ops import batch_cli
 from ops.redis_server import RedisServer, RedisServerError, child_preexec, port_is_free
 from workers.config import ModelConfigError
 from workers.registry import ModelRegistry
@@ -141,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--force", action="store_true", help="rebuild it even when it is already there")
     prepare.set_defaults(command=_run_models_prepare)
+
+    batch_cli.add_parser(commands)  # `localq batch ...`: the Batch API through the openai SDK
     return parser
 
 
