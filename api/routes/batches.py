@@ -9,6 +9,7 @@ import os
 import re
 
 from api.errors import APIError
+from api.pages import page, page_limit
 from api.queue import queue_runtime
 from api.routes.files import file_store
 from tasks.batch_input import BATCH_ENDPOINTS
@@ -75,19 +76,10 @@ def retrieve_batch(call):
 
 def list_batches(call):
     query = call.query
-    limit = query.get("limit", 20)
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise APIError(400, f"Invalid 'limit': {limit!r}. Expected an integer between 1 and {MAX_LIST_LIMIT}.",
-                       param="limit", code="integer_out_of_range")
+    limit = page_limit(query, 20, MAX_LIST_LIMIT)
     after = query.get("after") or None
     items, has_more = _store().list(after=after, limit=limit)
-    return {
-        "object": "list",
-        "data": items,
-        "first_id": items[0]["id"] if items else None,
-        "last_id": items[-1]["id"] if items else None,
-        "has_more": has_more,
-    }
+    return page(items, has_more)
 
 
 def cancel_batch(call):

@@ -15,6 +15,7 @@ from flask import Response, current_app, request
 from werkzeug.wsgi import wrap_file
 
 from api.errors import APIError
+from api.pages import page, page_limit
 from api.queue import queue_runtime, setting
 from tasks.filestore import FileNotFound, FileStore, FileTooLarge
 
@@ -88,10 +89,7 @@ def create_file(call):
 
 def list_files(call):
     query = call.query
-    limit = query.get("limit", MAX_LIST_LIMIT)
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise APIError(400, f"Invalid 'limit': {limit!r}. Expected an integer between 1 and {MAX_LIST_LIMIT}.",
-                       param="limit", code="integer_out_of_range")
+    limit = page_limit(query, MAX_LIST_LIMIT, MAX_LIST_LIMIT)
     order = query.get("order") or "desc"
     purpose = query.get("purpose") or None
     after = query.get("after") or None
@@ -99,13 +97,7 @@ def list_files(call):
         items, has_more = file_store().list(purpose=purpose, limit=limit, after=after, order=order)
     except FileNotFound:
         raise not_found(after, param="after") from None
-    return {
-        "object": "list",
-        "data": items,
-        "first_id": items[0]["id"] if items else None,
-        "last_id": items[-1]["id"] if items else None,
-        "has_more": has_more,
-    }
+    return page(items, has_more)
 
 
 def retrieve_file(call):
