@@ -4,15 +4,18 @@ Three Celery tasks, JSON arguments only:
 
 * `localq.batch.start(batch_id)`: reads the input file line by line, checks every line (and that the
   worker's registry can run its model), then either fails the batch with OpenAI's `errors` list or
-  moves it to `in_progress` and sends one `localq.batch.line` task per line to its model's device
-  queue at batch priority (9), so interactive calls (0) go first.
-* `localq.batch.line(batch_id, line, custom_id, body)`: runs one request in-process through
-  `workers.execute` and records its outcome exactly once (`BatchStore.record_outcome`). A line of a
-  cancelled batch is dropped (counted once in the batch hash's `dropped` field, never in the output);
-  a line past `expires_at` is recorded as failed with `error.code` `batch_expired`. The line that
-  brings completed + failed + dropped to the total sends `localq.batch.finalize`, once (SETNX).
+  moves it to `in_progress` and sends `localq.batch.lines` tasks to its models' device queues at
+  batch priority (9), so interactive calls (0) go first: one line per task for chat and completions,
+  up to 32 consecutive lines of one model for embeddings (they share one forward pass).
+* `localq.batch.lines(batch_id, [[line, custom_id, body], ...])`: runs the requests in-process
+  through `workers.execute` and records each outcome exactly once (`BatchStore.record_outcomes`);
+  lines that already have one (a redelivered task) are skipped. A line of a cancelled batch is
+  dropped (counted once in the batch hash's `dropped` field, never in the output); a line past
+  `expires_at` is recorded as failed with `error.code` `batch_expired`. The task that brings
+  completed + failed + dropped to the total sends `localq.batch.finalize`, once (SETNX).
 * `localq.batch.finalize(batch_id)`: writes the output file (successful lines) and the error file
-  (failed ones) through `FileStore`, in input order, and gives the batch its final status.
+  (failed ones) through `FileStore`, in input order, and gives the batch its final status. A
+  finalize delivered again after a crash reuses the files the first one recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks.batch_input import check_lines
-from tasks.batches import FINAL, BatchStore, batch_key
+from tasks.batches import FINAL, BatchStore, batch_key, results_key
 from tasks.celery_app import PRIORITIES, app
 from tasks.filestore import FileNotFound, FileStore
 from tasks.runtime import model_runtime, runtime
@@ -33,10 +36,13 @@ from tasks.runtime import model_runtime, runtime
 log = logging.getLogger(__name__)
 
 START_TASK = "localq.batch.start"
-LINE_TASK = "localq.batch.line"
+LINES_TASK = "localq.batch.lines"
 FINALIZE_TASK = "localq.batch.finalize"
 KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
 CANCEL_POLL = 0.25
+# Lines per task. Embedding lines share one forward pass (see workers.execute.execute_embeddings);
+# a chat or completion line runs alone, so an interactive call waits for at most one line.
+CHUNK_SIZES = {"embedding": 32}
 
 
 def cancel_key(batch_id: str) -> str:
@@ -128,20 +134,32 @@ def start_batch(batch_id: str) -> None:
     store.set_status(batch_id, "in_progress", total=len(checked.lines))
     if rt.redis.exists(cancel_key(batch_id)):
         store.set_status(batch_id, "cancelling")  # cancelled while we validated: keep its status
-    for item in checked.lines:
-        app.send_task(LINE_TASK, args=[batch_id, item.line, item.custom_id, item.body],
-                      queue=devices.get(item.body["model"], "cpu"), priority=PRIORITIES["batch"])
+    for chunk in _chunks(checked.lines, CHUNK_SIZES.get(kind, 1)):
+        app.send_task(LINES_TASK, args=[batch_id, [[item.line, item.custom_id, item.body] for item in chunk]],
+                      queue=devices.get(chunk[0].body["model"], "cpu"), priority=PRIORITIES["batch"])
+
+
+def _chunks(lines: list, size: int):
+    """Consecutive lines for the same model, at most `size` per task."""
+    chunk: list = []
+    for item in lines:
+        if chunk and (len(chunk) >= size or chunk[0].body["model"] != item.body["model"]):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
 
 # ---------------------------------------------------------------------------------------------
-# line: run one request, record its outcome once
+# lines: run a few requests, record each outcome once
 # ---------------------------------------------------------------------------------------------
 
 
 def _drop(batch_id: str, custom_id: str) -> None:
     """Count a line of a cancelled batch as dropped, once, unless it already has an outcome."""
     rt = runtime()
-    if rt.redis.hexists(f"localq:batch:{batch_id}:results", custom_id):
+    if rt.redis.hexists(results_key(batch_id), custom_id):
         return
     if rt.redis.sadd(dropped_key(batch_id), custom_id) == 1:
         rt.redis.hincrby(batch_key(batch_id), "dropped", 1)
@@ -160,46 +178,55 @@ def _failure(custom_id: str, request_id: str, status: int, error: dict) -> dict:
             "error": None}
 
 
-@app.task(name=LINE_TASK)
-def run_line(batch_id: str, line: int, custom_id: str, body: dict) -> None:
-    rt = runtime()
+def _success(custom_id: str, request_id: str, body: dict) -> dict:
+    return {"id": _request_id(), "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def _expired(custom_id: str) -> dict:
+    return {"id": _request_id(), "custom_id": custom_id, "response": None,
+            "error": {"code": "batch_expired",
+                      "message": "This request could not be executed before the completion window expired."}}
+
+
+TIMEOUT_ERROR = {"message": "The request ran longer than its timeout.", "type": "timeout_error", "param": None,
+                 "code": "job_timeout"}
+SERVER_ERROR = {"message": "The worker had an error while running the request.", "type": "server_error",
+                "param": None, "code": None}
+
+
+@app.task(name=LINES_TASK)
+def run_lines(batch_id: str, items: list) -> None:
+    """Run `items` (`[line, custom_id, body]` each) of one batch, all for the same model."""
     store = _store()
     record = store.record(batch_id)
     if record is None or record["status"] in FINAL:
         return
     try:
-        _run_line(rt, store, record, batch_id, line, custom_id, body)
+        _run_lines(runtime(), store, record, batch_id, items)
     finally:
         _maybe_finalize(batch_id)
 
 
-def _run_line(rt, store: BatchStore, record: dict, batch_id: str, line: int, custom_id: str, body: dict) -> None:
+def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) -> None:
+    done = rt.redis.hmget(results_key(batch_id), [custom_id for _, custom_id, _ in items])
+    pending = [item for item, outcome in zip(items, done, strict=True) if outcome is None]  # a redelivery
+    if not pending:
+        return
     if rt.redis.exists(cancel_key(batch_id)):
-        _drop(batch_id, custom_id)
+        for _, custom_id, _ in pending:
+            _drop(batch_id, custom_id)
         return
     if time.time() > int(record.get("expires_at") or 0):
         rt.redis.set(expired_key(batch_id), "1")
-        store.record_outcome(batch_id, custom_id, {
-            "id": _request_id(), "custom_id": custom_id, "response": None,
-            "error": {"code": "batch_expired",
-                      "message": "This request could not be executed before the completion window expired."},
-        }, failed=True)
+        store.record_outcomes(batch_id, [(custom_id, _expired(custom_id), True) for _, custom_id, _ in pending])
         return
 
-    from workers.errors import JobError
-    from workers.execute import execute
-
-    job_id = f"{batch_id}-{line}"
-    job = {"id": job_id, "kind": KINDS[record["endpoint"]], "model": body["model"], "request": body,
-           "created": int(time.time())}
-    registry, cache = model_runtime()
-    result: dict = {}
+    kind = KINDS[record["endpoint"]]
+    jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
+             "created": int(time.time())} for line, _, body in pending]
     cancelled = False
     next_check = 0.0
-
-    def emit(event: str, data) -> None:
-        if event == "result":
-            result["body"] = data
 
     def is_cancelled() -> bool:
         nonlocal cancelled, next_check
@@ -209,30 +236,40 @@ def _run_line(rt, store: BatchStore, record: dict, batch_id: str, line: int, cus
             cancelled = bool(rt.redis.exists(cancel_key(batch_id)))
         return cancelled
 
+    from workers.execute import execute_embeddings, run_job
+
+    registry, cache = model_runtime()
     try:
-        execute(job, emit, is_cancelled, registry=registry, cache=cache)
-    except JobError as err:
-        store.record_outcome(batch_id, custom_id, _failure(custom_id, job_id, err.status, err.to_dict()),
-                             failed=True)
-        return
-    except SoftTimeLimitExceeded:
-        store.record_outcome(batch_id, custom_id, _failure(custom_id, job_id, 504, {
-            "message": "The request ran longer than its timeout.", "type": "timeout_error", "param": None,
-            "code": "job_timeout"}), failed=True)
-        return
-    except Exception:
-        log.exception("batch %s line %s failed", batch_id, line)
-        store.record_outcome(batch_id, custom_id, _failure(custom_id, job_id, 500, {
-            "message": "The worker had an error while running the request.", "type": "server_error",
-            "param": None, "code": None}), failed=True)
-        return
-    if "body" not in result:  # stopped by a cancel while it ran
-        _drop(batch_id, custom_id)
-        return
-    store.record_outcome(batch_id, custom_id, {
-        "id": _request_id(), "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": job_id, "body": result["body"]}, "error": None,
-    }, failed=False)
+        if kind == "embedding":
+            results = execute_embeddings(jobs, is_cancelled, registry=registry, cache=cache)
+        else:
+            results = [run_job(job, is_cancelled, registry, cache) for job in jobs]
+    except SoftTimeLimitExceeded as err:
+        results = [err] * len(jobs)
+    except Exception as err:
+        log.exception("batch %s: lines %s failed", batch_id, [line for line, _, _ in pending])
+        results = [err] * len(jobs)
+    outcomes = []
+    for (line, custom_id, _), job, result in zip(pending, jobs, results, strict=True):
+        if result is None:  # stopped by a cancel while it ran
+            _drop(batch_id, custom_id)
+        elif isinstance(result, dict):
+            outcomes.append((custom_id, _success(custom_id, job["id"], result), False))
+        else:
+            outcomes.append((custom_id, _line_failure(batch_id, line, custom_id, job["id"], result), True))
+    store.record_outcomes(batch_id, outcomes)
+
+
+def _line_failure(batch_id: str, line: int, custom_id: str, request_id: str, err: Exception) -> dict:
+    from workers.errors import JobError
+
+    if isinstance(err, JobError):
+        return _failure(custom_id, request_id, err.status, err.to_dict())
+    if isinstance(err, SoftTimeLimitExceeded):
+        return _failure(custom_id, request_id, 504, TIMEOUT_ERROR)
+    if err.__traceback__ is not None:
+        log.error("batch %s line %s failed", batch_id, line, exc_info=err)
+    return _failure(custom_id, request_id, 500, SERVER_ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +280,19 @@ def _run_line(rt, store: BatchStore, record: dict, batch_id: str, line: int, cus
 def _jsonl(outcomes: list[dict]):
     for outcome in outcomes:
         yield (json.dumps(outcome, separators=(",", ":")) + "\n").encode()
+
+
+def _file_once(batch_id: str, field: str, create) -> str:
+    """The file recorded in `field`, created now if the batch has none (a redelivered finalize reuses it)."""
+    rt = runtime()
+    existing = rt.redis.hget(batch_key(batch_id), field)
+    if existing:
+        return existing
+    file_id = create()
+    if not rt.redis.hsetnx(batch_key(batch_id), field, file_id):  # another finalize got there first
+        _files().delete(file_id)
+        return rt.redis.hget(batch_key(batch_id), field)
+    return file_id
 
 
 @app.task(name=FINALIZE_TASK)
@@ -260,13 +310,11 @@ def finalize_batch(batch_id: str) -> None:
     succeeded = [o for o in ranked if o.get("response") and o["response"].get("status_code") == 200]
     failed = [o for o in ranked if not (o.get("response") and o["response"].get("status_code") == 200)]
     files = _files()
-    fields: dict = {}
-    if succeeded:
-        fields["output_file_id"] = files.create(purpose="batch_output", filename=f"{batch_id}_output.jsonl",
-                                                source=_jsonl(succeeded))["id"]
-    if failed:
-        fields["error_file_id"] = files.create(purpose="batch_output", filename=f"{batch_id}_error.jsonl",
-                                               source=_jsonl(failed))["id"]
+    fields = {}
+    for field, outcomes_in_file, suffix in (("output_file_id", succeeded, "output"), ("error_file_id", failed, "error")):
+        if outcomes_in_file:
+            fields[field] = _file_once(batch_id, field, lambda: files.create(
+                purpose="batch_output", filename=f"{batch_id}_{suffix}.jsonl", source=_jsonl(outcomes_in_file))["id"])
     if cancelling:
         status = "cancelled"
     elif rt.redis.exists(expired_key(batch_id)):

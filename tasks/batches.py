@@ -20,11 +20,14 @@ FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
               "cancelled_at")
 
-# KEYS: results hash, batch hash. ARGV: custom_id, outcome json, counter field ("completed"/"failed").
-# Returns 1 if the outcome was recorded now, 0 if this custom_id already had one.
+# KEYS: results hash, batch hash. ARGV: custom_id, outcome json, counter field ("completed"/"failed"),
+# input tokens, output tokens. Returns 1 if the outcome was recorded now, 0 if this custom_id already
+# had one: the counts and the token usage move only with the first outcome of a line.
 _RECORD = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[4])
+  redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[5])
   return 1
 end
 return 0
@@ -94,10 +97,19 @@ class BatchStore:
 
     def record_outcome(self, batch_id: str, custom_id: str, outcome: dict, *, failed: bool) -> bool:
         """Keep the first outcome of a line; False if it already had one (a redelivered line)."""
-        recorded = self._record(keys=[results_key(batch_id), batch_key(batch_id)],
-                                args=[custom_id, json.dumps(outcome, separators=(",", ":")),
-                                      "failed" if failed else "completed"])
-        return bool(recorded)
+        return self.record_outcomes(batch_id, [(custom_id, outcome, failed)]) == [True]
+
+    def record_outcomes(self, batch_id: str, outcomes: list[tuple[str, dict, bool]]) -> list[bool]:
+        """`record_outcome` for several `(custom_id, outcome, failed)` lines in one round trip."""
+        if not outcomes:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for custom_id, outcome, failed in outcomes:
+            input_tokens, output_tokens = _tokens(outcome)
+            self._record(keys=[results_key(batch_id), batch_key(batch_id)],
+                         args=[custom_id, json.dumps(outcome, separators=(",", ":")),
+                               "failed" if failed else "completed", input_tokens, output_tokens], client=pipe)
+        return [bool(recorded) for recorded in pipe.execute()]
 
     def outcomes(self, batch_id: str) -> dict[str, dict]:
         """Every recorded line outcome by custom_id (read in slices, for large batches)."""
@@ -135,7 +147,20 @@ def batch_object(record: dict[str, str]) -> dict:
     }
     for name in TIMESTAMPS:
         batch[name] = seconds(name)
+    input_tokens, output_tokens = int(record.get("input_tokens") or 0), int(record.get("output_tokens") or 0)
+    batch["usage"] = {
+        "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
     return batch
+
+
+def _tokens(outcome: dict) -> tuple[int, int]:
+    """(input, output) tokens of a line's response body: chat, completions and embeddings usage."""
+    usage = ((outcome.get("response") or {}).get("body") or {}).get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
 
 
 def _text(value) -> str:

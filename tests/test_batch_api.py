@@ -7,7 +7,9 @@ with `batches.retrieve` until it is final, and its output read back with `files.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import threading
 import time
 
@@ -104,24 +106,54 @@ def test_chat_batch_matches_synchronous_answers(client):
         assert body["choices"][0]["finish_reason"] == direct.choices[0].finish_reason
         assert body["usage"] == direct.usage.model_dump(exclude_none=True, include={
             "prompt_tokens", "completion_tokens", "total_tokens"})
+    usage = [o["response"]["body"]["usage"] for o in output]
+    assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in usage) > 0
+    assert done.usage.output_tokens == sum(u["completion_tokens"] for u in usage) > 0
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+
+
+def floats(encoded: str) -> list[float]:
+    raw = base64.b64decode(encoded)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 def test_embeddings_batch_matches_synchronous_vectors(client):
-    texts = ["the sea is blue", "a quick brown fox", "batch jobs run later"]
+    """Embedding lines share forward passes in the worker; each still gets exactly its own answer."""
+    bodies = [
+        {"input": "the sea is blue"},
+        {"input": "a quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun"},
+        {"input": ["batch jobs run later", "two inputs in one line"]},
+        {"input": "shortened vectors", "dimensions": 64},
+        {"input": "encoded as base64", "encoding_format": "base64"},
+        {"input": "word " * 600},  # longer than the model's 256 tokens: this line alone fails
+        {"input": "after the failing line"},
+    ]
     lines = [{"custom_id": f"emb-{i}", "method": "POST", "url": "/v1/embeddings",
-              "body": {"model": EMBED_MODEL, "input": text}} for i, text in enumerate(texts)]
+              "body": {"model": EMBED_MODEL, **body}} for i, body in enumerate(bodies)]
     source = upload(client, lines)
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
     done = wait_final(client, batch.id)
-    assert done.status == "completed" and done.request_counts.completed == 3
+    assert done.status == "completed" and done.request_counts.completed == 6 and done.request_counts.failed == 1
     output = read_jsonl(client, done.output_file_id)
-    assert [o["custom_id"] for o in output] == ["emb-0", "emb-1", "emb-2"]  # input order
+    assert [o["custom_id"] for o in output] == ["emb-0", "emb-1", "emb-2", "emb-3", "emb-4", "emb-6"]  # input order
     for outcome in output:
-        text = texts[int(outcome["custom_id"].split("-")[1])]
-        vector = outcome["response"]["body"]["data"][0]["embedding"]
-        direct = client.embeddings.create(model=EMBED_MODEL, input=text).data[0].embedding
-        assert len(vector) == len(direct) == 384
-        assert vector == pytest.approx(direct, abs=1e-5)
+        body = {"model": EMBED_MODEL, **bodies[int(outcome["custom_id"].split("-")[1])]}
+        got = outcome["response"]["body"]
+        direct = client.embeddings.create(**body)
+        assert got["usage"] == direct.usage.model_dump()
+        assert len(got["data"]) == len(direct.data)
+        for mine, theirs in zip(got["data"], direct.data, strict=True):
+            mine_vector, their_vector = mine["embedding"], theirs.embedding
+            if body.get("encoding_format") == "base64":
+                mine_vector, their_vector = floats(mine_vector), floats(their_vector)
+            assert len(mine_vector) == len(their_vector) == body.get("dimensions", 384)
+            assert mine_vector == pytest.approx(their_vector, abs=1e-5)
+    [error] = read_jsonl(client, done.error_file_id)
+    assert error["custom_id"] == "emb-5" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert "input 0" in error["response"]["body"]["error"]["message"]  # its own index, not the shared pass's
+    assert done.usage.input_tokens == sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in output)
+    assert done.usage.output_tokens == 0
 
 
 def test_invalid_lines_fail_the_batch_with_their_line_numbers(client):

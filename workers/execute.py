@@ -208,19 +208,25 @@ def _completion_logprobs(entries, base_offset: int) -> dict:
 
 def _embedding(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
     request = job["request"]
+    outcome = backend.embed(_embedding_inputs(request), dimensions=request.get("dimensions"), cancelled=cancelled)
+    if outcome is not None:
+        emit("result", _embedding_result(job, *outcome))
+
+
+def _embedding_inputs(request: dict) -> list:
+    """A request's `input` as a list of texts or of token-id lists."""
     raw = request["input"]
     if isinstance(raw, str):
-        inputs: list = [raw]
-    elif raw and all(isinstance(item, int) for item in raw):
-        inputs = [list(raw)]
-    else:
-        inputs = list(raw)
-    outcome = backend.embed(inputs, dimensions=request.get("dimensions"), cancelled=cancelled)
-    if outcome is None:
-        return
-    vectors, tokens = outcome
-    as_base64 = request.get("encoding_format") == "base64"
-    emit("result", {
+        return [raw]
+    if raw and all(isinstance(item, int) for item in raw):
+        return [list(raw)]
+    return list(raw)
+
+
+def _embedding_result(job: dict, vectors: list[list[float]], token_counts: list[int]) -> dict:
+    as_base64 = job["request"].get("encoding_format") == "base64"
+    tokens = sum(token_counts)
+    return {
         "object": "list",
         "data": [
             {"object": "embedding", "index": index, "embedding": _base64(vector) if as_base64 else vector}
@@ -228,7 +234,68 @@ def _embedding(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancell
         ],
         "model": job["model"],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
+    }
+
+
+def execute_embeddings(
+    jobs: list[dict],
+    cancelled: Cancelled,
+    *,
+    registry: ModelRegistry,
+    cache: ModelCache,
+) -> list[dict | Exception | None]:
+    """Run several embedding jobs, each one's result (or the exception it raised, or None if cancelled).
+
+    Why: a batch's embedding lines are tiny requests, and one forward pass over many inputs costs
+    far less than one pass per request. Jobs for the same model, `dimensions` and input type share
+    one `embed` call and each gets back its own slice. If that shared call fails (one input too
+    long, say), its jobs run one by one, so every job gets exactly the answer it would get alone.
+    """
+    outcomes: list[dict | Exception | None] = [None] * len(jobs)
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        config = registry.resolve(job["model"])
+        inputs = _embedding_inputs(job["request"])
+        if config is None or not inputs or capabilities.unsupported("embedding", config, job["request"]):
+            outcomes[index] = run_job(job, cancelled, registry, cache)
+            continue
+        key = (config.name, job["request"].get("dimensions"), isinstance(inputs[0], str))
+        groups.setdefault(key, []).append(index)
+    for (name, dimensions, _), members in groups.items():
+        if cancelled():
+            break
+        inputs_of = [_embedding_inputs(jobs[i]["request"]) for i in members]
+        flat = [item for inputs in inputs_of for item in inputs]
+        try:
+            outcome = cache.get(registry.resolve(name)).embed(flat, dimensions=dimensions, cancelled=cancelled)
+        except JobError:
+            for i in members:
+                outcomes[i] = run_job(jobs[i], cancelled, registry, cache)
+            continue
+        if outcome is None:
+            break
+        vectors, counts = outcome
+        start = 0
+        for i, inputs in zip(members, inputs_of, strict=True):
+            end = start + len(inputs)
+            outcomes[i] = _embedding_result(jobs[i], vectors[start:end], counts[start:end])
+            start = end
+    return outcomes
+
+
+def run_job(job: dict, cancelled: Cancelled, registry: ModelRegistry, cache: ModelCache) -> dict | Exception | None:
+    """Run one job to its result: the result body, the exception it raised, or None if cancelled."""
+    result: dict = {}
+
+    def emit(event: str, data: dict) -> None:
+        if event == "result":
+            result["body"] = data
+
+    try:
+        execute(job, emit, cancelled, registry=registry, cache=cache)
+    except Exception as err:  # handed back to the caller, who records it as this job's failure
+        return err
+    return result.get("body")
 
 
 def _base64(vector: list[float]) -> str:

@@ -238,8 +238,8 @@ class LlamaCppBackend:
 
     def embed(
         self, inputs: list[str], *, dimensions: int | None, cancelled: Callable[[], bool]
-    ) -> tuple[list[list[float]], int] | None:
-        """(L2-normalised vectors, prompt tokens), or None when cancelled part way."""
+    ) -> tuple[list[list[float]], list[int]] | None:
+        """(L2-normalised vectors, each input's token count), or None when cancelled part way."""
         dims = self.llm.n_embd()
         if dimensions is not None and dimensions > dims:
             raise JobError(
@@ -273,7 +273,7 @@ class LlamaCppBackend:
                 if dimensions is not None:
                     vector = vector[:dimensions]
                 vectors.append(_normalised(vector).tolist())
-        return vectors, sum(counts)
+        return vectors, counts
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -75,8 +75,8 @@ class SentenceTransformersBackend:
         *,
         dimensions: int | None,
         cancelled: Callable[[], bool],
-    ) -> tuple[list[list[float]], int] | None:
-        """(vectors as float32 values, prompt tokens), or None when cancelled part way.
+    ) -> tuple[list[list[float]], list[int]] | None:
+        """(vectors as float32 values, each input's token count), or None when cancelled part way.
 
         Text goes through the model's own pipeline. Token-id inputs are taken as this model's
         token ids, used as given (add [CLS]/[SEP] yourself, as /tokenize does by default).
@@ -129,7 +129,7 @@ class SentenceTransformersBackend:
                     norm = float(np.linalg.norm(vector))
                     vector = vector / norm if norm > 0 else vector
             out.append(vector.astype(np.float32).tolist())
-        return out, sum(len(tokens) for tokens in ids)
+        return out, [len(tokens) for tokens in ids]
 
     def _encode_ids(self, ids: list[list[int]]) -> np.ndarray:
         features = dict(self.tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
