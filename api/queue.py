@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import current_app
 
+from tasks.heartbeats import CachedWorkers
 from tasks.runtime import Runtime, connect
 
 
@@ -17,3 +18,11 @@ def queue_runtime() -> Runtime:
 def setting(name: str):
     """One of the app's settings (`api.settings.Settings`)."""
     return getattr(current_app.config["LOCALQ"], name)
+
+
+def live_workers_cached() -> list[dict]:
+    """The live workers' heartbeats, read from Redis at most once a second per API process."""
+    extensions = current_app.extensions
+    if "localq.workers" not in extensions:
+        extensions["localq.workers"] = CachedWorkers(max_age=1.0)
+    return extensions["localq.workers"].get(queue_runtime().redis)

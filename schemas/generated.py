@@ -927,6 +927,7 @@ object_schema('LocalqJob', {
     'started_at': Int(required=True, allow_none=True, metadata={'description': 'Unix time, in seconds, when a worker began it; null while it waits.'}),
     'finished_at': Int(required=True, allow_none=True, metadata={'description': 'Unix time, in seconds, when it reached a final status; null until then.'}),
     'queue': Str(required=True, metadata={'description': 'Name of the queue the job was placed on.'}),
+    'worker': Str(allow_none=True, metadata={'description': 'Id of the worker that took the job (its latest delivery); null while it waits.'}),
     'error': MapOf(required=True, allow_none=True, metadata={'description': 'Why the job failed; null unless it did.'}),
     'result': Any_(required=True, metadata={'description': 'The response body the endpoint would have returned directly, once the job has succeeded; null before that. Its shape depends on the job type.'}),
 }, unknown='raise')
@@ -989,6 +990,15 @@ object_schema('LocalqWorker', {
     'loaded_models': ListOf(Str(), required=True, metadata={'description': 'Models currently held in memory by the worker.'}),
     'current_job': Str(required=True, allow_none=True, metadata={'description': 'Id of the job it is running; null when idle.'}),
     'last_heartbeat': Int(required=True, metadata={'description': "Unix time, in seconds, of the worker's latest heartbeat."}),
+    'pid': Int(metadata={'description': "Process id of the pool process that runs the worker's jobs."}),
+    'gpu_index': Int(allow_none=True, metadata={'description': 'The GPU a GPU worker runs on (its physical index); null for CPU workers.'}),
+    'cuda_visible_devices': Str(allow_none=True, metadata={'description': 'CUDA_VISIBLE_DEVICES as the worker process was started with it.'}),
+    'simulated': Bool(metadata={'description': 'True for a simulated GPU worker (tests and local experiments), which runs models on the CPU.'}),
+    'pools': ListOf(Str(), metadata={'description': 'Named pools the worker joined (`localq worker --pool NAME`).'}),
+    'evictions': Int(validate=[Range(min=0, max=None)], metadata={'description': 'Models unloaded so far to stay within the memory budget.'}),
+    'current_job_model': Str(allow_none=True, metadata={'description': 'Model of the job it is running; null when idle.'}),
+    'jobs_done': Int(validate=[Range(min=0, max=None)], metadata={'description': "Jobs finished by the worker's current pool process."}),
+    'started_at': Int(metadata={'description': "Unix time, in seconds, at which the worker's pool process started."}),
 }, unknown='raise')
 object_schema('LocalqWorkerList', {
     'object': Str(required=True, validate=[OneOf(['list'])]),

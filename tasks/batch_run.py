@@ -31,6 +31,7 @@ from tasks.batch_input import check_lines
 from tasks.batches import FINAL, BatchStore, batch_key, results_key
 from tasks.celery_app import PRIORITIES, app
 from tasks.filestore import FileNotFound, FileStore
+from tasks.routing import queue_for
 from tasks.runtime import model_runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def start_batch(batch_id: str) -> None:
     registry = model_runtime()[0]
     from workers.capabilities import unsupported
 
-    devices: dict[str, str] = {}
+    devices: dict[str, str] = {}  # model -> its queue
 
     def model_problem(model, body):
         config = registry.resolve(model) if isinstance(model, str) else None
@@ -113,7 +114,7 @@ def start_batch(batch_id: str) -> None:
         problem = unsupported(kind, config, body)
         if problem is not None:
             return "unsupported_parameter", problem[1]
-        devices[model] = config.device
+        devices[model] = queue_for(config)
         return None
 
     try:

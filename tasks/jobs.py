@@ -122,6 +122,7 @@ def public_view(record: dict[str, str]) -> dict:
         "started_at": seconds("started_at"),
         "finished_at": seconds("finished_at"),
         "queue": record.get("queue", ""),
+        "worker": record.get("worker") or None,
         "error": decoded("error"),
         "result": decoded("result"),
     }

@@ -32,6 +32,14 @@ def test_loads_full_config(models_dir, write_model):
     assert config.created == int(path.stat().st_mtime)
 
 
+def test_placement_fields(models_dir, write_model):
+    write_model("a.yaml", {"name": "pinned", "device": "gpu", "gpus": [1, 0, 1]})
+    write_model("b.yaml", {"name": "pooled", "pool": "slow"})
+    registry = ModelRegistry.load(models_dir)
+    assert registry.resolve("pinned").gpus == (0, 1) and registry.resolve("pinned").pool is None
+    assert registry.resolve("pooled").gpus == () and registry.resolve("pooled").pool == "slow"
+
+
 def test_absolute_model_path_is_kept(models_dir, write_model, tmp_path):
     write_model("chat.yaml", {"name": "chat", "parameters": {"model": str(tmp_path / "x.gguf")}})
     assert ModelRegistry.load(models_dir).resolve("chat").model_file == tmp_path / "x.gguf"
@@ -75,6 +83,11 @@ def test_default_configs_load():
         ({"name": "chat", "device": "tpu"}, "device"),
         ({"name": "chat", "aliases": "gpt-4o"}, "aliases"),
         ({"name": "chat", "gpu_layer": 10}, "gpu_layer: Unknown field."),
+        ({"name": "chat", "gpus": [0]}, "gpus: GPU indexes need device: gpu"),
+        ({"name": "chat", "device": "gpu", "gpus": [-1]}, "gpus.0"),
+        ({"name": "chat", "device": "gpu", "gpus": []}, "gpus"),
+        ({"name": "chat", "device": "gpu", "gpus": [0], "pool": "big"}, "pool: pin a model to GPU indexes or to a pool"),
+        ({"name": "chat", "pool": "no spaces"}, "pool: a pool name is"),
         ({"backend": "llama-cpp"}, "name: Missing data for required field."),
         ({"name": ""}, "name"),
     ],

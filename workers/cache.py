@@ -71,6 +71,7 @@ class ModelCache:
         self._loader = loader or _default_loader
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.RLock()
+        self.evictions = 0  # models unloaded to make room for another
 
     def get(self, config: ModelConfig) -> Any:
         """The loaded backend for `config`, loading it (and evicting others) when needed."""
@@ -124,6 +125,7 @@ class ModelCache:
         while self._entries and self._over_budget(size):
             oldest = next(iter(self._entries))
             self.evict(oldest)
+            self.evictions += 1
 
     def _over_budget(self, incoming: int) -> bool:
         if self.max_models is not None and len(self._entries) + 1 > self.max_models:

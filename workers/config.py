@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, validate
+from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 
 class ModelConfigError(ValueError):
@@ -77,6 +77,11 @@ class ModelConfigSchema(Schema):
     known_usecases = fields.List(fields.String(), load_default=list)
     device = fields.String(validate=validate.OneOf(["cpu", "gpu"]), load_default="cpu")
     aliases = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+    # placement: pin to these GPU indexes (device gpu only), or to a named pool of workers
+    # (`localq worker --pool NAME`); see tasks/routing.py for the queue each choice means
+    gpus = fields.List(_integer(validate=validate.Range(min=0)), validate=validate.Length(min=1))
+    pool = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9_-]{1,64}$",
+                                                  error="a pool name is 1-64 letters, digits, '_' or '-'"))
     # image models, in LocalAI's shape: `diffusers: {pipeline_type, scheduler_type, cuda,
     # enable_parameters, img2img, clip_skip}`, default steps and guidance scale
     diffusers = fields.Dict(keys=fields.String(), load_default=dict)
@@ -85,10 +90,19 @@ class ModelConfigSchema(Schema):
     # speech models: voice name clients send -> voice model (path or package:// reference)
     voices = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
 
+    @validates_schema
+    def _placement(self, data: dict[str, Any], **_) -> None:
+        if data.get("gpus") and data.get("device", "cpu") != "gpu":
+            raise ValidationError("GPU indexes need device: gpu", "gpus")
+        if data.get("gpus") and data.get("pool"):
+            raise ValidationError("pin a model to GPU indexes or to a pool, not both", "pool")
+
     @post_load
     def _freeze_lists(self, data: dict[str, Any], **_) -> dict[str, Any]:
         for key in ("stopwords", "known_usecases", "aliases"):
             data[key] = tuple(data[key])
+        if "gpus" in data:
+            data["gpus"] = tuple(sorted(set(data["gpus"])))
         return data
 
 
@@ -114,6 +128,8 @@ class ModelConfig:
     known_usecases: tuple[str, ...] = ()
     device: str = "cpu"
     aliases: tuple[str, ...] = ()
+    gpus: tuple[int, ...] = ()
+    pool: str | None = None
     embedding_dimensions: int | None = None
     model_ref: str | None = None
     diffusers: dict[str, Any] = field(default_factory=dict)

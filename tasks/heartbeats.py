@@ -1,0 +1,114 @@
+"""Worker heartbeats in Redis: who is alive, on what device, holding which models, running what.
+
+Each worker's pool process writes its heartbeat (a JSON document) every `interval` seconds to
+`localq:worker:<id>` with a TTL of three intervals, and scores its id by the time in the sorted
+set `localq:workers`. A worker whose key has expired is gone: `live_workers` lists only the
+others. A worker that stops cleanly removes itself at once, so readiness changes without waiting
+for the TTL. Dispatch, `GET /v1/workers`, `/readyz`, `/metrics` and `localq workers` read them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+INDEX = "localq:workers"
+FORGET_AFTER = 3600.0  # index entries of workers gone this long are pruned
+
+
+def worker_key(worker_id: str) -> str:
+    return f"localq:worker:{worker_id}"
+
+
+def ttl_for(interval: float) -> float:
+    return max(3 * interval, 3.0)
+
+
+def publish(client: redis.Redis, beat: dict, interval: float) -> None:
+    now = time.time()
+    beat = {**beat, "last_heartbeat": int(now)}
+    pipe = client.pipeline(transaction=False)
+    pipe.set(worker_key(beat["id"]), json.dumps(beat), px=int(ttl_for(interval) * 1000))
+    pipe.zadd(INDEX, {beat["id"]: now})
+    pipe.execute()
+
+
+def remove(client: redis.Redis, worker_id: str) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(worker_key(worker_id))
+    pipe.zrem(INDEX, worker_id)
+    pipe.execute()
+
+
+def live_workers(client: redis.Redis) -> list[dict]:
+    """The heartbeats of every worker alive now, ordered by id."""
+    now = time.time()
+    ids = client.zrangebyscore(INDEX, now - FORGET_AFTER, "+inf")
+    client.zremrangebyscore(INDEX, "-inf", now - FORGET_AFTER)
+    if not ids:
+        return []
+    beats = [json.loads(raw) for raw in client.mget([worker_key(_text(i)) for i in ids]) if raw]
+    return sorted(beats, key=lambda beat: beat["id"])
+
+
+class CachedWorkers:
+    """`live_workers`, read at most once per `max_age` seconds (for the dispatch path)."""
+
+    def __init__(self, max_age: float = 1.0):
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._at = -float("inf")
+        self._workers: list[dict] = []
+
+    def get(self, client: redis.Redis) -> list[dict]:
+        with self._lock:
+            if time.monotonic() - self._at > self.max_age:
+                self._workers = live_workers(client)
+                self._at = time.monotonic()
+            return self._workers
+
+
+class Heartbeat(threading.Thread):
+    """Publishes `describe()` every `interval` seconds, and at once after `poke()`."""
+
+    def __init__(self, client: redis.Redis, describe: Callable[[], dict], interval: float):
+        super().__init__(name="localq-heartbeat", daemon=True)
+        self.client = client
+        self.describe = describe
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop beating and remove this worker's heartbeat."""
+        self._stopped.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout=2.0)
+        try:
+            remove(self.client, self.describe()["id"])
+        except redis.RedisError:
+            pass
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                publish(self.client, self.describe(), self.interval)
+            except Exception:  # Redis away, say: try again next beat, never kill the worker
+                log.warning("heartbeat not published", exc_info=True)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,206 @@
+"""What each localq worker does around Celery's own work, wired through Celery's signals.
+
+* Identity: after setup, the worker's node name and queues go into the environment, so the pool
+  processes it forks know them. The launcher (`localq worker --gpus ...`) sets the rest:
+  `LOCALQ_WORKER_DEVICE`, `LOCALQ_GPU_INDEX`, `LOCALQ_WORKER_POOLS`, `LOCALQ_SIMULATED_GPU`,
+  `LOCALQ_MODEL_CACHE_BYTES` (the memory budget) and `CUDA_VISIBLE_DEVICES`.
+* Heartbeats (`tasks.heartbeats`): the pool process, which holds the models, publishes what it
+  holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and at once when a job starts or ends.
+* Prompt redelivery after a crash: the main process remembers the delivery tags it received.
+  When a worker's main process is killed, its messages stay in kombu's `unacked` hash until the
+  visibility timeout (longer than the longest job). Its successor, started under the same node
+  name (the launcher restarts it), puts those messages back on their queues at once with kombu's
+  `restore_by_tag`. A pool process dies with its main process (PR_SET_PDEATHSIG), so a job is
+  never run by an orphan while it is redelivered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import time
+
+from celery import signals
+
+log = logging.getLogger(__name__)
+
+RECENT_TAGS = 32  # delivery tags remembered per node: prefetch 1 keeps at most a couple in flight
+_state: dict = {"heartbeat": None, "job": None, "jobs_done": 0, "started_at": int(time.time())}
+
+
+def inflight_key(node_name: str) -> str:
+    return f"localq:worker:{node_name}:deliveries"
+
+
+def heartbeat_interval() -> float:
+    try:
+        return max(float(os.environ.get("LOCALQ_HEARTBEAT_INTERVAL", "2")), 0.1)
+    except ValueError:
+        return 2.0
+
+
+def describe() -> dict:
+    """This pool process's heartbeat document (see `tasks.heartbeats`)."""
+    from tasks.runtime import model_runtime
+
+    cache = model_runtime()[1]
+    environ = os.environ
+    queues = [q for q in environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
+    device = environ.get("LOCALQ_WORKER_DEVICE") or ("gpu" if "gpu" in queues else "cpu")
+    gpu_index = environ.get("LOCALQ_GPU_INDEX")
+    job = _state["job"]
+    return {
+        "id": environ.get("LOCALQ_WORKER_NAME") or f"worker@{socket.gethostname()}",
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": device,
+        "gpu_index": int(gpu_index) if gpu_index and gpu_index.isdigit() else None,
+        "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES"),
+        "simulated": environ.get("LOCALQ_SIMULATED_GPU") == "1",
+        "pools": [p for p in environ.get("LOCALQ_WORKER_POOLS", "").split(",") if p],
+        "queues": queues,
+        "memory_budget_bytes": cache.max_bytes or 0,
+        "memory_used_bytes": cache.used_bytes,
+        "loaded_models": cache.loaded(),
+        "evictions": cache.evictions,
+        "current_job": job["id"] if job else None,
+        "current_job_model": job["model"] if job else None,
+        "jobs_done": _state["jobs_done"],
+        "started_at": _state["started_at"],
+    }
+
+
+# -- main process ------------------------------------------------------------------------------
+
+
+@signals.celeryd_after_setup.connect
+def _remember_identity(sender, instance, **_) -> None:
+    os.environ["LOCALQ_WORKER_NAME"] = str(sender)
+    os.environ["LOCALQ_WORKER_QUEUES"] = ",".join(instance.app.amqp.queues.consume_from)
+
+
+@signals.task_received.connect
+def _remember_delivery(sender=None, request=None, **_) -> None:
+    message = getattr(request, "_message", None)
+    tag = getattr(message, "delivery_tag", None)
+    if tag is None:
+        return
+    try:
+        from tasks.runtime import runtime
+
+        pipe = runtime().redis.pipeline(transaction=False)
+        key = inflight_key(os.environ.get("LOCALQ_WORKER_NAME", ""))
+        pipe.lpush(key, tag)
+        pipe.ltrim(key, 0, RECENT_TAGS - 1)
+        pipe.execute()
+    except Exception:
+        log.warning("delivery tag not remembered", exc_info=True)
+
+
+@signals.worker_ready.connect
+def _heartbeat_without_pool_processes(sender=None, **_) -> None:
+    """With the solo or threads pool, jobs run in this process: it publishes the heartbeat."""
+    pool = str(getattr(getattr(sender, "controller", None), "pool_cls", "")).lower()
+    if "solo" in pool or "thread" in pool:
+        _start_pool_process()
+
+
+@signals.worker_ready.connect
+def _restore_predecessor_messages(sender=None, **_) -> None:
+    """Put back on their queues the messages a killed predecessor of this node left unacked."""
+    from tasks.runtime import runtime
+
+    node = os.environ.get("LOCALQ_WORKER_NAME", "")
+    try:
+        rt = runtime()
+        tags = rt.redis.lrange(inflight_key(node), 0, -1)
+        rt.redis.delete(inflight_key(node))
+        if not tags:
+            return
+        with sender.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            unacked = channel.unacked_key
+            restored = 0
+            for tag in tags:
+                if rt.redis.hexists(unacked, tag):
+                    channel.qos.restore_by_tag(tag, leftmost=True)
+                    restored += 1
+        if restored:
+            log.warning("%s: put back %d message(s) a previous run of this worker left unacknowledged",
+                        node, restored)
+    except Exception:
+        log.warning("could not restore the messages of a previous run of %s", node, exc_info=True)
+
+
+# -- pool process ------------------------------------------------------------------------------
+
+
+@signals.worker_process_init.connect
+def _start_pool_process(**_) -> None:
+    if _state["heartbeat"] is not None:
+        return
+    _die_with_parent()
+    from tasks.heartbeats import Heartbeat
+    from tasks.runtime import runtime
+
+    heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval())
+    _state["heartbeat"] = heartbeat
+    heartbeat.start()
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _stop_pool_process(**_) -> None:
+    heartbeat = _state["heartbeat"]
+    if heartbeat is not None:
+        heartbeat.stop()
+
+
+@signals.task_prerun.connect
+def _job_started(task_id=None, task=None, args=None, **_) -> None:
+    args = args or []
+    if args and isinstance(args[0], dict):  # localq.run_job(job)
+        current = {"id": args[0].get("id") or task_id, "model": args[0].get("model")}
+        _record_worker(current["id"])
+    elif len(args) > 1 and isinstance(args[1], list) and args[1]:  # localq.batch.lines(batch_id, items)
+        body = args[1][0][2] if len(args[1][0]) > 2 and isinstance(args[1][0][2], dict) else {}
+        current = {"id": f"{args[0]}:{args[1][0][1]}", "model": body.get("model")}
+    else:
+        current = {"id": task_id, "model": None}
+    _state["job"] = current
+    if _state["heartbeat"] is not None:
+        _state["heartbeat"].poke()
+
+
+@signals.task_postrun.connect
+def _job_ended(**_) -> None:
+    _state["job"] = None
+    _state["jobs_done"] += 1
+    if _state["heartbeat"] is not None:
+        _state["heartbeat"].poke()
+
+
+def _record_worker(job_id: str) -> None:
+    """Note on the job record which worker took it (`GET /v1/jobs/{id}` shows it)."""
+    from tasks.jobs import job_key
+    from tasks.runtime import runtime
+
+    try:
+        client = runtime().redis
+        if client.exists(job_key(job_id)):
+            client.hset(job_key(job_id), "worker", os.environ.get("LOCALQ_WORKER_NAME", ""))
+    except Exception:
+        log.warning("job %s: worker not recorded", job_id, exc_info=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (the worker's main process) dies."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,64 @@
+"""Worker heartbeats on a real Redis: publish, expiry by TTL, removal, and the cached view."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from ops.redis_server import RedisServer
+from tasks import heartbeats
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushall()
+    return client
+
+
+def test_published_workers_are_live_until_their_heartbeat_expires(client, monkeypatch):
+    heartbeats.publish(client, {"id": "b@h", "device": "gpu"}, interval=0.1)
+    heartbeats.publish(client, {"id": "a@h", "device": "cpu"}, interval=10)
+    live = heartbeats.live_workers(client)
+    assert [w["id"] for w in live] == ["a@h", "b@h"]
+    assert all(abs(w["last_heartbeat"] - time.time()) < 5 for w in live)
+    time.sleep(3.2)  # b's TTL is three intervals, at least 3 s
+    assert [w["id"] for w in heartbeats.live_workers(client)] == ["a@h"]
+    heartbeats.remove(client, "a@h")
+    assert heartbeats.live_workers(client) == []
+    assert client.zcard(heartbeats.INDEX) == 1  # b's index entry stays until FORGET_AFTER
+
+
+def test_the_heartbeat_thread_beats_when_poked_and_removes_itself_on_stop(client):
+    state = {"job": None}
+    beat = heartbeats.Heartbeat(client, lambda: {"id": "w@h", "current_job": state["job"]}, interval=30)
+    beat.start()
+    deadline = time.time() + 5
+    while not heartbeats.live_workers(client) and time.time() < deadline:
+        time.sleep(0.02)
+    assert heartbeats.live_workers(client)[0]["current_job"] is None
+    state["job"] = "job-1"
+    beat.poke()  # well before the 30 s interval
+    deadline = time.time() + 5
+    while heartbeats.live_workers(client)[0]["current_job"] != "job-1" and time.time() < deadline:
+        time.sleep(0.02)
+    assert heartbeats.live_workers(client)[0]["current_job"] == "job-1"
+    beat.stop()
+    assert heartbeats.live_workers(client) == []
+    assert not beat.is_alive()
+
+
+def test_the_cached_view_reads_redis_at_most_once_per_max_age(client):
+    view = heartbeats.CachedWorkers(max_age=60)
+    assert view.get(client) == []
+    heartbeats.publish(client, {"id": "w@h"}, interval=10)
+    assert view.get(client) == []  # still the cached answer
+    assert [w["id"] for w in heartbeats.CachedWorkers(max_age=0).get(client)] == ["w@h"]
