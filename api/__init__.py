@@ -12,6 +12,8 @@ from api.auth import install_auth, install_cors
 from api.docs import blueprint as docs_blueprint
 from api.generated import blueprint as generated_blueprint
 from api.errors import register_error_handlers
+from api.health import blueprint as health_blueprint
+from api.metrics import install_metrics
 from api.openapi import blueprint as openapi_blueprint
 from api.operations import register_operations
 from api.routes import collect_handlers
@@ -35,10 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(docs_blueprint)
     app.register_blueprint(generated_blueprint)
     register_operations(app, collect_handlers())
-    app.add_url_rule("/healthz", "healthz", _healthz, methods=["GET"])
+    # /healthz, /readyz and /metrics: plain routes outside /v1, so no key is asked for them
+    app.register_blueprint(health_blueprint)
+    install_metrics(app)
     return app
-
-
-def _healthz() -> dict:
-    """Liveness only: the process is up and answering."""
-    return {"status": "ok"}

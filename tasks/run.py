@@ -13,6 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks.celery_app import app
 from tasks.files import GENERATED_PATH, fetch_uploads, publish_outputs
+from tasks.metrics import FirstToken, completion_tokens, record_job
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import model_runtime, runtime
 
@@ -48,8 +49,18 @@ def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
     _end(rt, job_id, status, "error", payload, error=payload["error"])
 
 
+def _record(rt, job: dict, outcome: str, **measures) -> None:
+    """Count the finished job in the cluster-wide metrics (`tasks.metrics`); called after its
+    terminal event is out, so the client never waits for it; never fails the job."""
+    try:
+        record_job(rt.redis, kind=job["kind"], outcome=outcome, **measures)
+    except Exception:
+        log.warning("job %s: metrics not recorded", job["id"], exc_info=True)
+
+
 @app.task(name=TASK_NAME, bind=True)
 def run_job(self, job: dict) -> None:
+    started = time.monotonic()
     rt = runtime()
     job_id = job["id"]
     pipe = rt.redis.pipeline(transaction=False)
@@ -62,13 +73,16 @@ def run_job(self, job: dict) -> None:
         _fail(rt, job_id, error_payload(
             500, f"The job stopped its worker {deliveries - 1} times and was given up.", "server_error",
             code="worker_lost"))
+        _record(rt, job, "failed")
         return
     if cancel_flag:
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled before it started"})
+        _record(rt, job, "cancelled")
         return
     if time.time() > float(job.get("deadline") or "inf"):
         _fail(rt, job_id, error_payload(504, "The job timed out while waiting in the queue.", "timeout_error",
                                         code="job_timeout"), status="expired")
+        _record(rt, job, "expired")
         return
 
     try:
@@ -76,6 +90,7 @@ def run_job(self, job: dict) -> None:
     except LookupError as err:
         _fail(rt, job_id, error_payload(400, f"{err}; send the request again.", "invalid_request_error",
                                         code="upload_expired"))
+        _record(rt, job, "failed")
         return
 
     already_sent = 0
@@ -89,6 +104,7 @@ def run_job(self, job: dict) -> None:
     from workers.execute import execute
 
     registry, cache = model_runtime()
+    first_token = FirstToken(publisher.emit, started)
     cancelled = False
     next_check = 0.0
 
@@ -103,7 +119,7 @@ def run_job(self, job: dict) -> None:
 
     outcome, error = "succeeded", None
     try:
-        execute(job, publisher.emit, is_cancelled, registry=registry, cache=cache)
+        execute(job, first_token.emit, is_cancelled, registry=registry, cache=cache)
     except JobError as err:
         outcome, error = "failed", error_payload(err.status, err.message, err.type, param=err.param, code=err.code)
     except SoftTimeLimitExceeded:
@@ -116,10 +132,16 @@ def run_job(self, job: dict) -> None:
     finally:
         publisher.close()
 
+    tokens = None
     if error is not None:
         _fail(rt, job_id, error)
     elif cancelled or publisher.result is None:
+        outcome = "cancelled"
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:
+        tokens = completion_tokens(publisher.result)
         result = publish_outputs(rt.blobs, publisher.result, _url_maker(job), int(rt.settings.generated_ttl))
         _end(rt, job_id, outcome, "result", result, result=result)
+    config = registry.resolve(job["model"])  # the model's own name: aliases share its series
+    _record(rt, job, outcome, model=config.name if config else job["model"], duration=time.monotonic() - started,
+            ttft=first_token.seconds, completion_tokens=tokens)
