@@ -31,6 +31,7 @@ from tasks.batch_input import check_lines
 from tasks.batches import FINAL, BatchStore, batch_key, results_key
 from tasks.celery_app import PRIORITIES, app
 from tasks.filestore import FileNotFound, FileStore
+from tasks.metrics import completion_tokens, record_jobs
 from tasks.routing import queue_for
 from tasks.runtime import model_runtime, runtime
 
@@ -240,6 +241,7 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
     from workers.execute import execute_embeddings, run_job
 
     registry, cache = model_runtime()
+    began = time.monotonic()
     try:
         if kind == "embedding":
             results = execute_embeddings(jobs, is_cancelled, registry=registry, cache=cache)
@@ -258,7 +260,22 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
             outcomes.append((custom_id, _success(custom_id, job["id"], result), False))
         else:
             outcomes.append((custom_id, _line_failure(batch_id, line, custom_id, job["id"], result), True))
-    store.record_outcomes(batch_id, outcomes)
+    recorded = store.record_outcomes(batch_id, outcomes)
+    _count(rt, registry, kind, jobs[0]["model"], (time.monotonic() - began) / len(jobs),
+           [outcome for outcome, first in zip(outcomes, recorded, strict=True) if first])
+
+
+def _count(rt, registry, kind: str, model: str, seconds_per_line: float, outcomes: list) -> None:
+    """Batch lines in the job metrics (`tasks.metrics`), like any other job; never fails the lines."""
+    config = registry.resolve(model)
+    try:
+        record_jobs(rt.redis, [{
+            "kind": kind, "outcome": "failed" if failed else "succeeded",
+            "model": config.name if config else model, "duration": seconds_per_line,
+            "completion_tokens": completion_tokens((outcome.get("response") or {}).get("body")),
+        } for _, outcome, failed in outcomes])
+    except Exception:
+        log.warning("batch line metrics not recorded", exc_info=True)
 
 
 def _line_failure(batch_id: str, line: int, custom_id: str, request_id: str, err: Exception) -> dict:

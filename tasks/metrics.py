@@ -66,7 +66,20 @@ def bucket_for(value: float, buckets: Iterable[float]) -> float:
 def record_job(client, *, kind: str, outcome: str, model: str | None = None, duration: float | None = None,
                ttft: float | None = None, completion_tokens: int | None = None) -> None:
     """Count one finished job, in one round trip. Durations and tokens need the model."""
+    record_jobs(client, [{"kind": kind, "outcome": outcome, "model": model, "duration": duration, "ttft": ttft,
+                          "completion_tokens": completion_tokens}])
+
+
+def record_jobs(client, jobs: list[dict]) -> None:
+    """`record_job` for several jobs (each a dict of its keyword arguments), in one round trip."""
     pipe = client.pipeline(transaction=True)
+    for job in jobs:
+        _add(pipe, **job)
+    pipe.execute()
+
+
+def _add(pipe, *, kind: str, outcome: str, model: str | None = None, duration: float | None = None,
+         ttft: float | None = None, completion_tokens: int | None = None) -> None:
     pipe.hincrby(JOBS_KEY, _field(kind, outcome), 1)
     model = model or ""
     for key, value, buckets in ((DURATION_KEY, duration, DURATION_BUCKETS), (TTFT_KEY, ttft, TTFT_BUCKETS)):
@@ -77,7 +90,6 @@ def record_job(client, *, kind: str, outcome: str, model: str | None = None, dur
         pipe.hincrbyfloat(key, _field(kind, model, SUM), value)
     if completion_tokens:
         pipe.hincrby(TOKENS_KEY, _field(kind, model), int(completion_tokens))
-    pipe.execute()
 
 
 def completion_tokens(result: Any) -> int | None:

@@ -18,6 +18,7 @@ import pytest
 import redis
 from openai import BadRequestError, NotFoundError, OpenAI
 
+from tasks.metrics import JOBS_KEY
 from tests.service import running_service
 
 CHAT_MODEL = "gpt-4o-mini"
@@ -117,8 +118,9 @@ def floats(encoded: str) -> list[float]:
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
-def test_embeddings_batch_matches_synchronous_vectors(client):
+def test_embeddings_batch_matches_synchronous_vectors(client, store):
     """Embedding lines share forward passes in the worker; each still gets exactly its own answer."""
+    failed_before = int(store.hget(JOBS_KEY, json.dumps(["embedding", "failed"], separators=(",", ":"))) or 0)
     bodies = [
         {"input": "the sea is blue"},
         {"input": "a quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun"},
@@ -154,6 +156,8 @@ def test_embeddings_batch_matches_synchronous_vectors(client):
     assert "input 0" in error["response"]["body"]["error"]["message"]  # its own index, not the shared pass's
     assert done.usage.input_tokens == sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in output)
     assert done.usage.output_tokens == 0
+    # batch lines count in the job metrics like any job (the synchronous calls above never fail)
+    assert int(store.hget(JOBS_KEY, json.dumps(["embedding", "failed"], separators=(",", ":"))) or 0) == failed_before + 1
 
 
 def test_invalid_lines_fail_the_batch_with_their_line_numbers(client):
