@@ -1,5 +1,12 @@
-"""The `localq` command: run everything (`up`), the API (`api`), a worker (`worker`), list `models`
-(`models prepare` builds the tiny demo models)."""
+"""The `localq` command: run everything (`up`), the API (`api`), the workers (`worker`), list the
+live workers (`workers`) and the `models` (`models prepare` builds the tiny demo models).
+
+`localq worker [--gpus all|none|I,J] [--cpu N] [--pool NAME ...] [--gpu-memory-budget SIZE]
+[--cpu-memory-budget SIZE]` runs the launcher (ops/launcher.py): one supervised Celery worker
+process per GPU (found without CUDA: ops/gpus.py) and N on the CPU. `localq worker -Q QUEUES
+[-n NAME] [-c N] [-P POOL]` instead becomes one Celery worker (what `localq up` runs).
+`localq workers [--json]` shows the workers' heartbeats (tasks/heartbeats.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import argparse
 import importlib.util
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +38,7 @@ from workers.registry import ModelRegistry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CELERY_APP = "tasks.celery_app:app"
+CELERY_POOLS = ("prefork", "solo", "threads")
 
 # --- gunicorn, tuned for many concurrent long-lived SSE streams -----------------------------
 # gthread: each in-flight request (an SSE stream lasts as long as its job) holds one thread, so
@@ -111,15 +120,39 @@ def _parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", parents=[serve], help="serve the HTTP API with gunicorn")
     api.set_defaults(command=_run_api)
 
-    worker = commands.add_parser("worker", help="run a Celery worker in the foreground")
-    worker.add_argument("-Q", "--queues", default="cpu", help="comma-separated queues (default cpu)")
-    worker.add_argument(
-        "-c", "--concurrency", type=_positive_int, default=1,
+    worker = commands.add_parser(
+        "worker",
+        help="run the workers: one per GPU plus --cpu N on the CPU, supervised (or, with -Q, one Celery worker)",
+        description="Without -Q/--queues: a launcher that runs one Celery worker process per selected GPU "
+                    "and --cpu N CPU worker processes, restarts any that dies, and stops them all (warm "
+                    "shutdown) on SIGTERM or Ctrl-C; see ops/launcher.py. With -Q/--queues: this process "
+                    "becomes a single Celery worker consuming those queues (what `localq up` runs).",
+    )
+    launch = worker.add_argument_group("launcher (without -Q)")
+    launch.add_argument(
+        "--gpus", type=_gpu_spec, default=None, metavar="all|none|I,J",
+        help="GPUs to run a worker on, by NVML/nvidia-smi index (default all: every GPU found, if any)",
+    )
+    launch.add_argument("--cpu", type=_non_negative_int, default=None, metavar="N",
+                        help="CPU worker processes (default 1)")
+    launch.add_argument(
+        "--pool", dest="pools", action="append", type=_pool_name, default=None, metavar="NAME",
+        help="serve the models of this pool (`pool: NAME` in their configs) too; repeatable",
+    )
+    launch.add_argument("--gpu-memory-budget", type=_size, default=None, metavar="SIZE",
+                        help="model memory budget of each GPU worker, e.g. 20GiB (default 90%% of the GPU's memory)")
+    launch.add_argument("--cpu-memory-budget", type=_size, default=None, metavar="SIZE",
+                        help="model memory budget of each CPU worker (default 70%% of RAM / CPU workers)")
+    single = worker.add_argument_group("single Celery worker (with -Q)")
+    single.add_argument("-Q", "--queues", default=None,
+                        help="comma-separated queues: run one Celery worker in this process, no launcher")
+    single.add_argument(
+        "-c", "--concurrency", type=_positive_int, default=None,
         help="jobs run at once, one pool process each (default 1)",
     )
-    worker.add_argument("-n", "--name", help="node name (default: FIRST_QUEUE@%%h)")
-    worker.add_argument(
-        "-P", "--pool", default="prefork", choices=("prefork", "solo", "threads"),
+    single.add_argument("-n", "--name", help="node name (default: FIRST_QUEUE@%%h)")
+    single.add_argument(
+        "-P", "--celery-pool", default=None, choices=CELERY_POOLS,
         help="Celery pool (default prefork)",
     )
     worker.add_argument(
@@ -128,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
         help="log level (default warning: Celery logs every job it receives at info, on the job's critical path)",
     )
     worker.set_defaults(command=_run_worker)
+
+    workers = commands.add_parser("workers", help="list the live workers, from their heartbeats in Redis")
+    workers.add_argument("--json", action="store_true", help="print the heartbeats as JSON")
+    workers.set_defaults(command=_run_workers)
 
     models = commands.add_parser("models", help="list the configured models; `models prepare` builds the tiny ones")
     models.set_defaults(command=_run_models)
@@ -152,6 +189,38 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _pool_name(text: str) -> str:
+    """A pool name, spelt as model configs must spell theirs (workers/config.py)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a pool name is 1-64 letters, digits, '_' or '-'")
+    return text
+
+
+def _size(text: str) -> int:
+    from ops.gpus import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _gpu_spec(text: str):
+    from ops.gpus import parse_gpu_spec
+
+    try:
+        return parse_gpu_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _shown(path: Path) -> str:
@@ -226,13 +295,38 @@ def worker_argv(
 
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """`localq worker`: with -Q/--queues one Celery worker (exec), otherwise the launcher."""
+    if args.queues is not None:
+        return _exec_worker(args)
+    return _run_launcher(args, settings)
+
+
+def _exec_worker(args: argparse.Namespace) -> int:
     """Become the Celery worker (exec), so its signal handling applies unchanged.
 
     Celery's own command line runs in this very process (same pid): SIGTERM is a warm shutdown
     (the running job finishes), SIGQUIT a cold one, Ctrl-C warm then cold on a second press.
     Settings travel through the environment, which exec keeps.
     """
-    argv = worker_argv(args.queues, args.concurrency, args.name, args.pool, args.loglevel)
+    launcher_only = [flag for flag, value in (
+        ("--gpus", args.gpus), ("--cpu", args.cpu), ("--gpu-memory-budget", args.gpu_memory_budget),
+        ("--cpu-memory-budget", args.cpu_memory_budget)) if value is not None]
+    celery_pool = args.celery_pool
+    if args.pools:
+        if len(args.pools) == 1 and args.pools[0] in CELERY_POOLS and celery_pool is None:
+            # `--pool prefork|solo|threads` named Celery's pool before --pool named worker pools
+            celery_pool = args.pools[0]
+            Console(stderr=True).print(
+                f"note: --pool {args.pools[0]} taken as Celery's pool; it is spelt -P/--celery-pool now",
+                highlight=False)
+        else:
+            launcher_only.append("--pool")
+    if launcher_only:
+        raise ValueError(
+            f"{', '.join(launcher_only)} start the launcher, and -Q/--queues runs one worker without it: "
+            "leave out -Q (or, for one worker, name its queues with -Q, e.g. cpu.pool.NAME)"
+        )
+    argv = worker_argv(args.queues, args.concurrency or 1, args.name, celery_pool or "prefork", args.loglevel)
     if importlib.util.find_spec(CELERY_APP.partition(":")[0]) is None:
         raise ValueError(f"the Celery app module {CELERY_APP.partition(':')[0]} is not installed")
     if args.models_dir:
@@ -241,6 +335,97 @@ def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
     sys.stderr.flush()
     os.execv(sys.executable, argv)
     return 0  # not reached; kept for tests that replace os.execv
+
+
+def _run_launcher(args: argparse.Namespace, settings: Settings) -> int:
+    """One Celery worker process per selected GPU and --cpu N on the CPU, supervised (ops/launcher.py)."""
+    from ops import gpus as gpu_discovery
+    from ops import launcher
+
+    single_only = [flag for flag, given in (
+        ("-c/--concurrency", args.concurrency not in (None, 1)), ("-n/--name", args.name is not None),
+        ("-P/--celery-pool", args.celery_pool not in (None, "prefork"))) if given]
+    if single_only:
+        raise ValueError(
+            f"{', '.join(single_only)} apply to a single worker (with -Q/--queues); the launcher runs "
+            "prefork workers, one job at a time each, named gpu<i>@host and cpu<k>@host"
+        )
+    launcher.configure_logging()
+    registry = ModelRegistry.load(settings.models_dir)  # bad configs stop us before anything runs
+    spec = args.gpus if args.gpus is not None else "all"
+    found, source = ([], "none") if spec == "none" else gpu_discovery.find_gpus()
+    visible = gpu_discovery.visible_indexes() if found and source != "simulated" else None
+    selected = gpu_discovery.select_gpus(spec, found, visible)
+    if spec != "none":
+        launcher.log.info("GPUs found (%s): %s", source, ", ".join(
+            f"{gpu.index} {gpu.name} {gpu_discovery.format_size(gpu.memory_bytes)}" for gpu in found) or "none")
+    cpu_workers = 1 if args.cpu is None else args.cpu
+    specs = launcher.plan_workers(
+        selected, cpu_workers, pools=args.pools or (), configs=registry.list(),
+        gpu_memory_budget=args.gpu_memory_budget, cpu_memory_budget=args.cpu_memory_budget,
+    )
+    if not specs:
+        raise ValueError(f"no workers to run: --gpus {spec} selects no GPU and --cpu is 0")
+    for queue, names in launcher.unserved_queues(specs, registry.list()).items():
+        launcher.log.info("no worker started here consumes queue %s (model %s)", queue, ", ".join(names))
+    env = _child_env(args)
+    env["LOCALQ_MODELS_DIR"] = str(Path(settings.models_dir).resolve())  # the workers run from the repo root
+    stop_timeout = settings.queue.job_timeout + 30  # every job has met its hard time limit by then
+    return launcher.Launcher(specs, loglevel=args.loglevel, stop_timeout=stop_timeout, base_env=env).run()
+
+
+# --- localq workers -------------------------------------------------------------------------
+
+
+def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """The live workers (tasks.heartbeats), as a table or, with --json, as a list."""
+    import json
+
+    import redis
+
+    from tasks.heartbeats import live_workers
+
+    url = settings.queue.redis_url
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+    try:
+        beats = live_workers(client)
+    except redis.RedisError as exc:
+        raise RedisServerError(f"cannot read the workers from Redis at {redact_url(url)}: {exc}") from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(beats, indent=2))
+        return 0
+    if not beats:
+        Console(stderr=True).print("no live workers (none has sent a heartbeat lately)", highlight=False)
+        return 0
+    Console().print(workers_table(beats, time.time()))
+    return 0
+
+
+def workers_table(beats: list[dict], now: float) -> Table:
+    """One row per heartbeat document (see tasks.heartbeats)."""
+    from ops.gpus import format_size
+
+    table = Table("id", "host", "device", "GPU / CUDA_VISIBLE_DEVICES", "queues", "memory used / budget",
+                  "loaded models", "current job", "heartbeat", title="live workers")
+    for beat in beats:
+        device = str(beat.get("device") or "-") + (" (simulated)" if beat.get("simulated") else "")
+        gpu = beat.get("gpu_index")
+        cuda = beat.get("cuda_visible_devices")
+        budget = beat.get("memory_budget_bytes")
+        used = format_size(beat.get("memory_used_bytes") or 0)
+        memory = f"{used} / {format_size(budget) if budget else 'no limit'}"
+        age = now - float(beat.get("last_heartbeat") or now)
+        cells = (
+            str(beat.get("id", "?")), str(beat.get("hostname") or "-"), device,
+            f"{'-' if gpu is None else gpu} / {'unset' if cuda is None else repr(cuda) if cuda == '' else cuda}",
+            ", ".join(beat.get("queues") or ()) or "-", memory,
+            ", ".join(beat.get("loaded_models") or ()) or "-", str(beat.get("current_job") or "-"),
+            f"{max(age, 0):.0f} s ago",
+        )
+        table.add_row(*map(escape, cells))
+    return table
 
 
 # --- localq up ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 
+from workers import devices
 from workers.config import ModelConfig, ModelConfigError
 from workers.errors import JobError
 from workers.images import image_limits, scheduler_names, scheduler_spec
@@ -351,8 +352,9 @@ def _clip_skip_compat(pipe: DiffusionPipeline) -> None:
 
 
 def _device(config: ModelConfig) -> str:
-    """cuda when the config's device is gpu (unless `diffusers.cuda: false`), else cpu."""
-    if config.device != "gpu" or (config.diffusers or {}).get("cuda") is False:
+    """cuda when the config's device is gpu (unless `diffusers.cuda: false`, or on a simulated GPU
+    worker: see workers.devices), else cpu."""
+    if not devices.uses_gpu(config) or (config.diffusers or {}).get("cuda") is False:
         return "cpu"
     if not torch.cuda.is_available():
         raise ModelConfigError(f"{config.source}: device: gpu, but torch sees no CUDA device on this worker")

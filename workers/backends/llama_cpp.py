@@ -31,6 +31,7 @@ from llama_cpp._internals import LlamaTokenDataArray
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from workers import devices
 from workers.config import ModelConfig
 from workers.errors import JobError
 
@@ -66,7 +67,7 @@ class LlamaCppBackend:
         kwargs: dict[str, Any] = {
             "model_path": str(path),
             "n_ctx": config.context_size or DEFAULT_CONTEXT_SIZE,
-            "n_gpu_layers": config.gpu_layers or 0,
+            "n_gpu_layers": devices.gpu_layers(config),  # 0 on the CPU and on a simulated GPU
             "embedding": bool(config.embeddings),
             "verbose": False,
         }

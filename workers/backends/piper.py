@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from piper import PiperVoice, SynthesisConfig
 
+from workers import devices
 from workers.config import ModelConfig, ModelConfigError
 
 
@@ -61,7 +62,7 @@ class PiperBackend:
             if voice is None:
                 if not path.is_file():
                     raise ModelConfigError(f"{self.config.source}: voices: {path} does not exist")
-                voice = PiperVoice.load(str(path), use_cuda=self.config.device == "gpu")
+                voice = PiperVoice.load(str(path), use_cuda=devices.uses_gpu(self.config))
                 self._voices[path] = voice
             return voice
 

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
+from workers import devices  # noqa: E402
 from workers.config import ModelConfig  # noqa: E402
 from workers.errors import JobError  # noqa: E402
 
@@ -34,7 +35,7 @@ class SentenceTransformersBackend:
         path = config.locate_model()
         if config.threads:
             torch.set_num_threads(config.threads)
-        device = "cuda" if config.device == "gpu" else "cpu"
+        device = devices.torch_device(config)  # cpu on a simulated GPU worker
         self.config = config
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.model.eval()

@@ -17,6 +17,7 @@ from faster_whisper import WhisperModel
 from faster_whisper.transcribe import Segment, TranscriptionInfo
 from faster_whisper.vad import VadOptions
 
+from workers import devices
 from workers.config import ModelConfig
 
 #: Whisper's input rate; `transcribe` takes samples at this rate.
@@ -30,7 +31,7 @@ class WhisperBackend:
 
     def __init__(self, config: ModelConfig):
         path = config.locate_model()
-        cuda = config.device == "gpu"
+        cuda = devices.uses_gpu(config)  # not on a simulated GPU worker
         compute_type = config.parameters.get("compute_type") or ("float16" if cuda else "int8")
         self.config = config
         self.model = WhisperModel(
