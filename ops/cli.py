@@ -259,6 +259,9 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int) -> dict:
 
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:
     """Load the app first (bad configs fail here, clearly), then hand it to gunicorn."""
+    from api.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir()  # before create_app: prometheus_client picks its storage on first use
     from api import create_app
 
     options = gunicorn_options(settings.host, settings.port, args.workers, args.threads)

@@ -122,7 +122,7 @@ def public_view(record: dict[str, str]) -> dict:
         "started_at": seconds("started_at"),
         "finished_at": seconds("finished_at"),
         "queue": record.get("queue", ""),
-        "worker": record.get("worker") or None,
+        "worker": record.get("worker", "").rpartition(":")[0] or None,  # "<node name>:<pid>" -> node name
         "error": decoded("error"),
         "result": decoded("result"),
     }

@@ -165,7 +165,6 @@ def _job_started(task_id=None, task=None, args=None, **_) -> None:
     args = args or []
     if args and isinstance(args[0], dict):  # localq.run_job(job)
         current = {"id": args[0].get("id") or task_id, "model": args[0].get("model")}
-        _record_worker(current["id"])
     elif len(args) > 1 and isinstance(args[1], list) and args[1]:  # localq.batch.lines(batch_id, items)
         body = args[1][0][2] if len(args[1][0]) > 2 and isinstance(args[1][0][2], dict) else {}
         current = {"id": f"{args[0]}:{args[1][0][1]}", "model": body.get("model")}
@@ -182,19 +181,6 @@ def _job_ended(**_) -> None:
     _state["jobs_done"] += 1
     if _state["heartbeat"] is not None:
         _state["heartbeat"].poke()
-
-
-def _record_worker(job_id: str) -> None:
-    """Note on the job record which worker took it (`GET /v1/jobs/{id}` shows it)."""
-    from tasks.jobs import job_key
-    from tasks.runtime import runtime
-
-    try:
-        client = runtime().redis
-        if client.exists(job_key(job_id)):
-            client.hset(job_key(job_id), "worker", os.environ.get("LOCALQ_WORKER_NAME", ""))
-    except Exception:
-        log.warning("job %s: worker not recorded", job_id, exc_info=True)
 
 
 def _die_with_parent() -> None:
