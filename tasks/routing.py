@@ -65,5 +65,6 @@ def choose_queue(config, workers: Iterable[dict]) -> str:
     if len(serving) < 2:
         return shared
     idle_holders = sorted(w["id"] for w in serving
-                          if config.name in w.get("loaded_models", ()) and not w.get("current_job"))
+                          if config.name in w.get("loaded_models", ()) and not w.get("current_job")
+                          and own_queue(w["id"]) in w["queues"])  # a plain `-Q` worker has no own queue
     return own_queue(idle_holders[0]) if idle_holders else shared

@@ -65,3 +65,11 @@ def test_no_affinity_with_a_single_worker_or_none_serving_the_queue():
     workers = [beat("gpu0@h", ["gpu", "gpu.0"]), beat("gpu1@h", ["gpu", "gpu.1"], loaded=["chat"]),
                beat("gpu2@h", ["gpu", "gpu.0"])]
     assert choose_queue(model, workers) == "gpu.0"
+
+
+def test_a_worker_without_its_own_queue_is_never_sent_a_job_directly():
+    """`localq worker -Q cpu` (what `localq up` runs) consumes no `worker.<id>` queue."""
+    model = config("embed")
+    plain = {"id": "up@h", "queues": ["cpu"], "loaded_models": ["embed"], "current_job": None}
+    launched = beat("cpu0@h", ["cpu"])
+    assert choose_queue(model, [plain, launched]) == "cpu"
