@@ -8,20 +8,28 @@ Why each setting (see Celery's "Optimizing" and "Tasks: acks_late" guides):
   handed to a second worker while the first is still on it;
 - JSON only, soft and hard time limits, no result backend (results travel on the job event log);
 - priorities: kombu's Redis transport keeps one list per priority step and pops the lowest step
-  first, so interactive calls (0) are taken before batch lines (9) waiting on the same queue.
+  first, so interactive calls (0) are taken before batch lines (9) waiting on the same queue;
+- a worker's own task messages (batch lines, finalize) are published with retries for about 38 s,
+  so a Redis restart in the middle of a batch delays a send instead of losing it; the API keeps
+  Celery's short default, so a request answers 503 soon when Redis is gone;
+- every worker's main process runs the batch expiry sweep (`tasks.sweeper.BatchSweep`, a worker
+  bootstep on the worker's timer), one worker per `LOCALQ_BATCH_SWEEP_INTERVAL` across machines.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from tasks.settings import QueueSettings
+from tasks.sweeper import BatchSweep
 
 DEVICE_QUEUES = ("cpu", "gpu")
 PRIORITIES = {"interactive": 0, "batch": 9}
 PRIORITY_STEPS = [0, 3, 6, 9]
 HARD_LIMIT_MARGIN = 30.0
+# kombu's Connection.ensure policy: waits 0.1, 0.6, then 1 s per try
+WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
 
 
 def make_app(settings: QueueSettings | None = None) -> Celery:
@@ -50,7 +58,18 @@ def make_app(settings: QueueSettings | None = None) -> Celery:
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    app.localq_settings = settings
+    app.steps["worker"].add(BatchSweep)
     return app
 
 
 app = make_app()
+
+
+@signals.worker_init.connect
+def _worker_publish_rides_over_restarts(sender=None, **_) -> None:
+    """In a worker (main process, before its pool forks): retry publishing for longer."""
+    worker_app = getattr(sender, "app", None) or app
+    worker_app.conf.task_publish_retry_policy = dict(WORKER_PUBLISH_RETRY_POLICY)
+    # the task sender copies the policy when first built; build it again from the new one
+    worker_app.amqp.__dict__.pop("send_task_message", None)

@@ -2,6 +2,13 @@
 
 Built on first use, so a Celery worker creates them in each pool process after the fork (and a
 GPU worker never touches CUDA in its parent).
+
+A worker's clients (`runtime()`) ride over a Redis restart: a command that meets a dropped
+connection, a refused one or a server still loading its append-only file (BusyLoadingError is a
+ConnectionError) is sent again with exponential backoff for about 37 s, so a job or
+batch line running across the restart records its outcome instead of failing or losing it. The
+API's clients (`connect()` as `api.queue` calls it) keep redis-py's short default retries, so a
+request answers 503 soon when Redis is gone.
 """
 
 from __future__ import annotations
@@ -12,12 +19,19 @@ from functools import cache
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from tasks.events import EventLog
 from tasks.jobs import JobStore
 from tasks.settings import QueueSettings
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# Backoff 0.1, 0.2, 0.4, 0.8 s, then 1 s per try: about 37 s of Redis being away before a command fails.
+RIDE_OVER_BACKOFF = {"base": 0.05, "cap": 1.0}
+RIDE_OVER_RETRIES = 40
 
 
 @dataclass(frozen=True)
@@ -29,15 +43,25 @@ class Runtime:
     events: EventLog
 
 
-def connect(settings: QueueSettings) -> Runtime:
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
-    blobs = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+def ride_over_retry() -> Retry:
+    """The retry policy of a worker's clients: commands wait out a Redis restart of several seconds."""
+    return Retry(ExponentialBackoff(**RIDE_OVER_BACKOFF), RIDE_OVER_RETRIES,
+                 supported_errors=(RedisConnectionError, RedisTimeoutError))
+
+
+def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
+    options: dict = {"health_check_interval": 30}
+    if ride_over:
+        options.update(retry=ride_over_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError])
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, **options)
+    blobs = redis.Redis.from_url(settings.redis_url, **options)
     return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))
 
 
 @cache
 def runtime() -> Runtime:
-    return connect(QueueSettings.from_env())
+    """This worker process's connections (they ride over a Redis restart)."""
+    return connect(QueueSettings.from_env(), ride_over=True)
 
 
 def models_dir() -> Path:

@@ -37,6 +37,9 @@ class QueueSettings:
     # largest file `/v1/files` accepts (OpenAI: 512 MB), and for purpose=batch (OpenAI: 200 MB)
     max_file_bytes: int = 512 * 1024 * 1024
     max_batch_file_bytes: int = 200 * 1024 * 1024
+    # how often the batch sweep runs (tasks/sweeper.py: expires batches past their completion window,
+    # sends a finalize or lines the broker lost); one worker per interval, whichever takes the lock
+    batch_sweep_interval: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
@@ -50,6 +53,7 @@ class QueueSettings:
             files_dir=_directory(environ, "LOCALQ_FILES_DIR", cls.files_dir),
             max_file_bytes=positive_int(environ, "LOCALQ_MAX_FILE_BYTES", cls.max_file_bytes),
             max_batch_file_bytes=positive_int(environ, "LOCALQ_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes),
+            batch_sweep_interval=positive_number(environ, "LOCALQ_BATCH_SWEEP_INTERVAL", cls.batch_sweep_interval),
         )
 
 

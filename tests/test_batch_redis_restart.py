@@ -1,0 +1,206 @@
+"""Redis (append-only file) restarted in the middle of a batch: the batch still completes, at once.
+
+A real stack: embedded Redis with AOF, one Celery worker, the API, the default SmolLM2 chat and
+MiniLM embedding models. While the batch runs, Redis is shut down (SHUTDOWN flushes the AOF) and
+started again on the same port with the same data. The worker's task code rides over the outage
+(`tasks.runtime` retries Redis commands), Celery's consumer reconnects, the task running across
+the restart is acknowledged afterwards, and the batch must finish well within the broker's
+visibility timeout (660 s) with every line in the output exactly once and no error lines.
+
+kombu's Redis transport can lose the message it is fetching at the moment Redis goes down (BRPOP
+takes it off the queue before it is recorded as unacknowledged; the AOF shows the pop and no
+record). The worker's sweep (`tasks.sweeper`) sends such lines again; a test loses a message on
+purpose to show it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+from celery import signals
+from openai import APIConnectionError, APIStatusError, OpenAI
+
+from ops.redis_server import RedisServer
+from tasks.celery_app import WORKER_PUBLISH_RETRY_POLICY, make_app
+from tasks.dispatch import queue_keys
+from tasks.runtime import connect
+from tasks.settings import QueueSettings
+from tasks.sweeper import LOCK_KEY
+from tests.service import running_service
+
+FINISH_WITHIN = 120  # seconds after Redis is back; the visibility timeout is 660
+OUTAGE = 1.0  # seconds Redis stays down
+FINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("redis-restart")
+    env = {"LOCALQ_FILES_DIR": str(tmp / "files"), "LOCALQ_BATCH_SWEEP_INTERVAL": "1"}
+    with running_service(tmp, env) as svc:
+        yield svc
+
+
+def tolerant(call, what: str, timeout: float = 60):
+    """`call()`, again while the API answers 503 or cannot be reached (Redis down, or coming back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except (APIConnectionError, APIStatusError, httpx.HTTPError) as err:
+            if isinstance(err, APIStatusError) and err.status_code != 503:
+                raise
+            assert time.monotonic() < deadline, f"{what}: still failing after {timeout} s ({err!r})"
+            time.sleep(0.2)
+
+
+def batch_input(endpoint: str, count: int) -> bytes:
+    def body(i: int) -> dict:
+        if endpoint == "/v1/embeddings":
+            return {"model": "text-embedding-3-small", "input": f"sentence number {i} about the sea"}
+        return {"model": "gpt-4o-mini", "max_tokens": 4, "temperature": 0, "seed": i,
+                "messages": [{"role": "user", "content": f"Say the number {i}."}]}
+
+    return "\n".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": endpoint, "body": body(i)})
+                     for i in range(count)).encode()
+
+
+@pytest.mark.parametrize(("endpoint", "lines"), [("/v1/chat/completions", 150), ("/v1/embeddings", 1500)])
+def test_batch_completes_across_a_redis_restart(service, endpoint, lines):
+    client = OpenAI(base_url=service.base_url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    client.embeddings.create(model="text-embedding-3-small", input="hi")
+    source = client.files.create(file=("restart.jsonl", batch_input(endpoint, lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint=endpoint, completion_window="24h")
+
+    def progress():
+        found = tolerant(lambda: client.batches.retrieve(batch.id), "retrieve")
+        return found, found.request_counts.completed + found.request_counts.failed
+
+    deadline = time.monotonic() + 180
+    while (seen := progress())[1] < lines // 5:
+        assert seen[0].status not in FINAL, seen[0]
+        assert time.monotonic() < deadline, f"only {seen[1]} lines done after 180 s"
+        time.sleep(0.05)
+    assert seen[0].status == "in_progress"
+
+    service.redis.stop()  # graceful: SHUTDOWN, the append-only file is flushed
+    time.sleep(OUTAGE)
+    service.redis.start()  # same port, same data dir
+    back = time.monotonic()
+
+    end = back + FINISH_WITHIN
+    while (final := progress()[0]).status not in FINAL:
+        assert time.monotonic() < end, (
+            f"batch still {final.status} {final.request_counts} {FINISH_WITHIN} s after the restart")
+        time.sleep(0.25)
+    took = time.monotonic() - back
+    print(f"\n{endpoint} batch of {lines} lines: {seen[1]} done before the restart, final {took:.1f} s after it")
+
+    assert final.status == "completed", final
+    assert final.request_counts.total == lines
+    assert final.request_counts.completed == lines and final.request_counts.failed == 0, final.request_counts
+    assert final.error_file_id is None
+    output = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines() if x]
+    ids = [o["custom_id"] for o in output]
+    assert ids == [f"line-{i}" for i in range(lines)]  # every line exactly once, in input order
+    assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in output)
+
+    store = redis.Redis.from_url(service.redis.url, decode_responses=True)
+    # the message the worker was running across the restart was acknowledged afterwards (through
+    # the consumer's old channel): nothing is left for the 660 s visibility timeout to bring back
+    deadline = time.monotonic() + 10
+    while store.hlen("unacked"):
+        assert time.monotonic() < deadline, f"messages left unacknowledged: {store.hkeys('unacked')}"
+        time.sleep(0.1)
+    # the worker's expiry sweep lives on after the restart: it takes its lock again
+    store.delete(LOCK_KEY)
+    deadline = time.monotonic() + 10
+    while not store.exists(LOCK_KEY):
+        assert time.monotonic() < deadline, "the batch sweep stopped after the Redis restart"
+        time.sleep(0.1)
+
+
+def test_a_line_whose_message_the_broker_lost_still_runs(service):
+    """What a restart can do to the message being fetched at that moment, done on purpose: the
+    worker's sweep notices the line has no message left anywhere and sends it again."""
+    client = OpenAI(base_url=service.base_url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    lines = 40
+    source = client.files.create(file=("lost.jsonl", batch_input("/v1/chat/completions", lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    store = redis.Redis.from_url(service.redis.url, decode_responses=True)
+    batch_list = queue_keys("cpu")[-1]  # where batch lines wait (priority 9)
+
+    def last_line_message():
+        for raw in store.lrange(batch_list, 0, -1):
+            message = json.loads(raw)
+            args = json.loads(base64.b64decode(message["body"]))[0]
+            if args[0] == batch.id and any(item[1] == f"line-{lines - 1}" for item in args[1]):
+                return raw
+        return None
+
+    raw = None
+    deadline = time.monotonic() + 30
+    while raw is None:
+        assert time.monotonic() < deadline, "the batch's lines were never queued"
+        raw = last_line_message()
+    assert store.lrem(batch_list, 1, raw) == 1  # the broker "lost" the last line's message
+
+    end = time.monotonic() + 60
+    while (final := client.batches.retrieve(batch.id)).status not in FINAL:
+        assert time.monotonic() < end, f"batch still {final.status} {final.request_counts}"
+        time.sleep(0.25)
+    assert final.status == "completed" and final.request_counts.completed == lines, final
+    output = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines() if x]
+    assert [o["custom_id"] for o in output] == [f"line-{i}" for i in range(lines)]
+    log = (service.log_dir / "worker-cpu.log").read_text()
+    assert (f"batch {batch.id}: no message left for 1 line(s) without an outcome; "
+            f"sent them again: line-{lines - 1}") in log
+
+
+def test_worker_clients_ride_over_a_redis_restart(tmp_path):
+    """`tasks.runtime`'s worker clients: commands during a restart wait for Redis instead of failing."""
+    with RedisServer(tmp_path / "redis") as server:
+        rt = connect(QueueSettings(redis_url=server.url), ride_over=True)
+        rt.redis.set("k", "before")
+        script = rt.redis.register_script("return redis.call('GET', KEYS[1])")
+        assert script(keys=["k"]) == "before"
+        server.stop()
+        restarter = threading.Timer(2.0, server.start)
+        restarter.start()
+        try:
+            started = time.monotonic()
+            assert rt.redis.get("k") == "before"  # the AOF kept it; the command waited for the restart
+            assert time.monotonic() - started >= 1.5
+            assert script(keys=["k"]) == "before"  # the script cache is gone: redis-py loads it again
+            pipe = rt.redis.pipeline(transaction=False)
+            pipe.hset("h", "a", 1).hget("h", "a")
+            assert pipe.execute() == [1, "1"]
+        finally:
+            restarter.join()
+        api = connect(QueueSettings(redis_url=server.url))  # the API's: no long ride-over
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            api.redis.get("k")
+        assert time.monotonic() - started < 10
+
+
+def test_workers_publish_with_a_long_retry_policy():
+    worker_app = make_app(QueueSettings())
+    default = dict(worker_app.conf.task_publish_retry_policy)
+    assert default["max_retries"] == 3  # Celery's: what the API publishes with
+    worker_app.amqp.send_task_message  # noqa: B018 - built (and cached) with the default policy
+
+    class Worker:  # what Celery sends worker_init with (hashable, as signal senders must be)
+        app = worker_app
+
+    signals.worker_init.send(sender=Worker())
+    assert worker_app.conf.task_publish_retry_policy == WORKER_PUBLISH_RETRY_POLICY
+    assert "send_task_message" not in worker_app.amqp.__dict__  # built again, from the new policy
