@@ -34,7 +34,7 @@ WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.1, "interv
 
 def make_app(settings: QueueSettings | None = None) -> Celery:
     settings = settings or QueueSettings.from_env()
-    app = Celery("localq", broker=settings.redis_url, include=["tasks.run", "tasks.batch_run"])
+    app = Celery("localq", broker=settings.redis_url, include=["tasks.run", "tasks.batch_run", "tasks.worker_signals"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
