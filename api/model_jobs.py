@@ -22,7 +22,7 @@ from api.sse import (
 )
 from api.queue import live_workers_cached, queue_runtime, setting
 from tasks.dispatch import QueueFull, submit
-from tasks.routing import choose_queue
+from tasks.routing import choose_queue, queue_for
 from tasks.runtime import Runtime
 from workers.capabilities import unsupported
 
@@ -61,7 +61,8 @@ def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, mode
     extensions = body.get(EXTENSIONS) or {}
     rt = queue_runtime()
     try:
-        job = submit(rt, kind=kind, model=model, queue=choose_queue(config, live_workers_cached()), request=body,
+        job = submit(rt, kind=kind, model=model, queue=choose_queue(config, live_workers_cached()),
+                     fallback_queue=queue_for(config), request=body,
                      priority=extensions.get("priority", "interactive"), timeout=extensions.get("timeout"),
                      max_depth=setting("max_queue_depth"), files=files, base_url=request.host_url)
     except QueueFull as full:

@@ -78,8 +78,19 @@ def _files() -> FileStore:
 
 
 def _send_finalize(batch_id: str) -> None:
-    if runtime().redis.set(finalize_key(batch_id), "1", nx=True):
-        app.send_task(FINALIZE_TASK, args=[batch_id], queue="cpu", priority=PRIORITIES["interactive"])
+    client = runtime().redis
+    if client.set(finalize_key(batch_id), "1", nx=True):
+        try:
+            app.send_task(FINALIZE_TASK, args=[batch_id], queue="cpu", priority=PRIORITIES["interactive"])
+        except Exception:
+            client.delete(finalize_key(batch_id))  # not sent: the next line or the sweep sends it
+            raise
+
+
+def send_lines(batch_id: str, items: list, queue: str) -> None:
+    """One `localq.batch.lines` task for `items` (`[line, custom_id, body]` each, one model)."""
+    app.send_task(LINES_TASK, args=[batch_id, [list(item) for item in items]], queue=queue,
+                  priority=PRIORITIES["batch"])
 
 
 def _request_id() -> str:
@@ -133,12 +144,11 @@ def start_batch(batch_id: str) -> None:
     for item in checked.lines:
         pipe.hset(lines_key(batch_id), item.custom_id, item.line)
     pipe.execute()
-    store.set_status(batch_id, "in_progress", total=len(checked.lines))
-    if rt.redis.exists(cancel_key(batch_id)):
-        store.set_status(batch_id, "cancelling")  # cancelled while we validated: keep its status
+    if not store.start(batch_id, len(checked.lines)):
+        return  # expired by the sweep while we validated: its lines never run
     for chunk in _chunks(checked.lines, CHUNK_SIZES.get(kind, 1)):
-        app.send_task(LINES_TASK, args=[batch_id, [[item.line, item.custom_id, item.body] for item in chunk]],
-                      queue=devices.get(chunk[0].body["model"], "cpu"), priority=PRIORITIES["batch"])
+        send_lines(batch_id, [[item.line, item.custom_id, item.body] for item in chunk],
+                   devices.get(chunk[0].body["model"], "cpu"))
 
 
 def _chunks(lines: list, size: int):
@@ -160,11 +170,7 @@ def _chunks(lines: list, size: int):
 
 def _drop(batch_id: str, custom_id: str) -> None:
     """Count a line of a cancelled batch as dropped, once, unless it already has an outcome."""
-    rt = runtime()
-    if rt.redis.hexists(results_key(batch_id), custom_id):
-        return
-    if rt.redis.sadd(dropped_key(batch_id), custom_id) == 1:
-        rt.redis.hincrby(batch_key(batch_id), "dropped", 1)
+    _store().drop(batch_id, custom_id, dropped_key(batch_id))
 
 
 def _maybe_finalize(batch_id: str) -> None:

@@ -34,6 +34,33 @@ return 0
 """
 
 
+# KEYS: batch hash, dropped set, results hash. ARGV: custom_id. A line of a cancelled batch counts
+# as dropped once, unless it has an outcome: one script, so a retried call cannot count it short.
+_DROP = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'dropped', 1)
+  return 1
+end
+return 0
+"""
+
+# KEYS: batch hash. ARGV: total, now. Start a validated batch only if it is still waiting to run:
+# validating -> in_progress (1); cancelling keeps its status (2); anything else (expired by the
+# sweep meanwhile, say) is left alone (0).
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'validating' then
+  redis.call('HSET', KEYS[1], 'status', 'in_progress', 'total', ARGV[1], 'in_progress_at', ARGV[2])
+  return 1
+elseif status == 'cancelling' then
+  redis.call('HSET', KEYS[1], 'total', ARGV[1], 'in_progress_at', ARGV[2])
+  return 2
+end
+return 0
+"""
+
+
 def batch_key(batch_id: str) -> str:
     return f"localq:batch:{batch_id}"
 
@@ -50,6 +77,8 @@ class BatchStore:
     def __init__(self, client: redis.Redis):
         self.client = client
         self._record = client.register_script(_RECORD)
+        self._drop = client.register_script(_DROP)
+        self._start = client.register_script(_START)
 
     def create(self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
                window_seconds: int) -> dict:
@@ -110,6 +139,15 @@ class BatchStore:
                          args=[custom_id, json.dumps(outcome, separators=(",", ":")),
                                "failed" if failed else "completed", input_tokens, output_tokens], client=pipe)
         return [bool(recorded) for recorded in pipe.execute()]
+
+    def start(self, batch_id: str, total: int) -> bool:
+        """Record `total` lines and move a validating batch to `in_progress` (a cancelling one
+        stays cancelling); False when the batch is no longer waiting to run."""
+        return bool(self._start(keys=[batch_key(batch_id)], args=[total, int(time.time())]))
+
+    def drop(self, batch_id: str, custom_id: str, dropped_set: str) -> bool:
+        """Count a line of a cancelled batch as dropped, once, unless it has an outcome."""
+        return bool(self._drop(keys=[batch_key(batch_id), dropped_set, results_key(batch_id)], args=[custom_id]))
 
     def outcomes(self, batch_id: str) -> dict[str, dict]:
         """Every recorded line outcome by custom_id (read in slices, for large batches)."""

@@ -29,8 +29,12 @@ def queue_keys(queue: str, up_to: int | None = None) -> list[str]:
 
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
            timeout: float | None = None, attached: bool = True, max_depth: int | None = None,
-           files: dict[str, list] | None = None, base_url: str | None = None) -> dict:
+           files: dict[str, list] | None = None, base_url: str | None = None,
+           fallback_queue: str | None = None) -> dict:
     """Enqueue one job; returns the job message (with its id). Raises QueueFull over `max_depth`.
+
+    `fallback_queue`: where the job belongs if `queue` (a worker's own queue) loses its worker
+    before the job is taken (`tasks.orphans`).
 
     The depth check and the job record share one round trip; a refused job's record is removed.
     """
@@ -38,6 +42,8 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     now = time.time()
     job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
            "deadline": now + limit, "base_url": base_url}
+    if fallback_queue and fallback_queue != queue:
+        job["fallback_queue"] = fallback_queue
     pipe = rt.redis.pipeline(transaction=False)
     # only jobs that would be served before this one count: batch lines waiting at a lower
     # priority never make an interactive call wait, so they never refuse one either

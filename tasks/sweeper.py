@@ -36,7 +36,8 @@ worker's timer every `LOCALQ_BATCH_SWEEP_INTERVAL` seconds (default 60). A Redis
 (`SET NX PX interval`) lets one worker sweep per interval, however many workers run on however
 many machines. The sweep never takes its worker down: an error is logged and the next interval
 tries again. It runs in the worker's event loop, so its Redis client gives up quickly (short
-socket timeouts, one retry) rather than riding over an outage the way task code does.
+socket timeouts, one retry) rather than riding over an outage the way task code does. The same
+tick also moves the jobs left on the own queues of workers that are gone (`tasks.orphans`).
 """
 
 from __future__ import annotations
@@ -281,7 +282,6 @@ def _resend_lost_lines(client: redis.Redis, store: BatchStore, batch_id: str, fi
     """Send again, one per task, the lines of the batch that have no outcome and were not dropped."""
     from tasks import batch_run
     from tasks.batch_input import check_lines
-    from tasks.celery_app import PRIORITIES, app
     from tasks.filestore import FileNotFound, FileStore
     from tasks.routing import queue_for
 
@@ -317,8 +317,8 @@ def _resend_lost_lines(client: redis.Redis, store: BatchStore, batch_id: str, fi
     sent = []
     for item in checked.lines:
         if item.line in wanted and numbers[item.line] == item.custom_id:
-            app.send_task(batch_run.LINES_TASK, args=[batch_id, [[item.line, item.custom_id, item.body]]],
-                          queue=queues.get(item.body["model"], "cpu"), priority=PRIORITIES["batch"])
+            batch_run.send_lines(batch_id, [[item.line, item.custom_id, item.body]],
+                                 queues.get(item.body["model"], "cpu"))
             sent.append(item.custom_id)
     return sent
 
@@ -349,6 +349,12 @@ class Sweeper:
             return None
         if expired:
             log.warning("batches past their completion window expired: %s", ", ".join(expired))
+        try:
+            from tasks.orphans import registry_resolver, rescue_gone
+
+            rescue_gone(self.client, registry_resolver())
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("moving the jobs of gone workers failed")
         return expired
 
     def close(self) -> None:

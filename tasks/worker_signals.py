@@ -6,6 +6,8 @@
   `LOCALQ_MODEL_CACHE_BYTES` (the memory budget) and `CUDA_VISIBLE_DEVICES`.
 * Heartbeats (`tasks.heartbeats`): the pool process, which holds the models, publishes what it
   holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and at once when a job starts or ends.
+* Its own queue handed back when it stops (`tasks.orphans`): jobs dispatch sent to it while it
+  was idle go to their models' queues instead of waiting for a worker of the same name.
 * Prompt redelivery after a crash: the main process remembers the delivery tags it received.
   When a worker's main process is killed, its messages stay in kombu's `unacked` hash until the
   visibility timeout (longer than the longest job). Its successor, started under the same node
@@ -134,6 +136,21 @@ def _restore_predecessor_messages(sender=None, **_) -> None:
                         node, restored)
     except Exception:
         log.warning("could not restore the messages of a previous run of %s", node, exc_info=True)
+
+
+@signals.worker_shutdown.connect
+def _hand_back_own_queue(**_) -> None:
+    """A stopping worker's own queue has no other consumer: move its jobs to their models' queues."""
+    from tasks.orphans import registry_resolver, rescue
+    from tasks.runtime import runtime
+
+    node = os.environ.get("LOCALQ_WORKER_NAME")
+    if not node:
+        return
+    try:
+        rescue(runtime().redis, node, registry_resolver())
+    except Exception:
+        log.warning("%s: jobs on its own queue not handed back; the sweep will", node, exc_info=True)
 
 
 # -- pool process ------------------------------------------------------------------------------

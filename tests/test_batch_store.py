@@ -83,3 +83,27 @@ def test_batches_survive_a_redis_restart(server, store):
     server.restart()
     again = BatchStore(redis.Redis.from_url(server.url, decode_responses=True))
     assert again.get(batch_id)["request_counts"]["completed"] == 1 and again.outcomes(batch_id) == {"a": {"ok": True}}
+
+
+def test_start_moves_only_a_batch_still_waiting_to_run(store):
+    waiting = new(store)["id"]
+    assert store.start(waiting, 3)
+    started = store.get(waiting)
+    assert started["status"] == "in_progress" and started["request_counts"]["total"] == 3 and started["in_progress_at"]
+    cancelled = new(store)["id"]
+    store.set_status(cancelled, "cancelling")
+    assert store.start(cancelled, 2) and store.get(cancelled)["status"] == "cancelling"
+    expired = new(store)["id"]
+    store.set_status(expired, "expired")  # the sweep got there first
+    assert not store.start(expired, 5)
+    assert store.get(expired)["status"] == "expired" and store.get(expired)["request_counts"]["total"] == 0
+
+
+def test_a_dropped_line_counts_once_and_never_after_an_outcome(store):
+    batch_id = new(store)["id"]
+    dropped = f"localq:batch:{batch_id}:dropped"
+    assert store.drop(batch_id, "a", dropped)
+    assert not store.drop(batch_id, "a", dropped)  # a redelivered line, or a retried call
+    store.record_outcome(batch_id, "b", {"ok": 1}, failed=False)
+    assert not store.drop(batch_id, "b", dropped)
+    assert store.client.hget(f"localq:batch:{batch_id}", "dropped") == "1"
