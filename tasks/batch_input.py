@@ -16,10 +16,13 @@ from typing import Any
 from schemas.errors import Invalid
 from schemas.generated import OPERATIONS
 from schemas.requests import validate
+from workers.image_jobs import DEFAULT_MODEL as DEFAULT_IMAGE_MODEL
 
 MAX_LINES = 50_000
 # Endpoints a batch may target, as `/v1/...` URLs.
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/images/generations")
+# the model a line runs on when its body names none, as the synchronous endpoint does
+DEFAULT_MODELS = {"/v1/images/generations": DEFAULT_IMAGE_MODEL}
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ def _check_line(number: int, text: str, endpoint: str, schema: str, extensions: 
     if body.get("stream"):
         errors.append(_error(number, "invalid_request", "Streaming is not available in a batch.", "body.stream"))
         return None
+    if body.get("model") is None and endpoint in DEFAULT_MODELS:
+        body = {**body, "model": DEFAULT_MODELS[endpoint]}
     if model_problem is not None:
         problem = model_problem(body.get("model"), body)
         if problem is not None:

@@ -30,6 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from tasks.batch_input import check_lines
 from tasks.batches import FINAL, BatchStore, batch_key, results_key
 from tasks.celery_app import PRIORITIES, app
+from tasks.files import publish_outputs, url_maker
 from tasks.filestore import FileNotFound, FileStore
 from tasks.metrics import completion_tokens, record_jobs
 from tasks.routing import queue_for
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 START_TASK = "localq.batch.start"
 LINES_TASK = "localq.batch.lines"
 FINALIZE_TASK = "localq.batch.finalize"
-KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
+KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
+         "/v1/images/generations": "image"}
 CANCEL_POLL = 0.25
 # Lines per task. Embedding lines share one forward pass (see workers.execute.execute_embeddings);
 # a chat or completion line runs alone, so an interactive call waits for at most one line.
@@ -232,7 +234,7 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
 
     kind = KINDS[record["endpoint"]]
     jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
-             "created": int(time.time())} for line, _, body in pending]
+             "created": int(time.time()), "base_url": record.get("base_url")} for line, _, body in pending]
     cancelled = False
     next_check = 0.0
 
@@ -263,7 +265,9 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
         if result is None:  # stopped by a cancel while it ran
             _drop(batch_id, custom_id)
         elif isinstance(result, dict):
-            outcomes.append((custom_id, _success(custom_id, job["id"], result), False))
+            # generated pictures asked for as `url`: kept in Redis, served by the API like a sync call's
+            body = publish_outputs(rt.blobs, result, url_maker(job["base_url"]), int(rt.settings.generated_ttl))
+            outcomes.append((custom_id, _success(custom_id, job["id"], body), False))
         else:
             outcomes.append((custom_id, _line_failure(batch_id, line, custom_id, job["id"], result), True))
     recorded = store.record_outcomes(batch_id, outcomes)

@@ -81,14 +81,15 @@ class BatchStore:
         self._start = client.register_script(_START)
 
     def create(self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
-               window_seconds: int) -> dict:
+               window_seconds: int, base_url: str = "") -> dict:
+        """A new `validating` batch; `base_url` is where the API that took it serves generated files."""
         batch_id = new_batch_id()
         now = int(time.time())
         fields = {
             "id": batch_id, "input_file_id": input_file_id, "endpoint": endpoint,
             "completion_window": completion_window, "status": "validating", "created_at": now,
             "expires_at": now + window_seconds, "metadata": json.dumps(metadata) if metadata is not None else "",
-            "total": 0, "completed": 0, "failed": 0,
+            "total": 0, "completed": 0, "failed": 0, "base_url": base_url,
         }
         pipe = self.client.pipeline()
         pipe.hset(batch_key(batch_id), mapping=fields)

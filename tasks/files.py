@@ -63,6 +63,12 @@ def fetch_uploads(client: redis.Redis, value: Any) -> Any:
     return value
 
 
+def url_maker(base_url: str | None) -> Callable[[str], str]:
+    """name -> the URL a generated file is served at, under the API's base URL."""
+    base = (base_url or "/").rstrip("/")
+    return lambda name: f"{base}/{GENERATED_PATH}/{name}"
+
+
 def publish_outputs(client: redis.Redis, value: Any, url_for: Callable[[str], str], ttl: int) -> Any:
     """`value` with every `FileOutput` stored under a new unguessable name and replaced by its URL."""
     if isinstance(value, FileOutput):

@@ -12,7 +12,7 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks.celery_app import app
-from tasks.files import GENERATED_PATH, fetch_uploads, publish_outputs
+from tasks.files import fetch_uploads, publish_outputs, url_maker
 from tasks.metrics import FirstToken, completion_tokens, record_job
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import model_runtime, runtime
@@ -38,11 +38,6 @@ def _end(rt, job_id: str, status: str, event: str, data, *, result=None, error=N
     rt.jobs.finish(job_id, status, result=result, error=error, pipe=pipe)
     rt.events.append_many(job_id, [(event, data)], pipe=pipe)
     pipe.execute()
-
-
-def _url_maker(job: dict):
-    base = job.get("base_url") or "/"
-    return lambda name: f"{base.rstrip('/')}/{GENERATED_PATH}/{name}"
 
 
 def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
@@ -140,7 +135,7 @@ def run_job(self, job: dict) -> None:
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:
         tokens = completion_tokens(publisher.result)
-        result = publish_outputs(rt.blobs, publisher.result, _url_maker(job), int(rt.settings.generated_ttl))
+        result = publish_outputs(rt.blobs, publisher.result, url_maker(job.get("base_url")), int(rt.settings.generated_ttl))
         _end(rt, job_id, outcome, "result", result, result=result)
     config = registry.resolve(job["model"])  # the model's own name: aliases share its series
     _record(rt, job, outcome, model=config.name if config else job["model"], duration=time.monotonic() - started,

@@ -29,7 +29,8 @@ SENTENCE = "The quick brown fox jumps over the lazy dog."
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "ops.cli", "models", "prepare"], cwd=REPO, check=True)
-    with running_service(tmp_path_factory.mktemp("media")) as svc:
+    tmp = tmp_path_factory.mktemp("media")
+    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
         yield svc
 
 
@@ -77,6 +78,37 @@ def test_same_seed_same_image(client):
                                       extra_body={"x-localai-extensions": {"seed": seed}}).data[0].b64_json
 
     assert make(5) == make(5) != make(6)
+
+
+def test_image_generation_batch_matches_synchronous_images(client):
+    """A Batch API batch of image generations: each line's picture equals the synchronous one."""
+    bodies = [
+        {"prompt": "a red square", "size": "256x256", "response_format": "b64_json",
+         "x-localai-extensions": {"seed": 7}},
+        {"model": "dall-e-2", "prompt": "a blue circle", "size": "256x256", "response_format": "url",
+         "x-localai-extensions": {"seed": 8}},
+    ]
+    lines = "\n".join(json.dumps({"custom_id": f"img-{i}", "method": "POST", "url": "/v1/images/generations",
+                                  "body": body}) for i, body in enumerate(bodies))
+    source = client.files.create(file=("images.jsonl", lines.encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/images/generations", completion_window="24h")
+    done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in (
+        "completed", "failed", "expired", "cancelled") and b, 120, "the image batch")
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    output = {o["custom_id"]: o for o in map(json.loads, client.files.content(done.output_file_id).text.splitlines())}
+    for index, body in enumerate(bodies):
+        extensions = body["x-localai-extensions"]
+        direct = client.images.generate(**{k: v for k, v in body.items() if k not in ("x-localai-extensions",
+                                                                                      "response_format")},
+                                        response_format="b64_json", extra_body={"x-localai-extensions": extensions})
+        expected = base64.b64decode(direct.data[0].b64_json)
+        [picture] = output[f"img-{index}"]["response"]["body"]["data"]
+        if body["response_format"] == "url":
+            fetched = httpx.get(picture["url"], timeout=30)
+            assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+            assert fetched.content == expected
+        else:
+            assert base64.b64decode(picture["b64_json"]) == expected
 
 
 def test_streamed_image_with_partial_images(client):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import re
 
+from flask import request
+
 from api.errors import APIError
 from api.pages import page, page_limit
 from api.queue import queue_runtime
@@ -65,7 +67,8 @@ def create_batch(call):
         raise APIError(400, f"The file {file_id} has purpose '{found['purpose']}'; a batch needs purpose 'batch'.",
                        param="input_file_id", code="invalid_file_purpose")
     batch = _store().create(input_file_id=file_id, endpoint=endpoint, completion_window=body["completion_window"],
-                            metadata=body.get("metadata"), window_seconds=_window_seconds(body["completion_window"]))
+                            metadata=body.get("metadata"), window_seconds=_window_seconds(body["completion_window"]),
+                            base_url=request.host_url)
     app.send_task(START_TASK, args=[batch["id"]], queue="cpu", priority=PRIORITIES["batch"])
     return batch
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from api import model_jobs, uploads
 from api.sse import typed_frames
-
-DEFAULT_MODEL = "dall-e-2"
+from workers.image_jobs import DEFAULT_MODEL
 
 
 def create_image(call):
