@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from api.settings import Settings
+from ops.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -47,3 +49,19 @@ def write_model(models_dir):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real Redis for one test module (embedded, in its own data folder)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+@pytest.fixture
+def redis_db(redis_server):
+    """A text client of `redis_server`, emptied for each test."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()

@@ -6,21 +6,14 @@ import json
 
 import pytest
 
-from ops.redis_server import RedisServer
 from tasks import batch_run
 from tasks.batches import BatchStore
 from tasks.runtime import runtime
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
-        yield running
-
-
 @pytest.fixture
-def rt(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCALQ_REDIS_URL", server.url)
+def rt(redis_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALQ_REDIS_URL", redis_server.url)
     monkeypatch.setenv("LOCALQ_FILES_DIR", str(tmp_path / "files"))
     runtime.cache_clear()
     runtime().redis.flushall()

@@ -13,22 +13,14 @@ import pytest
 import redis
 
 from api.settings import Settings
-from ops.redis_server import RedisServer, free_port
+from ops.redis_server import free_port
 from tasks import heartbeats
 from tests.service import running_service, wait_until
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture
-def store(redis_server):
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    client.flushall()
-    return client
+def store(redis_db):
+    return redis_db
 
 
 def make_client(env: dict):

@@ -5,23 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
-from ops.redis_server import RedisServer
 from tasks import heartbeats
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
-        yield running
-
-
 @pytest.fixture
-def client(server):
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushall()
-    return client
+def client(redis_db):
+    return redis_db
 
 
 def test_published_workers_are_live_until_their_heartbeat_expires(client, monkeypatch):

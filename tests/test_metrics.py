@@ -18,7 +18,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.settings import Settings
-from ops.redis_server import RedisServer, free_port
+from ops.redis_server import free_port
 from tasks import heartbeats, metrics
 from tasks.dispatch import queue_keys
 from tests.service import running_service, wait_until
@@ -55,17 +55,9 @@ def delta(after: Scrape, before: Scrape, name: str, **labels) -> float:
     return after.value(name, **labels) - before.value(name, **labels)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture
-def store(redis_server):
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    client.flushall()
-    return client
+def store(redis_db):
+    return redis_db
 
 
 def make_client(env: dict):

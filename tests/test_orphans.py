@@ -6,33 +6,23 @@ import base64
 import json
 
 import pytest
-import redis
 
-from ops.redis_server import RedisServer
 from tasks import heartbeats, orphans
 from tasks.dispatch import queue_keys
 from tasks.routing import own_queue
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
-        yield running
+@pytest.fixture
+def client(redis_db):
+    return redis_db
 
 
 @pytest.fixture
-def client(server):
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushall()
-    return client
-
-
-@pytest.fixture
-def celery_app(server):
+def celery_app(redis_server):
     from tasks.celery_app import make_app
     from tasks.settings import QueueSettings
 
-    app = make_app(QueueSettings.from_env({"LOCALQ_REDIS_URL": server.url}))
+    app = make_app(QueueSettings.from_env({"LOCALQ_REDIS_URL": redis_server.url}))
     yield app
     app.close()
 
@@ -87,12 +77,12 @@ def test_only_workers_without_a_heartbeat_lose_their_queue(client, celery_app):
     assert orphans.rescue_gone(client) == 0
 
 
-def test_a_stopping_worker_hands_back_its_own_queue(client, celery_app, server, monkeypatch):
+def test_a_stopping_worker_hands_back_its_own_queue(client, celery_app, redis_server, monkeypatch):
     """What `tasks.worker_signals` runs on Celery's worker_shutdown, in the worker's main process."""
     from tasks import worker_signals
     from tasks.runtime import runtime
 
-    monkeypatch.setenv("LOCALQ_REDIS_URL", server.url)
+    monkeypatch.setenv("LOCALQ_REDIS_URL", redis_server.url)
     monkeypatch.setenv("LOCALQ_WORKER_NAME", "cpu0@h")
     runtime.cache_clear()
     try:
