@@ -985,7 +985,7 @@ object_schema('LocalqWorker', {
     'hostname': Str(required=True, metadata={'description': 'Host the worker runs on.'}),
     'device': Str(required=True, validate=[OneOf(['cpu', 'gpu'])], metadata={'description': 'Kind of device the worker runs models on.'}),
     'queues': ListOf(Str(), required=True, metadata={'description': 'Queues the worker consumes.'}),
-    'memory_budget_bytes': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Memory the worker may fill with loaded models, in bytes.'}),
+    'memory_budget_bytes': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Memory the worker may fill with loaded models, in bytes (their size on disk); 0 when it has no limit.'}),
     'memory_used_bytes': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Memory its loaded models currently take, in bytes.'}),
     'loaded_models': ListOf(Str(), required=True, metadata={'description': 'Models currently held in memory by the worker.'}),
     'current_job': Str(required=True, allow_none=True, metadata={'description': 'Id of the job it is running; null when idle.'}),
