@@ -29,6 +29,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks.batch_input import check_lines
 from tasks.batches import FINAL, BatchStore, batch_key, results_key
+from tasks.cancel_check import CancelCheck
 from tasks.celery_app import PRIORITIES, app
 from tasks.files import publish_outputs, url_maker
 from tasks.filestore import FileNotFound, FileStore
@@ -235,16 +236,7 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
     kind = KINDS[record["endpoint"]]
     jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
              "created": int(time.time()), "base_url": record.get("base_url")} for line, _, body in pending]
-    cancelled = False
-    next_check = 0.0
-
-    def is_cancelled() -> bool:
-        nonlocal cancelled, next_check
-        now = time.monotonic()
-        if not cancelled and now >= next_check:
-            next_check = now + CANCEL_POLL
-            cancelled = bool(rt.redis.exists(cancel_key(batch_id)))
-        return cancelled
+    is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL)
 
     from workers.execute import execute_embeddings, run_job
 

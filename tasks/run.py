@@ -11,6 +11,7 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from tasks.cancel_check import CancelCheck
 from tasks.celery_app import app
 from tasks.files import fetch_uploads, publish_outputs, url_maker
 from tasks.metrics import FirstToken, completion_tokens, record_job
@@ -100,17 +101,7 @@ def run_job(self, job: dict) -> None:
 
     registry, cache = model_runtime()
     first_token = FirstToken(publisher.emit, started)
-    cancelled = False
-    next_check = 0.0
-
-    def is_cancelled() -> bool:
-        """Asked between tokens; asks Redis at most every CANCEL_POLL seconds."""
-        nonlocal cancelled, next_check
-        now = time.monotonic()
-        if not cancelled and now >= next_check:
-            next_check = now + CANCEL_POLL
-            cancelled = rt.jobs.cancel_requested(job_id)
-        return cancelled
+    is_cancelled = CancelCheck(lambda: rt.jobs.cancel_requested(job_id), CANCEL_POLL)
 
     outcome, error = "succeeded", None
     try:
@@ -130,7 +121,7 @@ def run_job(self, job: dict) -> None:
     tokens = None
     if error is not None:
         _fail(rt, job_id, error)
-    elif cancelled or publisher.result is None:
+    elif is_cancelled.cancelled or publisher.result is None:
         outcome = "cancelled"
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:

@@ -125,7 +125,8 @@ class Lines:
             self._queue.put(line)
         self._queue.put(None)
 
-    def wait_for(self, text: str, timeout: float) -> str:
+    def _read(self, timeout: float):
+        """Yield each new line (also kept in `lines`) until the stream ends or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -133,23 +134,20 @@ class Lines:
             except queue.Empty:
                 continue
             if line is None:
-                break
+                return
             self.lines.append(line)
+            yield line
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        for line in self._read(timeout):
             if text in line:
                 return line
         raise AssertionError(f"{text!r} not seen; got:\n{''.join(self.lines)}")
 
     def rest(self, timeout: float = 5) -> str:
         """Everything so far, reading on until the stream ends or `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
+        for _ in self._read(timeout):
+            pass
         return "".join(self.lines)
 
 

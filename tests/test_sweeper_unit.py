@@ -12,10 +12,9 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import redis
 from kombu.asynchronous.timer import Timer
 
-from ops.redis_server import RedisServer, free_port
+from ops.redis_server import free_port
 from tasks import batch_run
 from tasks.batch_run import FINALIZE_TASK, expired_key, finalize_key, lines_key
 from tasks.batches import BatchStore, results_key
@@ -25,18 +24,9 @@ from tasks.settings import QueueSettings
 from tasks.sweeper import LOCK_KEY, BatchSweep, Sweeper, sweep_client, sweep_expired
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("sweep-redis"), appendonly=False) as srv:
-        yield srv
-
-
 @pytest.fixture
-def client(server):
-    conn = redis.Redis.from_url(server.url, decode_responses=True)
-    conn.flushdb()
-    yield conn
-    conn.close()
+def client(redis_db):
+    return redis_db
 
 
 @pytest.fixture
@@ -187,9 +177,9 @@ def test_a_sweep_survives_redis_being_unreachable(caplog):
     assert "sweep skipped" in caplog.text
 
 
-def test_bootstep_runs_the_sweep_on_the_worker_timer(server, client, sent):
+def test_bootstep_runs_the_sweep_on_the_worker_timer(redis_server, client, sent):
     batch_id = make_batch(client, "in_progress", 2)
-    settings = QueueSettings(redis_url=server.url, batch_sweep_interval=0.2)
+    settings = QueueSettings(redis_url=redis_server.url, batch_sweep_interval=0.2)
     worker = SimpleNamespace(app=SimpleNamespace(localq_settings=settings), timer=Timer(), hostname="w@h")
     step = BatchSweep(worker)
     step.start(worker)
