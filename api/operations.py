@@ -20,6 +20,7 @@ from flask import Flask, current_app, request
 from api.errors import APIError
 from schemas.errors import Invalid
 from schemas.generated import OPERATIONS
+from schemas.json_bounds import check_bounds
 from schemas.requests import coerce_form, validate
 
 JSON = "application/json"
@@ -126,6 +127,10 @@ def read_body(op: dict) -> dict | None:
             return None
         data = parse_json(request.get_data(cache=True)) if has_body else {}
         if schema_name is None:
+            try:
+                check_bounds(data)  # unvalidated bodies keep the same bounds as validated ones
+            except Invalid as err:
+                raise _invalid(err) from None
             return data
         try:
             return validate(schema_name, data, extensions=op["extensions"], ignore_unknown=_ignore_unknown())

@@ -197,6 +197,9 @@ class Generator:
             return f"nested({schema_name!r}{self._kw(kwargs)})"
         if types == "object" or (types is None and "additionalProperties" in node):
             extra = node.get("additionalProperties")
+            names = node.get("propertyNames")
+            if isinstance(names, dict) and names:
+                kwargs.append(f"keys={self.field({'type': 'string', **names}, owner + 'Key')}")
             if isinstance(extra, dict) and extra:
                 return f"MapOf({self.field(extra, owner + 'Value')}{self._kw(kwargs, lead=True)})"
             return f"MapOf({self._kw(kwargs, lead=False)})"

@@ -8,8 +8,8 @@ from typing import Any
 from schemas.runtime import PARAM
 
 
-@dataclass(frozen=True)
-class Invalid(Exception):
+@dataclass
+class Invalid(Exception):  # not frozen: raising sets __traceback__ on it
     """A request value that failed validation: `param` is its path, as OpenAI writes it."""
 
     param: str | None

@@ -19,6 +19,7 @@ from marshmallow import ValidationError, fields
 
 from schemas.errors import Invalid, first_error, join_path, unknown_field_paths
 from schemas.generated import SCHEMAS
+from schemas.json_bounds import check_bounds
 from schemas.runtime import (
     Binary,
     Bool,
@@ -58,6 +59,7 @@ def validate(
             f"Invalid type for the request body: expected an object, but got {describe_kind(kind_of(data))} instead.",
             "invalid_type",
         )
+    check_bounds(data)  # before anything recurses into the value or encodes its text
     hoisted = [name for name in (extensions or {}).get("hoisted", ()) if name in data]
     data = hoist_extensions(dict(data), extensions)
     schema = SCHEMAS[schema_name]()
@@ -68,10 +70,7 @@ def validate(
             unknown = unknown_field_paths(err.messages) if ignore_unknown else []
             if not unknown:
                 raise _as_sent(first_error(err.messages), extensions, hoisted) from None
-            try:
-                data = copy.deepcopy(data)
-            except RecursionError:
-                raise Invalid(None, "The request body is nested too deeply.", "invalid_value") from None
+            data = copy.deepcopy(data)  # bounded in depth by check_bounds
             for path in unknown:
                 log.warning("ignoring unknown request field %s", join_path(path))
                 _delete(data, path)

@@ -157,6 +157,11 @@ class ListOf(fields.List):
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, list):
             raise type_error(["array"], value)
+        # the length first: a list over its maxItems is refused as that, before any item is
+        # loaded (100,000 inputs are "too many", not "input[0]: expected an integer")
+        for validator in self.validators:
+            if isinstance(validator, Length):
+                validator(value)
         return super()._deserialize(value, attr, data, **kwargs)
 
 
@@ -165,13 +170,21 @@ class MapOf(fields.Field):
 
     default_error_messages = _common_messages()
 
-    def __init__(self, values: fields.Field | None = None, **kwargs):
+    def __init__(self, values: fields.Field | None = None, *, keys: fields.Field | None = None, **kwargs):
         super().__init__(**kwargs)
         self.value_field = values
+        self.key_field = keys  # `propertyNames`: what every key must look like
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, Mapping):
             raise type_error(["object"], value)
+        if self.key_field is not None:
+            for key in value:
+                try:
+                    self.key_field.deserialize(key)
+                except ValidationError as err:
+                    # about the map: a key is not a place a value sits at
+                    raise ValidationError(f"Invalid key in {PARAM}: " + _first_text(err.messages)) from None
         if self.value_field is None:
             return dict(value)
         result, errors = {}, {}
@@ -183,6 +196,14 @@ class MapOf(fields.Field):
         if errors:
             raise ValidationError(errors)
         return result
+
+
+def _first_text(messages: Any) -> str:
+    """The first message of a marshmallow error structure, with its `$param` token dropped."""
+    while isinstance(messages, dict | list):
+        messages = next(iter(messages.values() if isinstance(messages, dict) else messages), "")
+    text = str(messages)
+    return text.split(": ", 1)[1] if text.startswith("Invalid value for " + PARAM) else text
 
 
 class Obj(fields.Nested):

@@ -160,6 +160,29 @@ def test_additional_properties_false_true_and_schema_maps(generated_module):
     assert error_of(ns, "TReq", {"map": {"k": "v"}}).param == "map.k"
 
 
+def test_map_keys_follow_property_names(generated_module):
+    ns = generated_module({
+        "TReq": {"type": "object", "properties": {
+            "bias": {"type": "object", "additionalProperties": {"type": "integer"},
+                     "propertyNames": {"pattern": "^[0-9]+$"}},
+        }},
+    })
+    assert load(ns, "TReq", {"bias": {"12": 1}}) == {"bias": {"12": 1}}
+    error = error_of(ns, "TReq", {"bias": {"12": 1, "x1": 2}})
+    assert error.param == "bias" and error.message.startswith("Invalid key in 'bias': 'x1'")
+
+
+def test_a_list_over_its_max_items_is_refused_before_its_items(generated_module):
+    ns = generated_module({
+        "TReq": {"type": "object", "properties": {
+            "input": {"oneOf": [{"type": "array", "maxItems": 3, "items": {"type": "string"}},
+                                {"type": "array", "maxItems": 3, "items": {"type": "integer"}}]},
+        }},
+    })
+    error = error_of(ns, "TReq", {"input": ["a"] * 4})
+    assert error.param == "input" and "at most 3 items" in error.message
+
+
 def test_property_names_that_are_not_identifiers_keep_their_wire_names(generated_module):
     ns = generated_module({
         "TReq": {"type": "object", "properties": {
