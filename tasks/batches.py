@@ -163,29 +163,28 @@ class BatchStore:
 
 
 def batch_object(record: dict[str, str]) -> dict:
-    """The OpenAI Batch object of a record."""
-
-    def seconds(name: str) -> int | None:
-        return int(record[name]) if record.get(name) else None
-
+    """The OpenAI Batch object of a record. Fields not set yet (`errors`, the output and error file
+    ids, the timestamps of states not reached) are left out: OpenAI's schema has no null for them."""
     batch: dict[str, Any] = {
         "id": record["id"],
         "object": "batch",
         "endpoint": record["endpoint"],
-        "errors": json.loads(record["errors"]) if record.get("errors") else None,
         "input_file_id": record["input_file_id"],
         "completion_window": record["completion_window"],
         "status": record["status"],
-        "output_file_id": record.get("output_file_id") or None,
-        "error_file_id": record.get("error_file_id") or None,
         "created_at": int(record["created_at"]),
-        "expires_at": seconds("expires_at"),
         "request_counts": {"total": int(record.get("total") or 0), "completed": int(record.get("completed") or 0),
                            "failed": int(record.get("failed") or 0)},
         "metadata": json.loads(record["metadata"]) if record.get("metadata") else None,
     }
-    for name in TIMESTAMPS:
-        batch[name] = seconds(name)
+    if record.get("errors"):
+        batch["errors"] = json.loads(record["errors"])
+    for name in ("output_file_id", "error_file_id"):
+        if record.get(name):
+            batch[name] = record[name]
+    for name in ("expires_at", *TIMESTAMPS):
+        if record.get(name):
+            batch[name] = int(record[name])
     input_tokens, output_tokens = int(record.get("input_tokens") or 0), int(record.get("output_tokens") or 0)
     batch["usage"] = {
         "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},

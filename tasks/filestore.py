@@ -250,9 +250,9 @@ class FileStore:
 
 
 def file_object(record: dict) -> dict:
-    """The OpenAI file object of a metadata hash."""
-    expires_at = record.get("expires_at")
-    return {
+    """The OpenAI file object of a metadata hash. `expires_at` and `status_details` are left out
+    when unset: OpenAI's schema types them as an integer and a string, never null."""
+    found = {
         "id": record["id"],
         "object": "file",
         "bytes": int(record.get("bytes", 0)),
@@ -260,9 +260,12 @@ def file_object(record: dict) -> dict:
         "filename": record.get("filename", ""),
         "purpose": record.get("purpose", ""),
         "status": record.get("status", "processed"),
-        "expires_at": int(expires_at) if expires_at else None,
-        "status_details": record.get("status_details") or None,
     }
+    if record.get("expires_at"):
+        found["expires_at"] = int(record["expires_at"])
+    if record.get("status_details"):
+        found["status_details"] = record["status_details"]
+    return found
 
 
 def _expired(record: dict, now: float) -> bool:

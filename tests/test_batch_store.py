@@ -32,7 +32,7 @@ def test_a_new_batch_is_validating_with_openai_fields(store):
     assert batch["object"] == "batch" and batch["status"] == "validating" and batch["metadata"] == {"k": "v"}
     assert batch["expires_at"] - batch["created_at"] == 86400
     assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
-    assert batch["in_progress_at"] is None and batch["output_file_id"] is None
+    assert "in_progress_at" not in batch and "output_file_id" not in batch  # unset: left out, never null
 
 
 def test_each_line_counts_once_even_when_recorded_again(store):
@@ -65,7 +65,7 @@ def test_status_changes_stamp_their_times(store):
     store.set_status(batch_id, "finalizing")
     batch = store.get(batch_id)
     assert batch["status"] == "finalizing" and batch["request_counts"]["total"] == 3
-    assert batch["in_progress_at"] and batch["finalizing_at"] and batch["completed_at"] is None
+    assert batch["in_progress_at"] and batch["finalizing_at"] and "completed_at" not in batch
 
 
 def test_listing_newest_first_with_after(store):

@@ -13,10 +13,13 @@ Two kinds of tests live here:
   text in multipart form fields and query strings, which the server coerces before validating.
 
 The property is the same everywhere: no status >= 500 except 501 (not implemented), and every
-error answer (>= 400) is exactly `{"error": {"message", "type", "param", "code"}}`. One designed
-5xx is tolerated besides 501: 503 with code `queue_unavailable`, the answer of a handler that
-needs the job queue when none is reachable. The apps here point at an address where no queue
-listens, so fuzzing never submits jobs to a real one.
+error answer (>= 400) is exactly `{"error": {"message", "type", "param", "code"}}`. Schemathesis
+also validates each answer whose status the served document lists against that answer's schema
+(its `response_schema_conformance` check): with no queue here, that covers the model routes and
+the error bodies; tests/test_response_conformance.py checks the job-backed answers of a real
+service. One designed 5xx is tolerated besides 501: 503 with code `queue_unavailable`, the answer
+of a handler that needs the job queue when none is reachable. The apps here point at an address
+where no queue listens, so fuzzing never submits jobs to a real one.
 
 A few hand-written adversarial requests (deep nesting, a multipart part without a name) close the
 file; each pins a crash the fuzzing once found (all fixed).
@@ -36,6 +39,7 @@ import schemathesis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from marshmallow import fields
+from schemathesis.checks import response_schema_conformance
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 from werkzeug.datastructures import MultiDict
@@ -180,6 +184,10 @@ def case_strategy(operation_id: str) -> st.SearchStrategy:
     )
 
 
+# Every documented answer's body must validate against its schema in the served document.
+RESPONSE_CHECKS = [response_schema_conformance]
+
+
 # Parametrized here rather than with `schema.parametrize()`, so each operation is its own test id
 # (schemathesis' own items all share one node id under pytest 9).
 @pytest.mark.parametrize("operation_id", TARGETS)
@@ -196,6 +204,7 @@ def test_served_document_fuzz(operation_id):
         )
         content_type = (response.headers.get("content-type") or [None])[0]
         check_answer(response.status_code, content_type, response.content, request)
+        case.validate_response(response, checks=RESPONSE_CHECKS)
 
     run()
 

@@ -11,6 +11,10 @@ run the backend, and report:
 - the ImagesResponse as the `result`; for `response_format: url`, each picture is a
   `FileOutput` the task layer stores and replaces by its URL.
 
+OpenAI's schemas describe the picture (`size`, `quality`, `background`, `output_format`) only as
+GPT image models report it: in an ImagesResponse only for those models and only with the values the
+schema lists; in stream events always, with `auto` for a size the schema does not list.
+
 Each image `i` of a job is seeded with `seed + i`; without a `seed` extension the seed is
 derived from the job id, so a job delivered again replays the same pictures (and the partial
 images already published stay valid) while two jobs still differ.
@@ -55,6 +59,8 @@ _KIND_FIELDS = {
         "response_format", "stream", "partial_images", "input_fidelity", "image", "mask", "images",
     }),
 }
+#: The sizes OpenAI's image schemas name (GPT image models); events also allow "auto".
+SCHEMA_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 _EVENT_TYPES = {
     "image": ("image_generation.partial_image", "image_generation.completed"),
     "image_edit": ("image_edit.partial_image", "image_edit.completed"),
@@ -258,7 +264,8 @@ def _run(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Ca
         "output_tokens": 0,
         "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
     }
-    described = {"size": size, "quality": "auto", "background": "opaque", "output_format": output_format}
+    described = {"size": size if size in SCHEMA_SIZES else "auto", "quality": "auto", "background": "opaque",
+                 "output_format": output_format}
     sent_partials = 0
 
     def on_step(step: int, total: int, preview: Callable[[], list]) -> None:
@@ -313,7 +320,7 @@ def _run(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Ca
             {"url": FileOutput(data, media_type, output_format)} if as_url else {"b64_json": _b64(data)}
             for data in encoded
         ],
-        **described,
+        **_picture_fields(job, size, output_format),
         "usage": {
             "input_tokens": text_tokens,
             "output_tokens": 0,
@@ -339,14 +346,29 @@ def _guidance(config: ModelConfig, knobs: Mapping) -> float:
 def _response_format(job: dict) -> str:
     """The request's response_format; by default b64_json for gpt-image models (which only
     answer that way, as does the JSON edit body) and url for dall-e ones."""
-    request = job["request"]
-    chosen = request.get("response_format")
+    chosen = job["request"].get("response_format")
     if chosen:
         return chosen
+    return "b64_json" if _gpt_image(job) else "url"
+
+
+def _gpt_image(job: dict) -> bool:
+    """Whether the client asked for a GPT image model (by name, or with the JSON edit body they alone take)."""
+    request = job["request"]
     model = str(request.get("model") or job.get("model") or "").lower()
-    if "images" in request or model.startswith(("gpt-image", "chatgpt-image")):
-        return "b64_json"
-    return "url"
+    return "images" in request or model.startswith(("gpt-image", "chatgpt-image"))
+
+
+def _picture_fields(job: dict, size: str, output_format: str) -> dict:
+    """What an ImagesResponse says about its pictures: as a GPT image model says it, else nothing
+    (dall-e answers carry only the data). No `quality`: the schema's low/medium/high have no
+    diffusers meaning, and a size it does not list is left out."""
+    if not _gpt_image(job):
+        return {}
+    fields = {"background": "opaque", "output_format": output_format}
+    if size in SCHEMA_SIZES:
+        fields["size"] = size
+    return fields
 
 
 def _b64(data: bytes) -> str:

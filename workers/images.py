@@ -182,12 +182,16 @@ def decode(data: bytes, param: str):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise JobError(
-            400, f"The file in '{param}' is not an image that can be read: {exc}", param=param,
-            code="invalid_image",
-        ) from None
-    return image
+    except Image.DecompressionBombError:
+        why = "it has too many pixels"
+    except UnidentifiedImageError:
+        why = "its format is not recognised, or it is cut short"
+    except (OSError, ValueError, SyntaxError):  # Pillow's own words name its internals: not repeated
+        why = "it is truncated or corrupt"
+    else:
+        return image
+    raise JobError(400, f"The file in '{param}' is not an image that can be read: {why}.", param=param,
+                   code="invalid_image")
 
 
 def data_url_bytes(url: str, param: str) -> bytes:

@@ -82,7 +82,8 @@ def list_batches(call):
     limit = page_limit(query, 20, MAX_LIST_LIMIT)
     after = query.get("after") or None
     items, has_more = _store().list(after=after, limit=limit)
-    return page(items, has_more)
+    # ListBatchesResponse has no null ids: an empty page leaves them out.
+    return {key: value for key, value in page(items, has_more).items() if value is not None}
 
 
 def cancel_batch(call):

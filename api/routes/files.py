@@ -97,7 +97,9 @@ def list_files(call):
         items, has_more = file_store().list(purpose=purpose, limit=limit, after=after, order=order)
     except FileNotFound:
         raise not_found(after, param="after") from None
-    return page(items, has_more)
+    listed = page(items, has_more)
+    # ListFilesResponse requires both ids as strings, even on an empty page.
+    return {**listed, "first_id": listed["first_id"] or "", "last_id": listed["last_id"] or ""}
 
 
 def retrieve_file(call):
