@@ -523,3 +523,30 @@ def test_job_error_carries_openai_fields():
     assert error.to_dict() == {"message": "gone", "type": "invalid_request_error", "param": "model",
                                "code": "model_not_found"}
     assert str(error) == "gone"
+
+
+# ---------------------------------------------------------------------------------------------
+# system_fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_follows_the_model_file_settings_and_backend(tmp_path):
+    import os
+    import re
+
+    from workers.fingerprint import fingerprint
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"weights")
+    config = make_config(model_file=model, parameters={"temperature": 0.7})
+    first = fingerprint(config, model, "v1")
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", first)
+    assert fingerprint(config, model, "v1") == first
+    # naming and placing the model changes nothing it generates
+    assert fingerprint(make_config(model_file=model, parameters={"temperature": 0.7}, name="other",
+                                   aliases=("x",), description="d"), model, "v1") == first
+    assert fingerprint(make_config(model_file=model, parameters={"temperature": 0.2}), model, "v1") != first
+    assert fingerprint(config, model, "v2") != first
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file was replaced
+    assert fingerprint(config, model, "v1") != first

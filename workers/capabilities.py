@@ -131,7 +131,32 @@ _EMBEDDING_HONOURED = _METADATA | {"input"}
 _TOKENIZE_HONOURED = {"model", "content", "add_special"}
 _DETOKENIZE_HONOURED = {"model", "tokens"}
 
-Problem = tuple[str, str]
+UNSUPPORTED = "unsupported_parameter"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+class Problem(tuple):
+    """`(param, message)` for a part of a request a model cannot honour, plus the OpenAI error
+    `code` to answer with. A plain 2-tuple to unpack, so `param, message = problem` still works."""
+
+    code: str
+
+    def __new__(cls, param: str, message: str, code: str = UNSUPPORTED):
+        problem = super().__new__(cls, (param, message))
+        problem.code = code
+        return problem
+
+
+def too_long(param: str, limit: int, tokens: int, *, at_least: bool = False) -> Problem:
+    """OpenAI's 400 for a prompt that does not fit the context; `at_least` when `tokens` is a
+    lower bound (counting stopped early, or only the messages were counted)."""
+    count = f"at least {tokens}" if at_least else str(tokens)
+    return Problem(
+        param,
+        f"This model's maximum context length is {limit} tokens. However, your {param} resulted in "
+        f"{count} tokens. Please reduce the length of the {param}.",
+        CONTEXT_LENGTH_EXCEEDED,
+    )
 
 
 def backend_name(config: ModelConfig) -> str | None:
@@ -174,13 +199,22 @@ def supported_kinds(config: ModelConfig) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def unsupported(kind: str, config: ModelConfig, request: dict) -> tuple[str, str] | None:
-    """`(param, message)` for the first part of `request` that `config`'s backend cannot honour.
+def unsupported(kind: str, config: ModelConfig, request: dict) -> Problem | None:
+    """The `Problem` (`(param, message)`, `.code`) with the first part of `request` that
+    `config`'s backend cannot honour, or None when the whole request can be honoured.
 
     `param` is OpenAI's path to the field (`tools`, `messages[2].content[0]`,
-    `x-localai-extensions.mirostat`); "model" when the model cannot run `kind` at all.
-    None when the whole request can be honoured.
+    `x-localai-extensions.mirostat`); "model" when the model cannot run `kind` at all. The code
+    is "unsupported_parameter", or "context_length_exceeded" for a prompt that cannot fit the
+    context whatever the tokenizer makes of it (more messages than the context has tokens).
     """
+    problem = _first_problem(kind, config, request)
+    if problem is None or isinstance(problem, Problem):
+        return problem
+    return Problem(*problem)
+
+
+def _first_problem(kind: str, config: ModelConfig, request: dict) -> tuple[str, str] | None:
     label = _model_label(config, request)
     backend = backend_name(config)
     if kind not in supported_kinds(config):
@@ -265,6 +299,10 @@ def _response_format(request, value, config, label) -> Problem | None:
 
 
 def _messages(request, value, config, label) -> Problem | None:
+    # Every chat template spends at least one token per message: more messages than the
+    # context has tokens cannot fit, and are refused before anything renders or tokenizes them.
+    if isinstance(value, list) and len(value) >= config.context_tokens:
+        return too_long("messages", config.context_tokens, len(value), at_least=True)
     for index, message in enumerate(value or ()):
         if not isinstance(message, Mapping):
             continue
@@ -376,6 +414,17 @@ def _dimensions(request, value, config, label) -> Problem | None:
     return _reject("dimensions", label, f"its embeddings have {limit} dimensions")
 
 
+def _completion_prompt(request, value, config, label) -> Problem | None:
+    """Prompts sent as token ids are counted exactly; text needs the tokenizer (the worker's)."""
+    if not isinstance(value, list) or not value:
+        return None
+    prompts = [value] if all(isinstance(item, int) for item in value) else value
+    for position, prompt in enumerate(prompts):
+        if isinstance(prompt, list) and len(prompt) >= config.context_tokens:
+            return too_long("prompt" if position == 0 else f"prompt[{position}]", config.context_tokens, len(prompt))
+    return None
+
+
 def _embedding_input(request, value, config, label) -> Problem | None:
     if backend_name(config) != "llama-cpp":
         return None
@@ -413,6 +462,7 @@ _CHECKS: dict[str, dict[str, Any]] = {
         "honoured": _COMPLETION_HONOURED,
         "special": {
             **_TEXT_SPECIAL,
+            "prompt": _completion_prompt,
             "suffix": _suffix,
             "best_of": _best_of,
             "echo": _echo,

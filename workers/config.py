@@ -24,6 +24,9 @@ class ModelConfigError(ValueError):
 #: installed Python distribution; it is located with importlib.metadata, never imported.
 PACKAGE_SCHEME = "package://"
 
+#: A text model's context size (tokens) when its config sets none.
+DEFAULT_CONTEXT_SIZE = 2048
+
 
 class StrictFloat(fields.Float):
     """YAML already types numbers, so a quoted "0.7" or a `true` is a mistake to report."""
@@ -136,6 +139,11 @@ class ModelConfig:
     step: int | None = None
     cfg_scale: float | None = None
     voices: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def context_tokens(self) -> int:
+        """The context size a text model runs with: prompts must be shorter than this."""
+        return self.context_size or DEFAULT_CONTEXT_SIZE
 
     @property
     def names(self) -> tuple[str, ...]:

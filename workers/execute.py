@@ -3,7 +3,9 @@
 Chat and completion jobs emit every OpenAI streaming chunk as a "delta" event (also when the
 client did not ask for a stream), then the full OpenAI response as one "result" event, built
 from the same pieces, so the concatenated stream always equals the result. Other kinds emit
-only the result. A cancelled job stops between tokens and emits no result.
+only the result. A cancelled job emits no result: it stops after the model load, between pieces
+of its prompt's tokenization, between batches of the prompt's evaluation, or between tokens.
+Chat and completion responses carry the model's `system_fingerprint` (`workers.fingerprint`).
 
 Without a `seed` in the request (or the model config), sampling is seeded from the job id: a
 job delivered again after its worker died replays the same tokens, so the deltas already
@@ -51,10 +53,13 @@ def execute(
     problem = capabilities.unsupported(kind, config, request)
     if problem is not None:
         param, message = problem
-        raise JobError(400, message, param=param, code="unsupported_parameter")
+        raise JobError(400, message, param=param, code=problem.code)
     if cancelled():
         return
-    handler(job, config, cache.get(config), emit, cancelled)
+    backend = cache.get(config)
+    if cancelled():  # the client may have left while the model loaded
+        return
+    handler(job, config, backend, emit, cancelled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,13 +70,16 @@ def execute(
 def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
     request = job["request"]
     params = sampling.resolve("chat", request, config)
-    run = backend.start(backend.chat_prompt(request["messages"]), params, param="messages")
+    prompt = backend.chat_prompt(request["messages"], cancelled)
+    if prompt is None:
+        return
+    run = backend.start(prompt, params, param="messages")
     stream = _Stream(emit, {
         "id": f"chatcmpl-{job['id']}",
         "object": "chat.completion.chunk",
         "created": job["created"],
         "model": job["model"],
-        "system_fingerprint": None,
+        "system_fingerprint": backend.fingerprint,
     }, _include_usage(request))
     want_logprobs = params["logprobs"]
     choices, completion_tokens = [], 0
@@ -130,14 +138,17 @@ def _completion(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancel
     prompts = []
     for position, prompt in enumerate(_prompts(request.get("prompt"))):
         param = "prompt" if position == 0 else f"prompt[{position}]"
-        tokens, text = backend.completion_prompt(prompt, param="prompt")
+        prepared = backend.completion_prompt(prompt, param=param, cancelled=cancelled)
+        if prepared is None:
+            return
+        tokens, text = prepared
         prompts.append((backend.start(tokens, params, param=param), text))
     stream = _Stream(emit, {
         "id": f"cmpl-{job['id']}",
         "object": "text_completion",
         "created": job["created"],
         "model": job["model"],
-        "system_fingerprint": None,
+        "system_fingerprint": backend.fingerprint,
     }, _include_usage(request))
     want_logprobs = params["logprobs"] is not None
     choices, prompt_tokens, completion_tokens = [], 0, 0

@@ -9,6 +9,12 @@ in stream and non-stream mode alike, log probabilities need no `logits_all` buff
 read from the context's logits for the token just sampled), and stop sequences, `ignore_eos`,
 `logit_bias` and OpenAI's `json_schema` response format (which llama-cpp-python's chat
 handler does not implement) are handled in one place.
+
+No work goes on for a prompt that cannot fit or a job no one waits for: prompts are tokenized in
+linear time and only until they exceed the context (`llama_tokens`), a prompt too large for any
+tokenization is refused untokenized, and the prompt is evaluated in `n_batch` chunks with the
+job's cancel check between them (a long prompt's evaluation is the longest step before the
+first token).
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatte
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from workers import devices
+from workers.backends.llama_tokens import PromptTokenizer
+from workers.capabilities import Problem, too_long
 from workers.config import ModelConfig
 from workers.errors import JobError
+from workers.fingerprint import fingerprint
 
-#: Context size when the config sets none.
-DEFAULT_CONTEXT_SIZE = 2048
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed" value
 _NEVER = -1e30  # a logit no other candidate loses to
 
@@ -66,7 +73,7 @@ class LlamaCppBackend:
         path = config.locate_model()
         kwargs: dict[str, Any] = {
             "model_path": str(path),
-            "n_ctx": config.context_size or DEFAULT_CONTEXT_SIZE,
+            "n_ctx": config.context_tokens,
             "n_gpu_layers": devices.gpu_layers(config),  # 0 on the CPU and on a simulated GPU
             "embedding": bool(config.embeddings),
             "verbose": False,
@@ -77,12 +84,16 @@ class LlamaCppBackend:
             kwargs["use_mmap"] = config.mmap
         self.config = config
         self.llm = Llama(**kwargs)
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp may round the context up; the configured size is the one clients are told
+        # (and the one the API checks requests against).
+        self.n_ctx = min(self.llm.n_ctx(), config.context_tokens)
         self.n_vocab = self.llm.n_vocab()
         self._vocab = self.llm._model.vocab
         self._lock = threading.RLock()
         self._formatter = self._chat_formatter()
+        self._tokens = PromptTokenizer(self.llm)
         self._eog: np.ndarray | None = None
+        self.fingerprint = fingerprint(config, path, f"llama-cpp-python {llama_cpp.__version__}")
 
     def close(self) -> None:
         self.llm.close()
@@ -92,7 +103,7 @@ class LlamaCppBackend:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of `text`; special-token text (like <|im_start|>) is parsed as such."""
         with self._lock:
-            return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+            return self._tokens.tokenize(text.encode("utf-8"), add_special=add_special).tokens
 
     def detokenize(self, tokens: list[int]) -> str:
         """The text of `tokens`, special tokens included."""
@@ -112,21 +123,34 @@ class LlamaCppBackend:
 
     # -- prompts -------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The chat rendered with the model's template, ready for the assistant's turn."""
+    def chat_prompt(self, messages: list[dict], cancelled: Callable[[], bool] = lambda: False) -> list[int] | None:
+        """The chat rendered with the model's template, ready for the assistant's turn; None
+        when `cancelled()` turned true on the way.
+
+        Raises JobError (400 context_length_exceeded) as soon as the prompt is known not to fit.
+        """
+        if len(messages) >= self.n_ctx:  # every message costs a token: see capabilities._messages
+            raise _error(too_long("messages", self.n_ctx, len(messages), at_least=True))
+        plain = [_plain_message(m) for m in messages]
+        if cancelled():
+            return None
         try:
-            prompt = self._formatter(messages=[_plain_message(m) for m in messages]).prompt
+            prompt = self._formatter(messages=plain).prompt
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise JobError(
                 400, f"The model's chat template cannot render these messages: {exc}", param="messages"
             ) from None
-        with self._lock:
-            return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return self._prompt_tokens(prompt, add_special=False, param="messages", cancelled=cancelled)
 
-    def completion_prompt(self, prompt: str | list[int], param: str = "prompt") -> tuple[list[int], str]:
-        """(tokens, text) of a completions prompt given as text or as token ids."""
+    def completion_prompt(
+        self, prompt: str | list[int], param: str = "prompt", cancelled: Callable[[], bool] = lambda: False,
+    ) -> tuple[list[int], str] | None:
+        """(tokens, text) of a completions prompt given as text or as token ids; None when
+        `cancelled()` turned true while it was tokenized."""
         if isinstance(prompt, str):
-            tokens = self.tokenize(prompt, add_special=True)
+            tokens = self._prompt_tokens(prompt, add_special=True, param=param, cancelled=cancelled)
+            if tokens is None:
+                return None
             text = prompt
         else:
             self.check_tokens(prompt, param)
@@ -138,6 +162,22 @@ class LlamaCppBackend:
             tokens = [bos if bos >= 0 else self.llm.token_eos()]
         return tokens, text
 
+    def _prompt_tokens(
+        self, text: str, *, add_special: bool, param: str, cancelled: Callable[[], bool]
+    ) -> list[int] | None:
+        """Tokens of a prompt that fits the context; counting stops as soon as it cannot."""
+        data = text.encode("utf-8")
+        least = self._tokens.at_least(len(data))
+        if least >= self.n_ctx:  # too large for any tokenization: do not tokenize at all
+            raise _error(too_long(param, self.n_ctx, least, at_least=True))
+        with self._lock:
+            counted = self._tokens.tokenize(data, add_special=add_special, limit=self.n_ctx, cancelled=cancelled)
+        if counted is None:
+            return None
+        if not counted.complete:
+            raise _error(too_long(param, self.n_ctx, len(counted.tokens), at_least=True))
+        return counted.tokens
+
     # -- generation ----------------------------------------------------------------------------
 
     def start(self, prompt_tokens: list[int], params: dict, *, param: str) -> Run:
@@ -147,19 +187,38 @@ class LlamaCppBackend:
         errors ("messages" or "prompt").
         """
         if len(prompt_tokens) >= self.n_ctx:
-            raise JobError(
-                400,
-                f"This model's maximum context length is {self.n_ctx} tokens. However, your "
-                f"{param} resulted in {len(prompt_tokens)} tokens. Please reduce the length of the {param}.",
-                param=param,
-                code="context_length_exceeded",
-            )
+            raise _error(too_long(param, self.n_ctx, len(prompt_tokens)))
         processors = []
         if params.get("logit_bias"):
             processors.append(self._logit_bias(params["logit_bias"]))
         if params.get("ignore_eos"):
             processors.append(self._ban_eog())
         return Run(self, list(prompt_tokens), params, grammar=self._grammar(params), processors=processors)
+
+    def prefill(self, prompt: list[int], cancelled: Callable[[], bool]) -> bool:
+        """Evaluate all of `prompt` but its last token, `n_batch` tokens at a time, asking
+        `cancelled()` before each batch; False when it said yes. Call with the lock held.
+
+        What the context already holds from an earlier prompt is kept (as `Llama.generate`
+        would keep it). `generate` then finds the whole prefix cached and evaluates only the
+        last token, whose logits the first sample needs.
+        """
+        llm, target = self.llm, len(prompt) - 1
+        cached = llm._input_ids[:target]
+        if len(cached):
+            differs = np.flatnonzero(cached != np.asarray(prompt[: len(cached)], dtype=cached.dtype))
+            kept = int(differs[0]) if len(differs) else len(cached)
+        else:
+            kept = 0
+        if kept == 0 or not llm._ctx.kv_cache_seq_rm(-1, kept, -1):
+            llm.reset()
+        else:
+            llm.n_tokens = kept
+        for start in range(llm.n_tokens, target, llm.n_batch):
+            if cancelled():
+                return False
+            llm.eval(prompt[start : min(start + llm.n_batch, target)])
+        return not cancelled()
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -247,20 +306,18 @@ class LlamaCppBackend:
                 400, f"This model's embeddings have {dims} dimensions; 'dimensions' cannot be larger.",
                 param="dimensions", code="invalid_value",
             )
+        limit = self.llm.n_batch
+        for index, text in enumerate(inputs):  # refused before tokenizing when no tokenization fits
+            least = self._tokens.at_least(len(text.encode("utf-8")))
+            if least > limit:
+                raise _embed_too_long(limit, index, f"at least {least}")
         with self._lock:
             counts = [len(self.llm.tokenize(text.encode("utf-8"))) for text in inputs]
-        limit = self.llm.n_batch
         for index, count in enumerate(counts):
             if count == 0:
                 raise JobError(400, f"Input {index} is empty; there is nothing to embed.", param="input")
             if count > limit:
-                raise JobError(
-                    400,
-                    f"This model can embed at most {limit} tokens per input. However, input {index} "
-                    f"resulted in {count} tokens. Please reduce its length.",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+                raise _embed_too_long(limit, index, str(count))
         vectors: list[list[float]] = []
         for start in range(0, len(inputs), 16):
             if cancelled():
@@ -338,6 +395,9 @@ class Generation:
         limit = room if params.get("max_tokens") is None else min(params["max_tokens"], room)
         if limit <= 0:
             self.finish_reason = "length"
+            return
+        if not backend.prefill(prompt, self._cancelled):
+            self.finish_reason = "cancelled"
             return
         llm.set_seed(secrets.randbelow(_RANDOM_SEED) if self._seed is None else self._seed % _RANDOM_SEED)
         last_n = params.get("repeat_last_n", 64)
@@ -469,6 +529,21 @@ def _take(pending: list[TokenLogprob], upto: int) -> list[TokenLogprob]:
     while pending and pending[0].offset < upto:
         taken.append(pending.pop(0))
     return taken
+
+
+def _error(problem: Problem) -> JobError:
+    param, message = problem
+    return JobError(400, message, param=param, code=problem.code)
+
+
+def _embed_too_long(limit: int, index: int, count: str) -> JobError:
+    return JobError(
+        400,
+        f"This model can embed at most {limit} tokens per input. However, input {index} "
+        f"resulted in {count} tokens. Please reduce its length.",
+        param="input",
+        code="context_length_exceeded",
+    )
 
 
 def _plain_message(message: dict) -> dict:
