@@ -18,7 +18,8 @@ Two sources, one scrape:
   `localq_workers_alive{device}` (`cpu` and `gpu` always present), `localq_jobs_total{kind,
   outcome}`, `localq_job_duration_seconds{kind, model}`, `localq_time_to_first_token_seconds{kind,
   model}`, `localq_tokens_generated_total{kind, model}` (see `tasks.metrics` for what each
-  measures), and `localq_redis_up` (0 when Redis did not answer: the cluster metrics are then
+  measures), `localq_dead_letters_total{reason}` (job messages the workers set aside: see
+  `tasks.dead_letters`), and `localq_redis_up` (0 when Redis did not answer: the cluster metrics are then
   left out of the scrape rather than reported as zeros).
 
 `/metrics` asks for no API key, like most Prometheus targets: it shows model names, counts and
@@ -266,6 +267,13 @@ class ClusterCollector:
         for (kind, model), count in sorted(jobs.tokens.items()):
             tokens.add_metric([kind, model], count)
         yield tokens
+
+        dead = CounterMetricFamily("localq_dead_letters",
+                                   "Job messages set aside in the dead letters (`localq dead-letters`), by reason.",
+                                   labels=["reason"])
+        for reason, count in sorted(jobs.dead_letters.items()):
+            dead.add_metric([reason], count)
+        yield dead
 
         for name, doc, histograms in (
             ("localq_job_duration_seconds",

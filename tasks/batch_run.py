@@ -13,6 +13,9 @@ Three Celery tasks, JSON arguments only:
   dropped (counted once in the batch hash's `dropped` field, never in the output); a line past
   `expires_at` is recorded as failed with `error.code` `batch_expired`. The task that brings
   completed + failed + dropped to the total sends `localq.batch.finalize`, once (SETNX).
+  A lines message delivered more than `LOCALQ_MAX_DELIVERIES` times (its lines kept stopping the
+  worker) records a `worker_lost` error for its lines instead, and goes to the dead letters
+  (`tasks.dead_letters`); `give_up_lines` does the same for one no worker can take (`tasks.handoff`).
 * `localq.batch.finalize(batch_id)`: writes the output file (successful lines) and the error file
   (failed ones) through `FileStore`, in input order, and gives the batch its final status. A
   finalize delivered again after a crash reuses the files the first one recorded.
@@ -27,6 +30,7 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from tasks import dead_letters
 from tasks.batch_input import check_lines
 from tasks.batches import FINAL, BatchStore, batch_key, results_key
 from tasks.cancel_check import CancelCheck
@@ -66,6 +70,11 @@ def expired_key(batch_id: str) -> str:
     return f"localq:batch:{batch_id}:expired"
 
 
+def deliveries_key(batch_id: str) -> str:
+    """custom_id of a lines message's first line -> deliveries of that message."""
+    return f"localq:batch:{batch_id}:deliveries"
+
+
 def lines_key(batch_id: str) -> str:
     """custom_id -> input line number, so the output files keep the input's order."""
     return f"localq:batch:{batch_id}:lines"
@@ -80,8 +89,8 @@ def _files() -> FileStore:
     return FileStore(rt.redis, rt.settings.files_dir)
 
 
-def _send_finalize(batch_id: str) -> None:
-    client = runtime().redis
+def _send_finalize(batch_id: str, client=None) -> None:
+    client = client or runtime().redis
     if client.set(finalize_key(batch_id), "1", nx=True):
         try:
             app.send_task(FINALIZE_TASK, args=[batch_id], queue="cpu", priority=PRIORITIES["interactive"])
@@ -128,7 +137,7 @@ def start_batch(batch_id: str) -> None:
             return "model_not_found", f"The model '{model}' does not exist"
         problem = unsupported(kind, config, body)
         if problem is not None:
-            return "unsupported_parameter", problem[1]
+            return problem.code, problem[1]
         devices[model] = queue_for(config)
         return None
 
@@ -176,11 +185,33 @@ def _drop(batch_id: str, custom_id: str) -> None:
     _store().drop(batch_id, custom_id, dropped_key(batch_id))
 
 
-def _maybe_finalize(batch_id: str) -> None:
-    total, completed, failed = _store().counts(batch_id)
-    dropped = int(runtime().redis.hget(batch_key(batch_id), "dropped") or 0)
+def _maybe_finalize(batch_id: str, client=None) -> None:
+    client = client or runtime().redis
+    total, completed, failed = BatchStore(client).counts(batch_id)
+    dropped = int(client.hget(batch_key(batch_id), "dropped") or 0)
     if total and completed + failed + dropped >= total:
-        _send_finalize(batch_id)
+        _send_finalize(batch_id, client)
+
+
+def give_up_lines(client, batch_id: str, items: list, payload: dict) -> int:
+    """Record `payload` (`{"status", "error"}`) as the outcome of every line of `items` that has none:
+    a lines message no worker can run (`tasks.handoff`). Sends finalize if that was the last line;
+    the number of lines recorded now. `client`: the caller's own Redis client (the worker's main
+    process must not wait on the task runtime's long retries)."""
+    store = BatchStore(client)
+    record = store.record(batch_id)
+    if record is None or record["status"] in FINAL:
+        return 0
+    outcomes = [(custom_id, _failure(custom_id, f"{batch_id}-{line}", payload["status"], payload["error"]), True)
+                for line, custom_id, *_ in items]
+    recorded = store.record_outcomes(batch_id, outcomes)
+    try:
+        record_jobs(client, [{"kind": KINDS.get(record.get("endpoint"), ""), "outcome": "failed"}
+                             for first in recorded if first])
+    except Exception:
+        log.warning("batch line metrics not recorded", exc_info=True)
+    _maybe_finalize(batch_id, client)
+    return sum(recorded)
 
 
 def _failure(custom_id: str, request_id: str, status: int, error: dict) -> dict:
@@ -206,17 +237,41 @@ SERVER_ERROR = {"message": "The worker had an error while running the request.",
                 "param": None, "code": None}
 
 
-@app.task(name=LINES_TASK)
-def run_lines(batch_id: str, items: list) -> None:
+@app.task(name=LINES_TASK, bind=True)
+def run_lines(self, batch_id: str, items: list) -> None:
     """Run `items` (`[line, custom_id, body]` each) of one batch, all for the same model."""
     store = _store()
     record = store.record(batch_id)
     if record is None or record["status"] in FINAL:
         return
     try:
-        _run_lines(runtime(), store, record, batch_id, items)
+        if not _given_up(runtime(), self.request, batch_id, items):
+            _run_lines(runtime(), store, record, batch_id, items)
     finally:
         _maybe_finalize(batch_id)
+
+
+def _given_up(rt, request, batch_id: str, items: list) -> bool:
+    """Count this delivery of the lines message; past `max_deliveries` (its lines kept stopping the
+    worker), record their error and keep the message in the dead letters instead of running it."""
+    key = deliveries_key(batch_id)
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.hincrby(key, str(items[0][1]) if items else "", 1)
+    pipe.expire(key, int(rt.settings.job_ttl))
+    deliveries = int(pipe.execute()[0])
+    if deliveries <= rt.settings.max_deliveries:
+        return False
+    stops = deliveries - 1
+    give_up_lines(rt.redis, batch_id, items, {"status": 500, "error": {
+        "message": f"The request stopped its worker {stops} times and was given up.", "type": "server_error",
+        "param": None, "code": "worker_lost"}})
+    try:
+        dead_letters.add(rt.redis, reason="worker_lost", task=LINES_TASK, job_id=batch_id,
+                         queue=(request.delivery_info or {}).get("routing_key"),
+                         error=f"the lines stopped their worker {stops} times", body=[batch_id, items])
+    except Exception:
+        log.warning("batch %s: dead letter not kept", batch_id, exc_info=True)
+    return True
 
 
 def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) -> None:

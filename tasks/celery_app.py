@@ -13,13 +13,17 @@ Why each setting (see Celery's "Optimizing" and "Tasks: acks_late" guides):
   so a Redis restart in the middle of a batch delays a send instead of losing it; the API keeps
   Celery's short default, so a request answers 503 soon when Redis is gone;
 - every worker's main process runs the batch expiry sweep (`tasks.sweeper.BatchSweep`, a worker
-  bootstep on the worker's timer), one worker per `LOCALQ_BATCH_SWEEP_INTERVAL` across machines.
+  bootstep on the worker's timer), one worker per `LOCALQ_BATCH_SWEEP_INTERVAL` across machines;
+- the worker and its consumer are `tasks.handoff`'s: a message the main process cannot decode or
+  hand to a pool process fails its own job and goes to the dead letters, instead of stopping the
+  worker (and every worker after it: late acks bring it back).
 """
 
 from __future__ import annotations
 
 from celery import Celery, signals
 from kombu import Queue
+from kombu.utils.objects import cached_property
 
 from tasks.settings import QueueSettings
 from tasks.sweeper import BatchSweep
@@ -32,9 +36,18 @@ HARD_LIMIT_MARGIN = 30.0
 WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
 
 
+class LocalqCelery(Celery):
+    """Celery, whose `celery worker` runs `tasks.handoff.Worker`."""
+
+    @cached_property
+    def Worker(self):  # noqa: N802 - Celery's name
+        return self.subclass_with_self("tasks.handoff:Worker")
+
+
 def make_app(settings: QueueSettings | None = None) -> Celery:
     settings = settings or QueueSettings.from_env()
-    app = Celery("localq", broker=settings.redis_url, include=["tasks.run", "tasks.batch_run", "tasks.worker_signals"])
+    app = LocalqCelery("localq", broker=settings.redis_url,
+                       include=["tasks.run", "tasks.batch_run", "tasks.worker_signals"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -57,6 +70,7 @@ def make_app(settings: QueueSettings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="tasks.handoff:Consumer",
     )
     app.localq_settings = settings
     app.steps["worker"].add(BatchSweep)

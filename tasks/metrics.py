@@ -11,6 +11,8 @@ event is published (`record_job`), and the API's `/metrics` reads them at scrape
                                  the bucket ending at <le> (only that bucket; the reader makes
                                  them cumulative), and ["<kind>", "<model>", "sum"] -> seconds
     localq:metrics:ttft          the same, for the time to first token
+    localq:metrics:dead_letters  ["<reason>"]                       -> messages set aside in the
+                                 dead letters (`tasks.dead_letters`), counted as they are kept
 
 Fields are JSON arrays, so no label value can collide with a separator. The hashes never expire:
 counters survive API restarts (Redis keeps them in its append-only file). MULTI makes a scrape
@@ -40,6 +42,7 @@ JOBS_KEY = "localq:metrics:jobs"
 TOKENS_KEY = "localq:metrics:tokens"
 DURATION_KEY = "localq:metrics:job_duration"
 TTFT_KEY = "localq:metrics:ttft"
+DEAD_LETTERS_KEY = "localq:metrics:dead_letters"
 
 INF = float("inf")
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, INF)
@@ -90,6 +93,11 @@ def _add(pipe, *, kind: str, outcome: str, model: str | None = None, duration: f
         pipe.hincrbyfloat(key, _field(kind, model, SUM), value)
     if completion_tokens:
         pipe.hincrby(TOKENS_KEY, _field(kind, model), int(completion_tokens))
+
+
+def count_dead_letter(pipe, reason: str) -> None:
+    """Queue on `pipe` the count of one dead letter (`tasks.dead_letters.add` does, with the entry)."""
+    pipe.hincrby(DEAD_LETTERS_KEY, _field(reason), 1)
 
 
 def completion_tokens(result: Any) -> int | None:
@@ -159,9 +167,10 @@ class JobMetrics:
     tokens: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, model)
     duration: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (kind, model)
     ttft: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (kind, model)
+    dead_letters: dict[str, int] = field(default_factory=dict)  # reason
 
 
-READ_KEYS = (JOBS_KEY, TOKENS_KEY, DURATION_KEY, TTFT_KEY)
+READ_KEYS = (JOBS_KEY, TOKENS_KEY, DURATION_KEY, TTFT_KEY, DEAD_LETTERS_KEY)
 
 
 def queue_reads(pipe) -> None:
@@ -177,12 +186,13 @@ def read_job_metrics(client) -> JobMetrics:
 
 
 def parse_job_metrics(replies: list[dict]) -> JobMetrics:
-    jobs, tokens, duration, ttft = replies
+    jobs, tokens, duration, ttft, *rest = replies  # rest: the dead letters (absent from older callers)
     return JobMetrics(
         jobs=_counters(jobs),
         tokens=_counters(tokens),
         duration=_histograms(duration, DURATION_BUCKETS),
         ttft=_histograms(ttft, TTFT_BUCKETS),
+        dead_letters={labels[0]: count for labels, count in _counters(rest[0] if rest else {}, parts=1).items()},
     )
 
 
@@ -194,13 +204,13 @@ def _parts(raw_field) -> list[str] | None:
     return parts if isinstance(parts, list) and all(isinstance(p, str) for p in parts) else None
 
 
-def _counters(raw: dict) -> dict[tuple[str, str], int]:
+def _counters(raw: dict, parts: int = 2) -> dict[tuple[str, ...], int]:
     counters = {}
     for raw_field, value in raw.items():
-        parts = _parts(raw_field)
-        if parts is None or len(parts) != 2:
+        labels = _parts(raw_field)
+        if labels is None or len(labels) != parts:
             continue
-        counters[(parts[0], parts[1])] = int(_text(value))
+        counters[tuple(labels)] = int(_text(value))
     return counters
 
 

@@ -1,6 +1,9 @@
 """The one task every model job runs through: deliver the job to `workers.execute`, record the outcome.
 
 The task itself is model-agnostic: the job's kind and model pick the backend inside the worker.
+A job that stopped its worker more than `max_deliveries` times is failed and its message kept in
+the dead letters (`tasks.dead_letters`); `give_up` fails the job of a message that never reached
+a pool process (`tasks.handoff`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from tasks import dead_letters
 from tasks.cancel_check import CancelCheck
 from tasks.celery_app import app
 from tasks.files import fetch_uploads, publish_outputs, url_maker
+from tasks.jobs import FINAL_STATUSES
 from tasks.metrics import FirstToken, completion_tokens, record_job
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import model_runtime, runtime
@@ -54,6 +59,28 @@ def _record(rt, job: dict, outcome: str, **measures) -> None:
         log.warning("job %s: metrics not recorded", job["id"], exc_info=True)
 
 
+def give_up(rt, job_id: str, payload: dict) -> bool:
+    """Fail a job whose message no worker can run (`tasks.handoff`), as `run_job` fails one: the
+    failed record, then the terminal error event a waiting client gets. False, doing nothing, if
+    the job is unknown or already final (the same message seen again)."""
+    record = rt.jobs.get(job_id)
+    if record is None or record.get("status") in FINAL_STATUSES:
+        return False
+    _fail(rt, job_id, payload)
+    _record(rt, {"id": job_id, "kind": record.get("kind", "")}, "failed")
+    return True
+
+
+def _dead_letter_lost(rt, job: dict, request, deliveries: int) -> None:
+    """Keep the message of a job given up for stopping its worker; never fails the job."""
+    try:
+        dead_letters.add(rt.redis, reason="worker_lost", task=TASK_NAME, job_id=job["id"],
+                         queue=(request.delivery_info or {}).get("routing_key"),
+                         error=f"the job stopped its worker {deliveries - 1} times", body=job)
+    except Exception:
+        log.warning("job %s: dead letter not kept", job["id"], exc_info=True)
+
+
 @app.task(name=TASK_NAME, bind=True)
 def run_job(self, job: dict) -> None:
     started = time.monotonic()
@@ -70,6 +97,7 @@ def run_job(self, job: dict) -> None:
             500, f"The job stopped its worker {deliveries - 1} times and was given up.", "server_error",
             code="worker_lost"))
         _record(rt, job, "failed")
+        _dead_letter_lost(rt, job, self.request, deliveries)
         return
     if cancel_flag:
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled before it started"})

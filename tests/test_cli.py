@@ -92,18 +92,9 @@ def test_host_port_brackets_ipv6(host, expected):
 # --- localq api -----------------------------------------------------------------------------
 
 
-def test_gunicorn_options_suit_long_streams():
-    options = cli.gunicorn_options("127.0.0.1", 8080, workers=1, threads=cli.DEFAULT_THREADS)
-    assert options["worker_class"] == "gthread"
-    assert options["threads"] == 64
-    assert options["timeout"] == 0 or options["timeout"] >= 300
-    assert options["keepalive"] > 2
-    assert options["bind"] == "127.0.0.1:8080"
-
-
 def test_api_defaults():
     args = cli._parser().parse_args(["api"])
-    assert (args.workers, args.threads) == (1, 64)
+    assert (args.workers, args.connections) == (1, 1000)
 
 
 def _free_port() -> int:
@@ -177,7 +168,7 @@ def _wait_healthy(port: int, timeout: float = 60) -> None:
 def test_api_serves_until_ctrl_c():
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "api", "--port", str(port), "--threads", "2"],
+        [sys.executable, "-m", "ops.cli", "api", "--port", str(port), "--connections", "50"],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -275,18 +266,22 @@ def on_term(signum, frame):
     sys.exit(0)
 
 signal.signal(signal.SIGTERM, on_term)
+if os.environ.get("STANDIN_API_EXIT"):
+    import threading
+    threading.Timer(float(os.environ["STANDIN_API_EXIT"]), os._exit, (3,)).start()
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
 
-# `localq up` with its two child commands and the worker ping replaced.
+# `localq up` with its two child commands and the worker ping replaced (ops/up.py).
 UP_WITH_STANDINS = r'''
 import sys
 import ops.cli as cli
+import ops.up as up
 from tests.test_cli import API_STANDIN, WORKER_STANDIN
 
-cli.worker_command = lambda: [sys.executable, "-c", WORKER_STANDIN]
-cli.api_command = lambda args, settings: [sys.executable, "-c", API_STANDIN, str(settings.port)]
-cli.ping_worker = lambda name, timeout=1.0: True
+up.worker_command = lambda: [sys.executable, "-c", WORKER_STANDIN]
+up.api_command = lambda args, settings: [sys.executable, "-c", API_STANDIN, str(settings.port)]
+up.ping_worker = lambda name, timeout=1.0: True
 sys.exit(cli.main(sys.argv[1:]))
 '''
 
@@ -349,14 +344,35 @@ def test_up_starts_redis_worker_api_and_stops_them_in_order(tmp_path, stop_signa
         _stop(up)
 
 
-def test_up_stops_everything_when_a_child_dies(tmp_path):
+def test_up_restarts_a_worker_that_exits_and_keeps_serving(tmp_path):
+    up, port, out, err = _up(tmp_path, env_extra={"STANDIN_WORKER_EXIT": "0.5"})  # each start exits (3) soon
+    try:
+        out.wait_for("localq ready on", timeout=60)
+        # started again after 1 s, then 2 s (ops.launcher.Backoff): three starts within a few seconds
+        err.wait_for("restarted cpu@", timeout=30)
+        err.wait_for("restarted cpu@", timeout=30)
+        from ops.stack import wait_until
+
+        wait_until(lambda: sum(line.startswith("worker-env") for line in _standin_log(tmp_path)) >= 3, 10,
+                   "the third start of the worker")
+        assert "exited with status 3" in "".join(err.lines)
+        assert up.poll() is None
+        assert _get_json(f"http://127.0.0.1:{port}/healthz") == {"status": "ok"}
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        assert "api-stop" in _standin_log(tmp_path)
+    finally:
+        _stop(up)
+
+
+def test_up_stops_everything_when_the_api_dies(tmp_path):
     from ops.redis_server import port_is_free
 
-    up, port, out, err = _up(tmp_path, env_extra={"STANDIN_WORKER_EXIT": "3"})
+    up, port, out, err = _up(tmp_path, env_extra={"STANDIN_API_EXIT": "3"})
     try:
         assert up.wait(timeout=60) == 1
-        assert "worker exited unexpectedly (status 3)" in err.rest()
-        assert "api-stop" in _standin_log(tmp_path)
+        assert "API exited unexpectedly (status 3)" in err.rest()
+        assert "worker-stop redis-alive=True" in _standin_log(tmp_path)  # the worker, then Redis
         assert port_is_free(_port_of(_redis_url_seen_by_worker(tmp_path)))
         assert port_is_free(port)
     finally:
@@ -419,7 +435,7 @@ def test_up_with_api_keys_may_bind_publicly_and_says_so(tmp_path):
 def test_up_end_to_end(tmp_path):
     from ops.redis_server import port_is_free
 
-    up, port, out, err = _up(tmp_path, "--threads", "4", standins=False)
+    up, port, out, err = _up(tmp_path, "--connections", "40", standins=False)
     try:
         out.wait_for("localq ready on", timeout=120)
         summary = "".join(out.lines)
@@ -430,6 +446,28 @@ def test_up_end_to_end(tmp_path):
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=90) == 0
         assert port_is_free(port)
+    finally:
+        _stop(up)
+
+
+def test_up_restarts_a_killed_worker_and_the_service_keeps_answering(tmp_path):
+    import re
+
+    up, port, out, err = _up(tmp_path, standins=False)
+    try:
+        out.wait_for("localq ready on", timeout=120)
+        worker = int(re.search(r"queue cpu, pid (\d+)\)", "".join(out.lines)).group(1))
+        os.kill(worker, signal.SIGKILL)
+        err.wait_for(f"(pid {worker}) was killed by SIGKILL", timeout=30)
+        err.wait_for("restarted cpu@", timeout=30)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/embeddings", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "text-embedding-3-small", "input": "after the restart"}).encode())
+        with urllib.request.urlopen(request, timeout=180) as response:  # served by the new worker
+            assert response.status == 200 and json.load(response)["data"][0]["embedding"]
+        assert up.poll() is None
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=90) == 0
     finally:
         _stop(up)
 

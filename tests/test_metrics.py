@@ -284,7 +284,7 @@ def test_localq_api_with_two_processes_reports_the_sum_of_both(tmp_path, redis_s
     port = free_port()
     env = {**os.environ, "LOCALQ_REDIS_URL": redis_server.url, "PROMETHEUS_MULTIPROC_DIR": str(samples_dir)}
     argv = [sys.executable, "-m", "ops.cli", "api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-            "--threads", "4"]
+            "--connections", "50"]
     base = f"http://127.0.0.1:{port}"
     with open(tmp_path / "api.log", "wb") as log:
         api = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
