@@ -9,6 +9,7 @@ from __future__ import annotations
 from flask import Flask
 
 from api.auth import install_auth, install_cors
+from api.body import BodyGuard
 from api.docs import blueprint as docs_blueprint
 from api.generated import blueprint as generated_blueprint
 from api.errors import register_error_handlers
@@ -40,4 +41,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     # /healthz, /readyz and /metrics: plain routes outside /v1, so no key is asked for them
     app.register_blueprint(health_blueprint)
     install_metrics(app)
+    app.wsgi_app = BodyGuard(app.wsgi_app, settings.body_read_timeout)  # type: ignore[method-assign]
     return app

@@ -5,7 +5,8 @@ live workers (`workers`) and the `models` (`models prepare` builds the tiny demo
 [--cpu-memory-budget SIZE]` runs the launcher (ops/launcher.py): one supervised Celery worker
 process per GPU (found without CUDA: ops/gpus.py) and N on the CPU. `localq worker -Q QUEUES
 [-n NAME] [-c N] [-P POOL]` instead becomes one Celery worker (what `localq up` runs).
-`localq workers [--json]` shows the workers' heartbeats (tasks/heartbeats.py).
+`localq workers [--json]` shows the workers' heartbeats (tasks/heartbeats.py), `localq
+dead-letters [--json] [--limit N]` the job messages the workers set aside (tasks/dead_letters.py).
 """
 
 from __future__ import annotations
@@ -15,24 +16,28 @@ import importlib.util
 import ipaddress
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
-from gunicorn.app.base import BaseApplication
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from api.settings import Settings
 from ops import batch_cli
-from ops.redis_server import RedisServer, RedisServerError, child_preexec, port_is_free
+from ops.api_server import (
+    DEFAULT_CONNECTIONS,
+    GunicornServer,
+    gunicorn_options,
+    host_port,
+    raise_open_files_limit,
+)
+from ops.redis_server import RedisServerError
 from workers.config import ModelConfigError
 from workers.registry import ModelRegistry
 
@@ -40,31 +45,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CELERY_APP = "tasks.celery_app:app"
 CELERY_POOLS = ("prefork", "solo", "threads")
 
-# --- gunicorn, tuned for many concurrent long-lived SSE streams -----------------------------
-# gthread: each in-flight request (an SSE stream lasts as long as its job) holds one thread, so
-# a worker needs many threads; idle keep-alive connections wait in the poller, not on a thread.
-DEFAULT_THREADS = 64
-# With gthread, `timeout` is the worker's heartbeat, sent by its main loop about every second
-# whatever the request threads are doing; it never cuts a request short. A generous value keeps
-# SSE streams safe even if that loop is briefly starved, while a worker that truly hangs is
-# still replaced (0 would disable that).
-GUNICORN_TIMEOUT = 300
-# Seconds an idle keep-alive connection stays open: SDK clients reuse connections between
-# calls (submit, then poll or stream), which saves a TCP handshake per call.
-GUNICORN_KEEPALIVE = 15
-# On stop, in-flight requests (open streams) get this long before the worker exits; clients
-# can resume a job's stream from another API process.
-GUNICORN_GRACEFUL_TIMEOUT = 10
 
 # --- `localq up` ---------------------------------------------------------------------------
 DEFAULT_REDIS_DIR = REPO_ROOT / "var" / "redis"
 DEFAULT_REDIS_PORT = 6379
-DEFAULT_READY_TIMEOUT = 120.0
-WORKER_PING_TIMEOUT = 30.0
-UP_WORKER_NAME = "cpu@%h"
-# After asking a child to stop (SIGTERM), how long before SIGQUIT, then SIGKILL.
-API_STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 10
-FORCE_STOP_TIMEOUT = 10.0
+DEFAULT_READY_TIMEOUT = 120.0  # the rest of `localq up`: ops/up.py
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="bind port (default: LOCALQ_PORT or 8080)")
     serve.add_argument("--workers", type=_positive_int, default=1, help="gunicorn worker processes")
     serve.add_argument(
-        "--threads", type=_positive_int, default=DEFAULT_THREADS,
-        help=f"threads per gunicorn worker, i.e. concurrent requests and streams (default {DEFAULT_THREADS})",
+        "--connections", type=_positive_int, default=DEFAULT_CONNECTIONS,
+        help="concurrent connections per gunicorn worker: requests, open streams, slow and idle "
+             f"keep-alive clients (default {DEFAULT_CONNECTIONS})",
     )
 
     up = commands.add_parser(
@@ -165,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="list the live workers, from their heartbeats in Redis")
     workers.add_argument("--json", action="store_true", help="print the heartbeats as JSON")
     workers.set_defaults(command=_run_workers)
+
+    dead = commands.add_parser("dead-letters",
+                               help="list the job messages the workers set aside (tasks/dead_letters.py), newest first")
+    dead.add_argument("--json", action="store_true", help="print them as JSON, message bodies included")
+    dead.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="how many to show (default 20)")
+    dead.set_defaults(command=_run_dead_letters)
 
     models = commands.add_parser("models", help="list the configured models; `models prepare` builds the tiny ones")
     models.set_defaults(command=_run_models)
@@ -244,29 +236,23 @@ def _settings(args: argparse.Namespace) -> Settings:
 # --- localq api -----------------------------------------------------------------------------
 
 
-def gunicorn_options(host: str, port: int, workers: int, threads: int) -> dict:
-    """Gunicorn settings for `localq api`; see the constants above for why each value."""
-    return {
-        "bind": host_port(host, port),
-        "worker_class": "gthread",
-        "workers": workers,
-        "threads": threads,
-        "timeout": GUNICORN_TIMEOUT,
-        "keepalive": GUNICORN_KEEPALIVE,
-        "graceful_timeout": GUNICORN_GRACEFUL_TIMEOUT,
-    }
-
-
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:
-    """Load the app first (bad configs fail here, clearly), then hand it to gunicorn."""
+    """Check the model configs first (bad configs fail here, clearly), then hand over to gunicorn,
+    whose workers build the app once gevent has patched them (ops/api_server.py)."""
     from api.metrics import prepare_multiprocess_dir
 
-    prepare_multiprocess_dir()  # before create_app: prometheus_client picks its storage on first use
+    ModelRegistry.load(settings.models_dir)  # what create_app would refuse, refused before any worker starts
+    prepare_multiprocess_dir()  # before the app exists: prometheus_client picks its storage on first use
+    raise_open_files_limit(args.connections)
+    options = gunicorn_options(settings.host, settings.port, args.workers, args.connections)
+    GunicornServer(partial(_create_app, settings), options).run()  # returns via SystemExit
+    return 0
+
+
+def _create_app(settings: Settings):
     from api import create_app
 
-    options = gunicorn_options(settings.host, settings.port, args.workers, args.threads)
-    GunicornServer(create_app(settings), options).run()  # returns via SystemExit
-    return 0
+    return create_app(settings)
 
 
 # --- localq worker --------------------------------------------------------------------------
@@ -406,6 +392,38 @@ def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _run_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    """The newest dead letters (tasks.dead_letters), as a table or, with --json, as a list."""
+    import json
+
+    import redis
+
+    from tasks.dead_letters import read
+
+    url = settings.queue.redis_url
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+    try:
+        entries = read(client, args.limit)
+    except redis.RedisError as exc:
+        raise RedisServerError(f"cannot read the dead letters from Redis at {redact_url(url)}: {exc}") from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        Console(stderr=True).print("no dead letters", highlight=False)
+        return 0
+    table = Table("when (UTC)", "reason", "task", "queue", "job", "error", title="dead letters, newest first")
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(entry.get("at") or 0)))
+        cells = (when, entry.get("reason", ""), entry.get("task", ""), entry.get("queue", ""),
+                 entry.get("job_id", ""), entry.get("error", "")[:200])
+        table.add_row(*map(escape, cells))
+    Console().print(table)
+    return 0
+
+
 def workers_table(beats: list[dict], now: float) -> Table:
     """One row per heartbeat document (see tasks.heartbeats)."""
     from ops.gpus import format_size
@@ -445,180 +463,11 @@ def bind_refusal(host: str, has_api_keys: bool, force_public: bool) -> str | Non
     )
 
 
-class ChildExited(Exception):
-    """A process `localq up` started ended on its own."""
-
-
-@dataclass
-class Child:
-    label: str
-    process: subprocess.Popen
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            raise ChildExited(f"the {self.label} exited unexpectedly (status {self.process.returncode})")
-
-
-class Stack:
-    """What `localq up` runs: an embedded Redis (maybe), the worker and the API, stopped in reverse."""
-
-    def __init__(self, err: Console):
-        self.err = err
-        self.redis: RedisServer | None = None
-        self.children: list[Child] = []
-        self.stopping = False
-        self.signals = 0  # stop requests (Ctrl-C, SIGTERM, SIGHUP) seen so far
-
-    # Signals: the first one interrupts whatever `up` is doing (like Ctrl-C does); while the
-    # stack is stopping, a further one only hurries the stop along.
-    def on_signal(self, signum, frame) -> None:
-        self.signals += 1
-        if not self.stopping:
-            raise KeyboardInterrupt
-
-    def spawn(self, label: str, argv: list[str], env: dict[str, str]) -> Child:
-        process = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=_stderr_fd(),  # `up`'s own stdout carries only its summary
-            # Own process group: the terminal's Ctrl-C reaches `up` alone, which then stops
-            # the children in order (API, worker, Redis) instead of all at once.
-            process_group=0,
-            preexec_fn=child_preexec(),
-        )
-        child = Child(label, process)
-        self.children.append(child)
-        return child
-
-    def check(self) -> None:
-        for child in self.children:
-            child.check()
-        if self.redis is not None and not self.redis.running:
-            raise ChildExited("the embedded Redis exited unexpectedly")
-
-    def stop(self, worker_timeout: float) -> None:
-        self.stopping = True
-        for child in reversed(self.children):
-            timeout = worker_timeout if child.label == "worker" else API_STOP_TIMEOUT
-            self._stop_child(child, timeout)
-        if self.redis is not None:
-            self.err.print("stopping Redis", highlight=False)
-            self.redis.stop()
-
-    def _stop_child(self, child: Child, timeout: float) -> None:
-        process = child.process
-        if process.poll() is not None:
-            return
-        self.err.print(f"stopping the {child.label} (pid {process.pid})", highlight=False)
-        _signal(process, signal.SIGTERM)  # gunicorn: graceful stop; Celery: warm shutdown
-        signals_before = self.signals
-        started = time.monotonic()
-        hinted = forced = False
-        while process.poll() is None:
-            waited = time.monotonic() - started
-            if not forced and (self.signals > signals_before or waited > timeout):
-                # gunicorn: quick shutdown; Celery: cold shutdown (running jobs are
-                # re-queued, as their acks are late).
-                _signal(process, signal.SIGQUIT)
-                forced, started = True, time.monotonic()
-            elif forced and waited > FORCE_STOP_TIMEOUT:
-                _kill_group(process)
-            elif not hinted and waited > 3 and not forced:
-                hinted = True
-                self.err.print(
-                    f"waiting for the {child.label} to finish what it is doing; "
-                    "press Ctrl-C again to stop it now",
-                    highlight=False,
-                )
-            time.sleep(0.1)
-        # Whatever the leader left behind in its group (pool processes) goes with it.
-        _kill_group(process)
-
-
 def _run_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start Redis (unless LOCALQ_REDIS_URL is set), one CPU worker and the API; stop them on a signal."""
-    out, err = Console(), Console(stderr=True)
-    refusal = bind_refusal(settings.host, bool(settings.api_keys), args.force_public)
-    if refusal:
-        err.print(f"[bold red]{escape(refusal)}[/]", highlight=False)
-        return 2
-    registry = ModelRegistry.load(settings.models_dir)  # bad configs stop us before anything runs
+    """`localq up` (ops/up.py)."""
+    from ops import up
 
-    stack = Stack(err)
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, stack.on_signal) for signum in handled}
-    try:
-        try:
-            redis_note = _start_redis(stack, args, err)
-            env = _child_env(args)
-            worker = stack.spawn("worker", worker_command(), env)
-            api_url = f"http://{host_port(settings.host, settings.port)}"
-            stack.spawn("API", api_command(args, settings), env)
-            _wait_for_api(stack, _probe_url(settings.host, settings.port), args.ready_timeout)
-            worker_state = _wait_for_worker(stack, UP_WORKER_NAME)
-            _print_summary(out, settings, registry, redis_note, worker, worker_state, api_url)
-            while True:
-                time.sleep(0.5)
-                stack.check()
-        except ChildExited as exc:
-            err.print(f"[bold red]localq: {escape(str(exc))}; stopping everything.[/]", highlight=False)
-            stack.stop(worker_timeout=settings.queue.job_timeout + 30)
-            return 1
-        except KeyboardInterrupt:
-            err.print("localq: stopping", highlight=False)
-            stack.stop(worker_timeout=settings.queue.job_timeout + 30)
-            return 0
-        except BaseException:
-            stack.stop(worker_timeout=FORCE_STOP_TIMEOUT)
-            raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def worker_command() -> list[str]:
-    """The one CPU worker `localq up` runs."""
-    return [sys.executable, "-m", "ops.cli", "worker", "--queues", "cpu", "--name", UP_WORKER_NAME]
-
-
-def api_command(args: argparse.Namespace, settings: Settings) -> list[str]:
-    """The API `localq up` runs (settings other than these flags travel in the environment)."""
-    return [
-        sys.executable, "-m", "ops.cli", "api", "--host", settings.host, "--port", str(settings.port),
-        "--workers", str(args.workers), "--threads", str(args.threads),
-    ]
-
-
-def _start_redis(stack: Stack, args: argparse.Namespace, err: Console) -> str:
-    """Use LOCALQ_REDIS_URL if it is set (and answers), else start the embedded Redis; a summary line."""
-    external = os.environ.get("LOCALQ_REDIS_URL", "").strip()
-    if external:
-        _check_external_redis(external)
-        return f"{redact_url(external)} (LOCALQ_REDIS_URL)"
-    data_dir = (args.data_dir or DEFAULT_REDIS_DIR).resolve()
-    port = args.redis_port
-    if port and not port_is_free(port):
-        err.print(f"port {port} is busy; the embedded Redis picks a free port", highlight=False)
-        port = 0
-    stack.redis = RedisServer(data_dir, port)
-    stack.redis.start()
-    os.environ["LOCALQ_REDIS_URL"] = stack.redis.url  # for the children, and for the worker ping
-    if port != args.redis_port:
-        err.print(f"embedded Redis on port {stack.redis.port}", highlight=False)
-    return f"{stack.redis.url} (embedded, data in {_shown(data_dir)})"
-
-
-def _check_external_redis(url: str) -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
-    except redis.RedisError as exc:
-        raise RedisServerError(
-            f"cannot reach Redis at {redact_url(url)} (LOCALQ_REDIS_URL): {exc}"
-        ) from None
+    return up.run(args, settings)
 
 
 def redact_url(url: str) -> str:
@@ -638,99 +487,6 @@ def _child_env(args: argparse.Namespace) -> dict[str, str]:
     if args.models_dir:
         env["LOCALQ_MODELS_DIR"] = str(Path(args.models_dir).resolve())
     return env
-
-
-def _probe_url(host: str, port: int) -> str:
-    """Where `up` checks the API: a wildcard bind is reached over loopback."""
-    bare = host.strip("[]")
-    if bare in ("0.0.0.0", ""):
-        bare = "127.0.0.1"
-    elif bare == "::":
-        bare = "::1"
-    return f"http://{host_port(bare, port)}/healthz"
-
-
-def _wait_for_api(stack: Stack, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        stack.check()
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise ChildExited(f"the API did not answer {url} within {timeout:g}s")
-        time.sleep(0.2)
-
-
-def _wait_for_worker(stack: Stack, name: str) -> str:
-    """Ping the worker through the broker; a word for the summary."""
-    deadline = time.monotonic() + WORKER_PING_TIMEOUT
-    while time.monotonic() < deadline:
-        stack.check()
-        if ping_worker(name):
-            return "ready"
-    return "started, not answering pings yet"
-
-
-def ping_worker(name: str, timeout: float = 1.0) -> bool:
-    """True when the Celery node `name` (`%h` expanded) answers a control ping."""
-    try:
-        from celery.utils.nodenames import host_format
-
-        from tasks.celery_app import app
-
-        node = host_format(name)
-        return any(node in reply for reply in app.control.ping(destination=[node], timeout=timeout))
-    except Exception:  # noqa: BLE001 - not ready, or no broker yet
-        time.sleep(timeout)
-        return False
-
-
-def _print_summary(out, settings, registry, redis_note, worker, worker_state, api_url) -> None:
-    from celery.utils.nodenames import host_format
-
-    auth = f"{len(settings.api_keys)} API key(s) required on /v1" if settings.api_keys else "open (no API keys)"
-    cors = ", ".join(settings.cors_origins) if settings.cors_origins else "off"
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("Redis", escape(redis_note))
-    grid.add_row(
-        "Worker",
-        escape(f"{host_format(UP_WORKER_NAME)} (queue cpu, pid {worker.process.pid}): {worker_state}"),
-    )
-    grid.add_row("API", escape(f"{api_url}  (docs {api_url}/docs)"))
-    grid.add_row("Access", escape(f"{auth}; CORS {cors}"))
-    out.print(grid)
-    out.print(_models_table(registry, settings.models_dir))
-    out.print(f"localq ready on [bold]{escape(api_url)}[/]", highlight=False)
-    out.print("Ctrl-C stops everything.", highlight=False)
-
-
-def _stderr_fd() -> int | None:
-    try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # replaced stderr (pytest capture, IDEs)
-        return None
-
-
-def _signal(process: subprocess.Popen, signum: int) -> None:
-    try:
-        process.send_signal(signum)
-    except ProcessLookupError:
-        pass
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (it leads one: started with process_group=0)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
 
 
 # --- localq models --------------------------------------------------------------------------
@@ -782,33 +538,6 @@ def _models_table(registry: ModelRegistry, models_dir: Path) -> Table:
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-class GunicornServer(BaseApplication):
-    """Gunicorn's documented custom-application hook: serve an app object we built."""
-
-    def __init__(self, app, options: dict):
-        self._app = app
-        self._options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            self.cfg.set(key, value)
-        # Gunicorn 25.1+ opens a control socket at one shared per-user path by default;
-        # localq does not use it, and two instances would fight over it.
-        if "control_socket_disable" in self.cfg.settings:
-            self.cfg.set("control_socket_disable", True)
-
-    def load(self):
-        return self._app
-
-
-def host_port(host: str, port: int) -> str:
-    """`host:port`, bracketing IPv6 addresses as both gunicorn and URLs require."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:

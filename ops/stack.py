@@ -22,10 +22,10 @@ from ops.redis_server import free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
-def api_argv(port: int, threads: int = 16) -> list[str]:
+def api_argv(port: int, connections: int | None = None) -> list[str]:
     """`localq api` on loopback: the same gunicorn set-up `localq up` runs."""
-    return [sys.executable, "-m", "ops.cli", "api", "--host", "127.0.0.1", "--port", str(port),
-            "--threads", str(threads)]
+    argv = [sys.executable, "-m", "ops.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    return argv + (["--connections", str(connections)] if connections else [])
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.1):
@@ -66,10 +66,10 @@ class ServiceProcesses:
     def stop_worker(self, name: str = "cpu", sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         _stop(self.workers.pop(name), sig, timeout)
 
-    def start_api(self, threads: int = 16) -> None:
+    def start_api(self, connections: int | None = None) -> None:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        self.api = self._spawn(api_argv(port, threads), "api.log")
+        self.api = self._spawn(api_argv(port, connections), "api.log")
         wait_until(lambda: httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200, 60, "the API")
 
     def stop(self) -> None:
