@@ -4,6 +4,7 @@ then either stream the job's events or wait for its result.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Response, current_app, request
@@ -15,18 +16,22 @@ from api.sse import (
     Renderer,
     audio_bytes,
     completion_frames,
+    detached,
     followed,
     peer_closed,
+    queue_unavailable_error,
     relay,
     sse_response,
 )
 from api.queue import live_workers_cached, queue_runtime, setting
 from tasks.dispatch import QueueFull, submit
+from tasks.events import TRANSIENT, ride_over
 from tasks.routing import choose_queue, queue_for
 from tasks.runtime import Runtime
 from workers.capabilities import unsupported
 
 EXTENSIONS = "x-localai-extensions"
+log = logging.getLogger(__name__)
 
 
 def resolve_model(name: str, kind: str, body: dict):
@@ -36,7 +41,7 @@ def resolve_model(name: str, kind: str, body: dict):
     problem = unsupported(kind, config, body)
     if problem:
         param, message = problem
-        raise APIError(400, message, param=param, code="unsupported_parameter")
+        raise APIError(400, message, param=param, code=problem.code)
     return config
 
 
@@ -50,9 +55,11 @@ def run(kind: str, body: dict, *, stream: bool = False, frames: Renderer = compl
     rt, job = enqueue(kind, body, files=files, model=model)
     if stream:
         return sse_response(relay(rt, job["id"], frames, keepalive=setting("keepalive_interval"),
-                                  deadline=job["deadline"], grace=rt.settings.resume_grace, sock=client_socket()),
+                                  deadline=job["deadline"], grace=rt.settings.resume_grace, sock=client_socket(),
+                                  patience=setting("relay_ride_over")),
                             job["id"])
-    return wait_for_result(rt, job, keepalive=setting("keepalive_interval"), respond=respond or json_response)
+    return wait_for_result(rt, job, keepalive=setting("keepalive_interval"), respond=respond or json_response,
+                           patience=setting("relay_ride_over"))
 
 
 def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, model: str | None = None):
@@ -80,6 +87,14 @@ def job_headers(job_id: str) -> dict:
     return {JOB_HEADER: job_id, "x-request-id": job_id}
 
 
+def _queue_lost(job_id: str, err: Exception) -> APIError:
+    """What a client waiting for a job hears when Redis stayed away longer than the ride-over."""
+    log.warning("job %s: wait ended, the job queue was unreachable: %s", job_id, err)
+    error = queue_unavailable_error(job_id)["error"]
+    return APIError(503, error["message"], type=error["type"], code=error["code"],
+                    headers={JOB_HEADER: job_id, "Retry-After": "5"})
+
+
 def _raise_job_error(event, job_id: str):
     error = event.data["error"]
     raise APIError(event.data.get("status", 500), error["message"], type=error["type"], param=error.get("param"),
@@ -92,26 +107,31 @@ def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = No
     rt, job = enqueue(kind, body, model=model)
     job_id = job["id"]
     keepalive = setting("keepalive_interval")  # read here: the body below runs outside the app context
+    patience = setting("relay_ride_over")
     sock = client_socket()
     first = None
-    for event in followed(rt, job_id, after="0-0", keepalive=CLIENT_CHECK, deadline=job["deadline"]):
-        if event is None:
-            if client_gone():
-                rt.jobs.request_cancel(job_id)
-                return Response(status=499)
-            continue
-        if event.type == "error":
-            _raise_job_error(event, job_id)
-        if event.type == "delta" or event.terminal:
-            first = event
-            break
+    try:
+        for event in followed(rt, job_id, after="0-0", keepalive=CLIENT_CHECK, deadline=job["deadline"],
+                              patience=patience):
+            if event is None:
+                if client_gone():
+                    ride_over(lambda: rt.jobs.request_cancel(job_id), patience)
+                    return Response(status=499)
+                continue
+            if event.type == "error":
+                _raise_job_error(event, job_id)
+            if event.type == "delta" or event.terminal:
+                first = event
+                break
+    except TRANSIENT as err:
+        raise _queue_lost(job_id, err) from None
 
     def body_bytes():
         yield from audio_bytes(first)
         if not first.terminal:
             yield from relay(rt, job_id, audio_bytes, after=first.id, keepalive=keepalive,
                              deadline=job["deadline"], grace=rt.settings.resume_grace, keepalive_frame=None,
-                             sock=sock)
+                             sock=sock, patience=patience)
 
     return Response(body_bytes(), mimetype=mimetype, headers=job_headers(job_id))
 
@@ -125,17 +145,23 @@ def client_gone() -> bool:
     return peer_closed(client_socket())
 
 
-def wait_for_result(rt: Runtime, job: dict, *, keepalive: float, respond=json_response):
+def wait_for_result(rt: Runtime, job: dict, *, keepalive: float, respond=json_response, patience: float = 0.0):
+    """The job's answer once it has one, riding over Redis being away for `patience` seconds
+    (then 503, naming the job, which is left to run: the client may fetch its result later)."""
     job_id = job["id"]
-    rt.jobs.attach(job_id)
     next_check = time.monotonic() + CLIENT_CHECK
     try:
+        ride_over(lambda: rt.jobs.attach(job_id), patience)
+    except TRANSIENT as err:
+        raise _queue_lost(job_id, err) from None
+    lost = False
+    try:
         for event in followed(rt, job_id, after="0-0", keepalive=min(keepalive, CLIENT_CHECK),
-                              deadline=job["deadline"]):
+                              deadline=job["deadline"], patience=patience):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + CLIENT_CHECK
                 if client_gone():
-                    rt.jobs.request_cancel(job_id)  # nobody will read the answer: free the worker
+                    ride_over(lambda: rt.jobs.request_cancel(job_id), patience)  # nobody will read the answer
                     return Response(status=499)
             if event is None:
                 continue
@@ -146,8 +172,11 @@ def wait_for_result(rt: Runtime, job: dict, *, keepalive: float, respond=json_re
             if event.type == "cancelled":
                 raise APIError(409, "The job was cancelled before it finished.", code="job_cancelled",
                                headers={JOB_HEADER: job_id})
+    except TRANSIENT as err:
+        lost = True
+        raise _queue_lost(job_id, err) from None
     finally:
-        rt.jobs.detach(job_id)
+        detached(rt, job_id, cancel=False, grace=0, patience=patience, background=lost)
     raise APIError(500, "The job's event log ended without a result.", type="server_error")
 
 

@@ -1,4 +1,11 @@
-"""This app's connections to the job queue's Redis (job records, event logs, files), made on first use."""
+"""This app's connections to the job queue's Redis (job records, event logs, files), made on first use.
+
+A new request keeps redis-py's defaults (redis-py 8: one try, a 5 s socket timeout), so it
+answers 503 soon when Redis is gone. Whoever follows a job already running (a stream, a wait for its result) has
+more to lose and rides over Redis being away (stalled, restarting) for the `relay_ride_over` setting
+seconds: reads are tried again with backoff, then the client gets an error, never a cut
+connection (see `api.sse.relay`).
+"""
 
 from __future__ import annotations
 

@@ -34,6 +34,12 @@ class Settings:
     max_queue_depth: int = 256
     #: Seconds between SSE keep-alive comments on an idle stream.
     keepalive_interval: float = 15.0
+    #: Seconds the API waits for the next piece of a request body before answering 408: a client
+    #: that sends headers and then stalls must not hold its connection for ever.
+    body_read_timeout: float = 10.0
+    #: Seconds a stream or a wait for a job's result keeps trying while Redis is away (stalled,
+    #: restarting), from its first failed read; 0: not at all (`api.sse.relay`).
+    relay_ride_over: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -55,6 +61,9 @@ class Settings:
             cors_origins=_origins(environ, "LOCALQ_CORS_ORIGINS"),
             max_queue_depth=positive_int(environ, "LOCALQ_MAX_QUEUE_DEPTH", cls.max_queue_depth),
             keepalive_interval=positive_number(environ, "LOCALQ_SSE_KEEPALIVE", cls.keepalive_interval),
+            body_read_timeout=positive_number(environ, "LOCALQ_BODY_READ_TIMEOUT", cls.body_read_timeout),
+            relay_ride_over=positive_number(environ, "LOCALQ_RELAY_RIDE_OVER", cls.relay_ride_over,
+                                            allow_zero=True),
         )
 
 

@@ -3,12 +3,18 @@
 `data: {chunk}` per event with the event log position as `id:` (so `Last-Event-ID` resumes),
 in-stream errors as `data: {"error": {...}}`, `data: [DONE]` at the end, and comment lines as
 keep-alives while the job waits in the queue.
+
+A relay rides over Redis being away (for `patience` seconds: the `relay_ride_over` setting): it
+keeps the client's connection alive with keep-alives and carries on where it was. If Redis stays away,
+the stream ends with an in-stream error (without an `id:`, so the client's Last-Event-ID still
+names the last event it got) and `[DONE]`; the job runs on, since the client did not leave.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import select
 import socket
 import threading
@@ -18,10 +24,11 @@ from typing import Any
 
 from flask import Response
 
-from tasks.events import Event
+from tasks.events import TRANSIENT, Event, ride_over
 from tasks.jobs import FINAL_STATUSES
 from tasks.runtime import Runtime
 
+log = logging.getLogger(__name__)
 JOB_HEADER = "x-localq-job-id"
 # How often a waiting or relaying handler looks whether its client is still connected.
 CLIENT_CHECK = 0.5
@@ -50,11 +57,22 @@ def timeout_error() -> dict:
                                      "param": None, "code": "job_timeout"}}
 
 
-def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None) -> Iterator[Event | None]:
-    """The job's events after `after`; None for keep-alive ticks; a synthetic error past the deadline."""
-    for event in rt.events.follow(job_id, after, block_ms=max(1, int(keepalive * 1000))):
+def queue_unavailable_error(job_id: str) -> dict:
+    return {"status": 503, "error": {
+        "message": f"The job queue stopped answering while following job '{job_id}'; the job may still finish. "
+                   f"Follow it with GET /v1/jobs/{job_id}/events (Last-Event-ID: the last event id you got).",
+        "type": "service_unavailable_error", "param": None, "code": "queue_unavailable"}}
+
+
+def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None,
+             patience: float = 0.0) -> Iterator[Event | None]:
+    """The job's events after `after`; None for keep-alive ticks; a synthetic error past the deadline.
+
+    Rides over Redis being away for `patience` seconds, then raises the Redis error.
+    """
+    for event in rt.events.follow(job_id, after, block_ms=max(1, int(keepalive * 1000)), ride_over=patience):
         if event is None and deadline is not None and time.time() > deadline + 1.0:
-            rt.jobs.request_cancel(job_id)
+            ride_over(lambda: rt.jobs.request_cancel(job_id), patience)
             yield Event("", "error", json.dumps(timeout_error()))
             return
         yield event
@@ -80,20 +98,24 @@ def peer_closed(sock) -> bool:
 
 def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", keepalive: float,
           deadline: float | None, grace: float, keepalive_frame: str | None = KEEPALIVE,
-          sock=None) -> Iterator[str | bytes]:
+          sock=None, patience: float = 0.0) -> Iterator[str | bytes]:
     """Follow a job's log and turn each event into what the client reads; the client counts as a
-    reader of the job while it is connected (see `_detached` for what leaving does).
+    reader of the job while it is connected (see `detached` for what leaving does).
 
     Events the client is not sent (progress) write nothing, so the connection is also looked at
     every CLIENT_CHECK seconds: a client that left is noticed even while nothing is written.
+    Redis being away is ridden over for `patience` seconds (keep-alives meanwhile); past that the
+    client is told in-stream, and the job is left running.
     """
-    finished = False
+    finished = attached = lost = False
     next_check = time.monotonic() + CLIENT_CHECK
-    rt.jobs.attach(job_id)
     try:
+        ride_over(lambda: rt.jobs.attach(job_id), patience)
+        attached = True
         if keepalive_frame:
             yield keepalive_frame  # sends the headers (and the job id) at once, even while the job waits
-        for event in followed(rt, job_id, after=after, keepalive=min(keepalive, CLIENT_CHECK), deadline=deadline):
+        for event in followed(rt, job_id, after=after, keepalive=min(keepalive, CLIENT_CHECK), deadline=deadline,
+                              patience=patience):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + CLIENT_CHECK
                 if peer_closed(sock):
@@ -104,8 +126,17 @@ def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", kee
                 continue
             finished = finished or event.terminal
             yield from render(event)
+    except TRANSIENT as err:
+        lost = True
+        log.warning("job %s: stream ended, the job queue was unreachable for %g s: %s", job_id, patience, err)
+        told = list(render(Event("", "error", json.dumps(queue_unavailable_error(job_id)))))
+        if not told:
+            raise  # a body with no place for an error (raw audio): a cut connection is the only word left
+        yield from told
     finally:
-        _detached(rt, job_id, finished, grace)
+        if attached:
+            detached(rt, job_id, cancel=not (finished or lost), grace=grace, patience=patience,
+                      background=lost)
 
 
 def completion_frames(event: Event) -> Iterable[str]:
@@ -142,22 +173,36 @@ def job_frames(event: Event) -> Iterable[str]:
     yield frame(event.raw, event_id=event.id, event=event.type)
 
 
-def _detached(rt: Runtime, job_id: str, finished: bool, grace: float) -> None:
+def detached(rt: Runtime, job_id: str, *, cancel: bool, grace: float, patience: float = 0.0,
+              background: bool = False) -> None:
     """A reader left. If it left an unfinished job nobody else reads, cancel it after the grace period.
 
     The grace period lets a client whose connection dropped resume with Last-Event-ID instead
-    of losing its job; a client that is really gone frees the worker right after.
+    of losing its job; a client that is really gone frees the worker right after. A reader that
+    stopped because Redis was away (`cancel=False`) only detaches, in the `background` so that
+    its client's response ends now; nothing is ever cancelled because our own reads failed.
     """
-    remaining = rt.jobs.detach(job_id)
-    if finished or remaining > 0:
+    if background:
+        threading.Thread(target=detached, args=(rt, job_id), daemon=True,
+                         kwargs={"cancel": cancel, "grace": grace, "patience": patience}).start()
+        return
+    try:
+        remaining = ride_over(lambda: rt.jobs.detach(job_id), patience)
+    except TRANSIENT as err:
+        log.warning("job %s: reader not detached, the job queue is unreachable: %s", job_id, err)
+        return
+    if not cancel or remaining > 0:
         return
 
     def cancel_if_abandoned() -> None:
-        record = rt.jobs.get(job_id)
-        # only jobs a client is waiting for (not batch lines someone merely watches) are cancelled
-        if (record and record.get("attached") == "1" and record.get("status") not in FINAL_STATUSES
-                and rt.jobs.readers(job_id) <= 0):
-            rt.jobs.request_cancel(job_id)
+        try:
+            record = rt.jobs.get(job_id)
+            # only jobs a client is waiting for (not batch lines someone merely watches) are cancelled
+            if (record and record.get("attached") == "1" and record.get("status") not in FINAL_STATUSES
+                    and rt.jobs.readers(job_id) <= 0):
+                rt.jobs.request_cancel(job_id)
+        except TRANSIENT as err:  # the job runs on: better than a cancel nobody can be sure of
+            log.warning("job %s: abandoned job not cancelled, the job queue is unreachable: %s", job_id, err)
 
     if grace <= 0:
         cancel_if_abandoned()

@@ -4,29 +4,90 @@ PUBLISH/SUBSCRIBE is at-most-once: an event published before the API subscribes 
 keeps every event (XADD) until its TTL, readers block for new ones (XREAD BLOCK) from any position,
 and each event's stream id doubles as the SSE `id:`, so a client that reconnects with
 `Last-Event-ID` resumes exactly after the last event it saw: no gap, no duplicate.
+
+A reader may ride over Redis being away for a while (`follow(ride_over=...)`): a read that
+fails for a dropped, refused or timed-out connection is tried again with backoff, and the reader
+gets a quiet tick (None) between tries, as while it waits for events. A writer's retry is safe
+too: a batch whose reply was lost, sent again, is not added twice (`append_many`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Event types that end a job's log: readers stop after one of them.
 TERMINAL = frozenset({"result", "error", "cancelled"})
+# Failures worth trying again: Redis restarting, stalled or briefly unreachable.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError)
+# Waits between tries while riding over: 0.1, 0.2, 0.4, 0.8 s, then 1 s each.
+RIDE_OVER_BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
 
-_EVENT_ID = re.compile(r"^\d+-\d+$")
+# A stream entry id: milliseconds and sequence number, each an unsigned 64-bit integer.
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_U64_MAX = 2**64 - 1
+
+T = TypeVar("T")
 
 
 def events_key(job_id: str) -> str:
     return f"localq:job:{job_id}:events"
 
 
+def parse_event_id(value: str) -> tuple[int, int] | None:
+    """`ms-seq` as two integers, ordered as Redis orders entries; None unless Redis could have made it."""
+    match = _EVENT_ID.fullmatch(value)
+    if not match:
+        return None
+    ms, seq = int(match[1]), int(match[2])
+    return (ms, seq) if ms <= _U64_MAX and seq <= _U64_MAX else None
+
+
 def valid_event_id(value: str) -> bool:
-    return bool(_EVENT_ID.match(value))
+    return parse_event_id(value) is not None
+
+
+class Patience:
+    """One run of failed tries: the wait before the next one, until `seconds` after the first began."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.reset()
+
+    def reset(self) -> None:
+        self.give_up: float | None = None
+        self.failures = 0
+
+    def next_wait(self, started: float) -> float | None:
+        """After a try begun at `started` (monotonic) failed: seconds to wait, or None to give up."""
+        if self.give_up is None:
+            self.give_up = started + self.seconds
+        self.failures += 1
+        left = self.give_up - time.monotonic()
+        return min(RIDE_OVER_BACKOFF.compute(self.failures), left) if left > 0 else None
+
+
+def ride_over(call: Callable[[], T], seconds: float) -> T:
+    """`call()`, tried again with backoff while Redis is away, for up to `seconds` from the first failed try."""
+    patience = Patience(seconds)
+    while True:
+        started = time.monotonic()
+        try:
+            return call()
+        except TRANSIENT:
+            wait = patience.next_wait(started)
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 class Event(NamedTuple):
@@ -43,6 +104,27 @@ class Event(NamedTuple):
         return self.type in TERMINAL
 
 
+# Adds one batch of events, unless that very batch (its token) is the last one added: a writer
+# whose reply was lost (a stalled Redis outlasting the socket timeout) sends the same batch again
+# when it retries, and its events must not appear twice. KEYS: the log, its last-batch marker.
+# ARGV: the TTL, the batch's token, then the type and data of each event. Returns the entry ids.
+_APPEND_ONCE = """
+local prefix = ARGV[2] .. ' '
+local marker = redis.call('GET', KEYS[2])
+local ids = {}
+if marker and string.sub(marker, 1, #prefix) == prefix then
+  for id in string.gmatch(string.sub(marker, #prefix + 1), '%S+') do ids[#ids + 1] = id end
+  return ids
+end
+for i = 3, #ARGV, 2 do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], prefix .. table.concat(ids, ' '), 'EX', ARGV[1])
+return ids
+"""
+
+
 class EventLog:
     def __init__(self, client: redis.Redis, ttl: float):
         self.client = client
@@ -54,17 +136,17 @@ class EventLog:
     def append_many(self, job_id: str, events: Iterable[tuple[str, Any]], pipe=None) -> list[str]:
         """Add events in order in one round trip, and push the log's expiry forward.
 
-        With `pipe`, the commands are only queued on it (and nothing is returned).
+        Sent again by a client's retry, the same call adds nothing more (see `_APPEND_ONCE`).
+        With `pipe`, the command is only queued on it (and nothing is returned).
         """
-        key = events_key(job_id)
-        own = pipe is None
-        pipe = self.client.pipeline(transaction=False) if own else pipe
-        count = 0
+        args: list[Any] = [self.ttl, uuid.uuid4().hex]
         for type_, data in events:
-            pipe.xadd(key, {"type": type_, "data": json.dumps(data, separators=(",", ":"))})
-            count += 1
-        pipe.expire(key, self.ttl)
-        return [_text(i) for i in pipe.execute()[:count]] if own else []
+            args += [type_, json.dumps(data, separators=(",", ":"))]
+        key = events_key(job_id)
+        # EVAL, not EVALSHA: a retry after Redis restarted must not meet NOSCRIPT (in a pipeline,
+        # redis-py loads scripts once, before its retries)
+        ids = (self.client if pipe is None else pipe).eval(_APPEND_ONCE, 2, key, f"{key}:last-batch", *args)
+        return [] if pipe is not None else [_text(i) for i in ids]
 
     def read(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int | None = None) -> list[Event]:
         reply = self.client.xread({events_key(job_id): after}, block=block_ms, count=count)
@@ -73,10 +155,32 @@ class EventLog:
     def all(self, job_id: str) -> list[Event]:
         return [_event(entry_id, fields) for entry_id, fields in self.client.xrange(events_key(job_id))]
 
-    def follow(self, job_id: str, after: str = "0-0", block_ms: int = 1000) -> Iterator[Event | None]:
-        """Every event after `after` as it arrives, until a terminal one; None each quiet `block_ms`."""
+    def last(self, job_id: str) -> Event | None:
+        """The log's newest event (None while it is empty)."""
+        entries = self.client.xrevrange(events_key(job_id), count=1)
+        return _event(*entries[0]) if entries else None
+
+    def follow(self, job_id: str, after: str = "0-0", block_ms: int = 1000,
+               ride_over: float = 0.0) -> Iterator[Event | None]:
+        """Every event after `after` as it arrives, until a terminal one; None each quiet `block_ms`.
+
+        Reads that fail while Redis is away are tried again (a None between tries) for up to
+        `ride_over` seconds from the first failed one; then the last error is raised. `block_ms` must stay below
+        the client's socket timeout, or every quiet read would fail as a timeout.
+        """
+        patience = Patience(ride_over)
         while True:
-            batch = self.read(job_id, after, block_ms=block_ms)
+            started = time.monotonic()
+            try:
+                batch = self.read(job_id, after, block_ms=block_ms)
+            except TRANSIENT:
+                wait = patience.next_wait(started)
+                if wait is None:
+                    raise
+                yield None
+                time.sleep(wait)
+                continue
+            patience.reset()
             if not batch:
                 yield None
                 continue

@@ -50,7 +50,13 @@ def ride_over_retry() -> Retry:
 
 
 def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
-    options: dict = {"health_check_interval": 30}
+    # redis-py caps a pool at 100 connections by default; an API process holds one per open stream
+    # (blocked in XREAD), so past 100 streams every other command would fail. A pool opens
+    # connections only as they are needed: a high cap costs nothing.
+    # Explicit timeouts (redis-py before 8 has none): a stalled Redis fails a command after 5 s
+    # instead of hanging it; every blocking read (XREAD BLOCK) asks for less than that.
+    options: dict = {"health_check_interval": 30, "max_connections": 10_000, "socket_timeout": 5,
+                     "socket_connect_timeout": 5}
     if ride_over:
         options.update(retry=ride_over_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError])
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, **options)

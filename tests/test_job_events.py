@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -9,15 +11,22 @@ import pytest
 import redis
 
 from ops.redis_server import RedisServer
-from tasks.events import EventLog, events_key, valid_event_id
+from tasks.events import EventLog, events_key, parse_event_id, ride_over, valid_event_id
 from tasks.jobs import JobStore, public_view
 from tasks.publisher import BackgroundPublisher
+from tasks.runtime import connect
+from tasks.settings import QueueSettings
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield redis.Redis.from_url(server.url, decode_responses=True)
+def server(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return redis.Redis.from_url(server.url, decode_responses=True)
 
 
 @pytest.fixture
@@ -94,3 +103,79 @@ def test_job_store_lifecycle(client):
     assert view["created_at"] <= view["started_at"] <= view["finished_at"]
     assert store.attach("job_x") == 1 and store.detach("job_x") == 0
     assert store.get("job_missing") is None
+
+
+def test_event_ids_are_two_unsigned_64_bit_integers():
+    assert parse_event_id("1700000000000-3") == (1700000000000, 3)
+    assert parse_event_id("18446744073709551615-18446744073709551615") == (2**64 - 1, 2**64 - 1)
+    for bad in ("99999999999999999999999-0", "18446744073709551616-0", "0-18446744073709551616", "1-2-3",
+                "1", "1-", "-1-0", "+1-0", "1-0\n", "\u0661-0", "1.0-0", ""):
+        assert parse_event_id(bad) is None and not valid_event_id(bad), bad
+    assert parse_event_id("2-0") > parse_event_id("1-99")  # ordered as Redis orders entries
+
+
+def test_the_last_event_of_a_log(log):
+    assert log.last("j6") is None
+    log.append("j6", "delta", {"i": 0})
+    last_id = log.append("j6", "result", {"done": True})
+    last = log.last("j6")
+    assert last.id == last_id and last.terminal and last.data == {"done": True}
+
+
+def test_events_queued_on_a_pipeline_are_added_when_it_runs(client, log):
+    pipe = client.pipeline(transaction=False)
+    assert log.append_many("j10", [("status", {"status": "running"})], pipe=pipe) == []
+    assert log.all("j10") == []
+    pipe.execute()
+    assert [e.type for e in log.all("j10")] == ["status"] and 0 < client.ttl(events_key("j10")) <= 60
+
+
+def test_a_batch_sent_again_after_a_lost_reply_is_added_once(server):
+    """A worker's client retries a command whose reply a stalled Redis never sent (socket timeout):
+    the first try is executed all the same once Redis goes on, and the retry must add nothing."""
+    log = EventLog(connect(QueueSettings(redis_url=server.url), ride_over=True).redis, ttl=60)
+    log.append("j7", "delta", {"i": 0})
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        writer = threading.Thread(target=log.append_many, args=("j7", [("delta", {"i": 1}), ("delta", {"i": 2})]))
+        writer.start()
+        time.sleep(6)  # past the client's 5 s socket timeout: the batch is sent again
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    writer.join(30)
+    assert [e.data["i"] for e in log.all("j7")] == [0, 1, 2]
+
+
+def test_a_reader_rides_over_a_redis_restart(server):
+    log = EventLog(redis.Redis.from_url(server.url, decode_responses=True), ttl=60)
+    log.append("j8", "delta", {"i": 0})
+    seen = []
+
+    def reader():
+        for event in log.follow("j8", block_ms=50, ride_over=30):
+            seen.append(event)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    wait_for = time.monotonic() + 5
+    while not seen and time.monotonic() < wait_for:
+        time.sleep(0.05)
+    server.stop()
+    time.sleep(1)
+    server.start()
+    log.append("j8", "result", {})
+    thread.join(30)
+    assert not thread.is_alive()
+    assert [e.type for e in seen if e] == ["delta", "result"]
+
+
+def test_a_reader_gives_up_once_its_ride_over_is_spent(tmp_path):
+    with RedisServer(tmp_path / "redis") as gone:
+        log = EventLog(redis.Redis.from_url(gone.url, decode_responses=True), ttl=60)
+    ticks = []
+    with pytest.raises(redis.ConnectionError):
+        for event in log.follow("j9", block_ms=50, ride_over=0.5):
+            ticks.append(event)
+    assert ticks and set(ticks) == {None}  # quiet ticks while it tried again
+    with pytest.raises(redis.ConnectionError):
+        ride_over(lambda: log.last("j9"), 0.3)

@@ -38,6 +38,7 @@ def test_every_variable_is_read(tmp_path):
         "LOCALQ_JOB_TIMEOUT": "2.5",
         "LOCALQ_JOB_TTL": "60",
         "LOCALQ_SSE_KEEPALIVE": "0.5",
+        "LOCALQ_RELAY_RIDE_OVER": "0",
     })
     assert settings.models_dir == Path(tmp_path)
     assert settings.unknown_fields == "ignore"
@@ -50,6 +51,7 @@ def test_every_variable_is_read(tmp_path):
     assert settings.queue.job_timeout == 2.5
     assert settings.queue.job_ttl == 60
     assert settings.keepalive_interval == 0.5
+    assert settings.relay_ride_over == 0
 
 
 @pytest.mark.parametrize(
@@ -119,6 +121,8 @@ def test_cors_star_and_duplicates():
         ("LOCALQ_SSE_KEEPALIVE", "often"),
         ("LOCALQ_SSE_KEEPALIVE", "0"),
         ("LOCALQ_SSE_KEEPALIVE", "-1"),
+        ("LOCALQ_RELAY_RIDE_OVER", "-1"),
+        ("LOCALQ_RELAY_RIDE_OVER", "a while"),
     ],
 )
 def test_malformed_value_names_the_variable(name, value):
