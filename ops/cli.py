@@ -366,22 +366,27 @@ def _run_launcher(args: argparse.Namespace, settings: Settings) -> int:
 # --- localq workers -------------------------------------------------------------------------
 
 
-def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
-    """The live workers (tasks.heartbeats), as a table or, with --json, as a list."""
-    import json
-
+def _read_redis(settings: Settings, what: str, read):
+    """`read(client)` on a short-lived client of the queue's Redis; an error names `what` and the URL."""
     import redis
-
-    from tasks.heartbeats import live_workers
 
     url = settings.queue.redis_url
     client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
     try:
-        beats = live_workers(client)
+        return read(client)
     except redis.RedisError as exc:
-        raise RedisServerError(f"cannot read the workers from Redis at {redact_url(url)}: {exc}") from None
+        raise RedisServerError(f"cannot read the {what} from Redis at {redact_url(url)}: {exc}") from None
     finally:
         client.close()
+
+
+def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """The live workers (tasks.heartbeats), as a table or, with --json, as a list."""
+    import json
+
+    from tasks.heartbeats import live_workers
+
+    beats = _read_redis(settings, "workers", live_workers)
     if args.json:
         print(json.dumps(beats, indent=2))
         return 0
@@ -396,18 +401,9 @@ def _run_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     """The newest dead letters (tasks.dead_letters), as a table or, with --json, as a list."""
     import json
 
-    import redis
-
     from tasks.dead_letters import read
 
-    url = settings.queue.redis_url
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
-    try:
-        entries = read(client, args.limit)
-    except redis.RedisError as exc:
-        raise RedisServerError(f"cannot read the dead letters from Redis at {redact_url(url)}: {exc}") from None
-    finally:
-        client.close()
+    entries = _read_redis(settings, "dead letters", lambda client: read(client, args.limit))
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0

@@ -116,17 +116,23 @@ def test_a_stream_rides_over_a_redis_stall(service, store, stall):
     assert len(chunks) == deltas_in_log(store, job_id) and content(chunks) == result_text(record)
 
 
-def test_a_wait_for_a_result_rides_over_a_redis_stall(service, store, stall):
+def post_across_a_stall(base_url: str, store, stall) -> tuple[httpx.Response, str]:
+    """A non-streaming chat call with Redis stalled for SHORT_STALL s once its job is generating;
+    (the answer, the job's event log key)."""
     before = set(store.keys("localq:job:*:events"))
     answer = {}
     request = threading.Thread(target=lambda: answer.update(response=httpx.post(
-        service.base_url + "/v1/chat/completions", json=LONG, timeout=TIMEOUT)))
+        base_url + "/v1/chat/completions", json=LONG, timeout=TIMEOUT)))
     request.start()
     key = wait_until(lambda: next(iter(set(store.keys("localq:job:*:events")) - before), None), 60, "the job")
     wait_until(lambda: store.xlen(key) >= STALL_AT, 60, "the job to be generating")
     stall(SHORT_STALL)
     request.join(120)
-    response = answer["response"]
+    return answer["response"], key
+
+
+def test_a_wait_for_a_result_rides_over_a_redis_stall(service, store, stall):
+    response, _ = post_across_a_stall(service.base_url, store, stall)
     assert response.status_code == 200, response.text
     record = finished(store, response.headers["x-localq-job-id"])
     assert record["status"] == "succeeded"
@@ -152,16 +158,7 @@ def test_past_the_ride_over_a_stream_ends_with_an_error_and_the_job_goes_on(impa
 
 
 def test_past_the_ride_over_a_wait_answers_503_and_the_job_goes_on(impatient, store, stall):
-    before = set(store.keys("localq:job:*:events"))
-    answer = {}
-    request = threading.Thread(target=lambda: answer.update(response=httpx.post(
-        impatient.base_url + "/v1/chat/completions", json=LONG, timeout=TIMEOUT)))
-    request.start()
-    key = wait_until(lambda: next(iter(set(store.keys("localq:job:*:events")) - before), None), 60, "the job")
-    wait_until(lambda: store.xlen(key) >= STALL_AT, 60, "the job to be generating")
-    stall(SHORT_STALL)
-    request.join(120)
-    response = answer["response"]
+    response, key = post_across_a_stall(impatient.base_url, store, stall)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_unavailable"
     job_id = response.headers["x-localq-job-id"]  # where to look for the answer later
