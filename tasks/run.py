@@ -81,6 +81,17 @@ def _dead_letter_lost(rt, job: dict, request, deliveries: int) -> None:
         log.warning("job %s: dead letter not kept", job["id"], exc_info=True)
 
 
+def _close(publisher: BackgroundPublisher, job_id: str) -> bool:
+    """Flush the job's events; False when some could not be published (the job then fails with a
+    final event of its own, instead of leaving its client waiting for a result that never comes)."""
+    try:
+        publisher.close()
+    except Exception:
+        log.exception("job %s: its events could not be published", job_id)
+        return False
+    return True
+
+
 @app.task(name=TASK_NAME, bind=True)
 def run_job(self, job: dict) -> None:
     started = time.monotonic()
@@ -144,12 +155,20 @@ def run_job(self, job: dict) -> None:
         outcome, error = "failed", error_payload(500, "The worker had an error while running the job.",
                                                  "server_error")
     finally:
-        publisher.close()
+        published = _close(publisher, job_id)
+    if error is None and not published:
+        outcome, error = "failed", error_payload(
+            500, "The worker could not publish the job's output; send the request again.", "server_error",
+            code="output_lost")
+    elif error is None and not is_cancelled.cancelled and publisher.result is None:
+        log.error("job %s: the backend returned without a result", job_id)
+        outcome, error = "failed", error_payload(500, "The worker finished the job without a result.",
+                                                 "server_error", code="no_result")
 
     tokens = None
     if error is not None:
         _fail(rt, job_id, error)
-    elif is_cancelled.cancelled or publisher.result is None:
+    elif is_cancelled.cancelled:
         outcome = "cancelled"
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:

@@ -1,0 +1,91 @@
+"""How `localq.run_job` ends a job, run in-process on a real Redis (issue 11's job-lifecycle bug).
+
+Every job must end with a final status and a terminal event, whatever went wrong, or its client
+waits for the whole deadline and then gets a synthetic 504. The model call itself is replaced
+here (this is the task's own logic, not a model's): one backend emits a delta and a result while
+Redis refuses the first publish, one returns without any result.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+import workers.execute
+from tasks.events import EventLog
+from tasks.run import run_job
+from tasks.runtime import model_runtime, runtime
+
+
+@pytest.fixture
+def rt(redis_server, monkeypatch):
+    monkeypatch.setenv("LOCALQ_REDIS_URL", redis_server.url)
+    runtime.cache_clear()
+    runtime().redis.flushall()
+    yield runtime()
+    runtime.cache_clear()
+
+
+def queued_job(rt, job_id: str) -> dict:
+    job = {"id": job_id, "kind": "chat", "model": "gpt-4o-mini", "created": int(time.time()),
+           "deadline": time.time() + 60, "request": {"model": "gpt-4o-mini", "messages": []}}
+    rt.jobs.create(job_id, kind="chat", model="gpt-4o-mini", queue="cpu", priority="interactive",
+                   deadline=job["deadline"], attached=True)
+    return job
+
+
+def terminal_event(rt, job_id: str):
+    events = rt.events.all(job_id)
+    assert events and events[-1].terminal, [event.type for event in events]
+    return events[-1]
+
+
+def test_a_failed_publish_ends_the_job_with_an_error(rt, monkeypatch):
+    def backend(job, emit, cancelled, **_):
+        emit("delta", {"choices": [{"delta": {"content": "hi"}}]})
+        emit("result", {"object": "chat.completion"})
+
+    calls = {"n": 0}
+    append_many = EventLog.append_many
+
+    def flaky(self, job_id, events, pipe=None):
+        if pipe is None:  # the publisher's own round trip (the task's go on a pipeline)
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise redis.ResponseError("refused")
+        return append_many(self, job_id, events, pipe=pipe)
+
+    monkeypatch.setattr(workers.execute, "execute", backend)
+    monkeypatch.setattr(EventLog, "append_many", flaky)
+    model_runtime()  # loads the registry before the first publish
+    job = queued_job(rt, "job_0000000000000001")
+    run_job(job)  # before the fix: raised the publish error, leaving the job "running" and silent
+    event = terminal_event(rt, job["id"])
+    assert event.type == "error" and event.data["error"]["code"] == "output_lost"
+    assert set(event.data["error"]) == {"message", "type", "param", "code"}
+    assert rt.jobs.get(job["id"])["status"] == "failed"
+
+
+def test_a_job_without_a_result_is_failed_not_cancelled(rt, monkeypatch):
+    monkeypatch.setattr(workers.execute, "execute", lambda job, emit, cancelled, **_: None)
+    job = queued_job(rt, "job_0000000000000002")
+    run_job(job)  # before the fix: "cancelled by the client", although no client cancelled anything
+    event = terminal_event(rt, job["id"])
+    assert event.type == "error" and event.data["status"] == 500 and event.data["error"]["code"] == "no_result"
+    assert rt.jobs.get(job["id"])["status"] == "failed"
+
+
+def test_a_cancelled_job_is_still_cancelled(rt, monkeypatch):
+    def backend(job, emit, cancelled, **_):
+        rt.jobs.request_cancel(job["id"])  # the client leaves while the job runs
+        deadline = time.monotonic() + 10
+        while not cancelled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(workers.execute, "execute", backend)
+    job = queued_job(rt, "job_0000000000000003")
+    run_job(job)
+    assert terminal_event(rt, job["id"]).type == "cancelled"
+    assert rt.jobs.get(job["id"])["status"] == "cancelled"
