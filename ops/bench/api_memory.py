@@ -1,6 +1,6 @@
 """Benchmark: resident memory of the API processes while they serve a running queue.
 
-Starts an embedded Redis, one CPU worker and `localq api` (one gthread worker), fetches
+Starts an embedded Redis, one CPU worker and `localq api` (one gevent worker), fetches
 `/openapi.json`, runs 20 chat completions through the queue and scrapes `/metrics`, then prints
 each API process's RSS. Run it by hand:
 
