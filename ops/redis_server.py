@@ -10,11 +10,13 @@ an append-only file (`appendfsync everysec`, no RDB snapshots) in `data_dir` and
         redis.Redis.from_url(server.url).ping()
         server.restart()                               # same port, same data
 
-Nothing here needs redis-py: readiness and shutdown speak the protocol over a plain socket.
+Readiness, identity (INFO's `process_id`) and shutdown go through redis-py, with short timeouts
+and no retries: a launcher polling a port must hear "not yet" at once, not after a backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import os
@@ -27,6 +29,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 HOST = "127.0.0.1"
 LOG_FILE = "redis.log"
@@ -187,30 +193,25 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # A picked port can be taken before redis-server binds it; pick again a few times.
         requested = self.port
-        attempts = 5 if requested == 0 else 1
-        for attempt in range(attempts):
+        for attempts_left in reversed(range(5 if requested == 0 else 1)):
             try:
                 self._spawn_and_wait(requested or free_port())
+                return self
             except RedisServerError:
                 self.port = requested
-                if attempt == attempts - 1:
+                if not attempts_left:
                     raise
-                continue
-            return self
         raise AssertionError("unreachable")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SHUTDOWN (which flushes the append-only file), then SIGTERM, then SIGKILL if need be."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
-            if process is not None:
-                _close_pipes(process)
             return
-        try:
-            # NOSAVE: no RDB snapshot (we run with `save ""`); Redis still fsyncs the AOF.
-            _command(self.port, b"SHUTDOWN", b"NOSAVE", timeout=2.0, expect_reply=False)
-        except OSError:
-            pass
+        # NOSAVE: no RDB snapshot (we run with `save ""`); Redis still fsyncs the AOF. A server
+        # that does not take it (stalled, gone) is left to the signals below.
+        with contextlib.suppress(redis.RedisError), _client(self.port, timeout=2.0) as client:
+            client.shutdown(nosave=True)  # returns once the server closed the connection
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -220,7 +221,6 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        _close_pipes(process)
 
     def restart(self) -> RedisServer:
         """Stop and start again on the same port with the same data dir."""
@@ -228,10 +228,11 @@ class RedisServer:
         return self.start()
 
     def ping(self, timeout: float = 1.0) -> bool:
-        """True when the server answers PING with PONG (False while loading the AOF)."""
+        """True when the server answers PING (False while it loads the AOF, or is not there)."""
         try:
-            return _command(self.port, b"PING", timeout=timeout) == b"+PONG"
-        except OSError:
+            with _client(self.port, timeout) as client:
+                return client.ping()
+        except redis.RedisError:
             return False
 
     def __enter__(self) -> RedisServer:
@@ -290,79 +291,39 @@ class RedisServer:
             raise
 
     def _wait_ready(self, process: subprocess.Popen, port: int) -> None:
+        """Until `process` answers PING, or exits; a Redis with another pid is someone else's."""
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RedisServerError(
-                    f"redis-server exited with status {process.returncode} on port {port}; "
-                    f"see {self.log_path}:\n{_tail(self.log_path)}"
-                )
-            if _answers_ping(port):
-                if _server_pid(port) not in (None, process.pid):
-                    raise RedisServerError(f"port {port} is already served by another Redis")
-                return
-            time.sleep(0.05)
+        with _client(port, timeout=0.5) as client:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RedisServerError(
+                        f"redis-server exited with status {process.returncode} on port {port}; "
+                        f"see {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                try:
+                    if client.ping():
+                        pid = client.info("server")["process_id"]
+                        if pid != process.pid:
+                            raise RedisServerError(f"port {port} is served by another Redis")
+                        return
+                except redis.RedisError:  # not listening yet, or loading the AOF
+                    pass
+                time.sleep(0.05)
         raise RedisServerError(
             f"redis-server did not answer PING on port {port} within {self.startup_timeout:g}s; "
             f"see {self.log_path}:\n{_tail(self.log_path)}"
         )
 
 
-def _answers_ping(port: int) -> bool:
-    try:
-        return _command(port, b"PING", timeout=0.5) == b"+PONG"
-    except OSError:
-        return False
-
-
-def _server_pid(port: int) -> int | None:
-    """`process_id` from INFO server, to be sure the server answering is the one we started."""
-    try:
-        info = _command(port, b"INFO", b"server", timeout=1.0, bulk=True)
-    except OSError:
-        return None
-    for line in info.splitlines():
-        if line.startswith(b"process_id:"):
-            return int(line.split(b":", 1)[1])
-    return None
-
-
-def _command(
-    port: int, *parts: bytes, timeout: float, expect_reply: bool = True, bulk: bool = False
-) -> bytes:
-    """Send one command in RESP; return the reply's first line, or with `bulk` its bulk string."""
-    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        if not expect_reply:
-            # SHUTDOWN answers nothing on success; wait for the server to close the socket.
-            try:
-                sock.recv(1024)
-            except OSError:
-                pass
-            return b""
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(1024)
-            if not chunk:
-                break
-            reply += chunk
-        if bulk and reply.startswith(b"$"):
-            header, _, body = reply.partition(b"\r\n")
-            length = int(header[1:])
-            while len(body) < length:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-            return body[:length]
-        return reply.strip()
-
-
-def _close_pipes(process: subprocess.Popen) -> None:
-    for stream in (process.stdin, process.stdout, process.stderr):
-        if stream is not None:
-            stream.close()
+def _client(port: int, timeout: float) -> redis.Redis:
+    """A client of 127.0.0.1:`port` that fails fast: no retries, `timeout` on every step."""
+    return redis.Redis(
+        host=HOST,
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _tail(path: Path, lines: int = 10) -> str:

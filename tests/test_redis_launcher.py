@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +87,26 @@ def test_stop_frees_the_port(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     server.stop()  # stopping twice is harmless
+
+
+def test_stop_outlasts_a_server_that_does_not_answer_shutdown(tmp_path):
+    """A stalled server times SHUTDOWN out (redis-py raises TimeoutError, not the expected
+    ConnectionError): stop() must shrug that off and still see the server end."""
+    server = RedisServer(tmp_path / "redis").start()
+    process = server.process
+    os.kill(process.pid, signal.SIGSTOP)
+    # Let it go on after the 2 s SHUTDOWN timeout: it then runs the SHUTDOWN it was sent.
+    resume = threading.Timer(3.0, os.kill, (process.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        server.stop()
+    finally:
+        resume.cancel()
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.kill()
+            process.wait()
+    assert process.returncode is not None and not server.running
 
 
 def test_explicit_port_is_used(tmp_path):
