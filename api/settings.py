@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tasks.settings import QueueSettings, positive_int, positive_number
+from tasks.settings import DEFAULT_MODELS_DIR, QueueSettings, optional_positive_int, positive_int, positive_number
 
-#: The `models/` folder that ships next to the packages in a source checkout.
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 UNKNOWN_FIELDS_CHOICES = ("reject", "ignore")
 
 
@@ -19,6 +17,7 @@ UNKNOWN_FIELDS_CHOICES = ("reject", "ignore")
 class Settings:
     """Everything the API process is configured by; built by `from_env`."""
 
+    #: Model configs the API lists and routes by (`queue.models_dir`, unless `--models-dir` overrides both).
     models_dir: Path = DEFAULT_MODELS_DIR
     unknown_fields: str = "reject"
     max_request_bytes: int = 64 * 1024 * 1024
@@ -40,6 +39,9 @@ class Settings:
     #: Seconds a stream or a wait for a job's result keeps trying while Redis is away (stalled,
     #: restarting), from its first failed read; 0: not at all (`api.sse.relay`).
     relay_ride_over: float = 30.0
+    #: Tests and experiments: seconds every batch gets as its completion window instead of the one
+    #: it asked for (24h); None: the requested window.
+    batch_window: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -50,13 +52,14 @@ class Settings:
                 f"LOCALQ_UNKNOWN_FIELDS must be one of {', '.join(UNKNOWN_FIELDS_CHOICES)}, "
                 f"got {unknown_fields!r}"
             )
+        queue = QueueSettings.from_env(environ)
         return cls(
-            models_dir=Path(environ.get("LOCALQ_MODELS_DIR", cls.models_dir)),
+            models_dir=queue.models_dir,  # read once; `localq --models-dir` overrides this copy
             unknown_fields=unknown_fields,
             max_request_bytes=positive_int(environ, "LOCALQ_MAX_REQUEST_BYTES", cls.max_request_bytes),
             host=environ.get("LOCALQ_HOST", cls.host),
             port=positive_int(environ, "LOCALQ_PORT", cls.port),
-            queue=QueueSettings.from_env(environ),
+            queue=queue,
             api_keys=_api_keys(environ),
             cors_origins=_origins(environ, "LOCALQ_CORS_ORIGINS"),
             max_queue_depth=positive_int(environ, "LOCALQ_MAX_QUEUE_DEPTH", cls.max_queue_depth),
@@ -64,6 +67,7 @@ class Settings:
             body_read_timeout=positive_number(environ, "LOCALQ_BODY_READ_TIMEOUT", cls.body_read_timeout),
             relay_ride_over=positive_number(environ, "LOCALQ_RELAY_RIDE_OVER", cls.relay_ride_over,
                                             allow_zero=True),
+            batch_window=optional_positive_int(environ, "LOCALQ_BATCH_WINDOW"),
         )
 
 

@@ -38,6 +38,7 @@ from ops.api_server import (
     raise_open_files_limit,
 )
 from ops.redis_server import RedisServerError
+from tasks.worker_settings import WorkerSettings
 from workers.config import ModelConfigError
 from workers.registry import ModelRegistry
 
@@ -230,6 +231,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "port": getattr(args, "port", None),
     }
     settings = Settings.from_env()
+    if overrides["models_dir"] is not None:
+        settings = replace(settings, queue=replace(settings.queue, models_dir=overrides["models_dir"]))
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -285,9 +288,10 @@ def worker_argv(
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """`localq worker`: with -Q/--queues one Celery worker (exec), otherwise the launcher."""
+    worker = WorkerSettings.from_env()  # a worker's own settings: a typo stops it here, before it starts
     if args.queues is not None:
         return _exec_worker(args)
-    return _run_launcher(args, settings)
+    return _run_launcher(args, settings, worker)
 
 
 def _exec_worker(args: argparse.Namespace) -> int:
@@ -326,7 +330,7 @@ def _exec_worker(args: argparse.Namespace) -> int:
     return 0  # not reached; kept for tests that replace os.execv
 
 
-def _run_launcher(args: argparse.Namespace, settings: Settings) -> int:
+def _run_launcher(args: argparse.Namespace, settings: Settings, worker: WorkerSettings) -> int:
     """One Celery worker process per selected GPU and --cpu N on the CPU, supervised (ops/launcher.py)."""
     from ops import gpus as gpu_discovery
     from ops import launcher
@@ -352,6 +356,7 @@ def _run_launcher(args: argparse.Namespace, settings: Settings) -> int:
     specs = launcher.plan_workers(
         selected, cpu_workers, pools=args.pools or (), configs=registry.list(),
         gpu_memory_budget=args.gpu_memory_budget, cpu_memory_budget=args.cpu_memory_budget,
+        inherited_budget=worker.model_cache_bytes,
     )
     if not specs:
         raise ValueError(f"no workers to run: --gpus {spec} selects no GPU and --cpu is 0")
@@ -359,8 +364,8 @@ def _run_launcher(args: argparse.Namespace, settings: Settings) -> int:
         launcher.log.info("no worker started here consumes queue %s (model %s)", queue, ", ".join(names))
     env = _child_env(args)
     env["LOCALQ_MODELS_DIR"] = str(Path(settings.models_dir).resolve())  # the workers run from the repo root
-    stop_timeout = settings.queue.job_timeout + 30  # every job has met its hard time limit by then
-    return launcher.Launcher(specs, loglevel=args.loglevel, stop_timeout=stop_timeout, base_env=env).run()
+    return launcher.Launcher(specs, loglevel=args.loglevel, stop_timeout=settings.queue.drain_timeout,
+                             base_env=env).run()
 
 
 # --- localq workers -------------------------------------------------------------------------

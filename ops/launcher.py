@@ -40,11 +40,11 @@ relayed to the launcher's stderr, every line prefixed with the worker's short na
 
 Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGHUP send SIGTERM to every worker: Celery's warm
 shutdown, where running jobs finish, and with late acks and prefetch 1 nothing still queued is
-taken, so nothing is lost. After LOCALQ_JOB_TIMEOUT + 30 s (when every job has hit its hard time
-limit) stragglers get SIGKILL. A second signal hurries the stop: SIGQUIT (Celery's cold shutdown:
-running jobs are put back on their queues by late acks), then SIGKILL 10 s later. The launcher
-then exits 0. Workers are started with PR_SET_PDEATHSIG, so a launcher killed with SIGKILL takes
-its workers with it (each gets SIGTERM, a warm shutdown).
+taken, so nothing is lost. After `QueueSettings.drain_timeout` (LOCALQ_JOB_TIMEOUT + 30 s, when
+every job has hit its hard time limit) stragglers get SIGKILL. A second signal hurries the stop:
+SIGQUIT (Celery's cold shutdown: running jobs are put back on their queues by late acks), then
+SIGKILL 10 s later. The launcher then exits 0. Workers are started with PR_SET_PDEATHSIG, so a
+launcher killed with SIGKILL takes its workers with it (each gets SIGTERM, a warm shutdown).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from pathlib import Path
 
 from ops.gpus import Gpu, format_size
 from ops.redis_server import child_preexec
+from tasks.settings import QueueSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ RESTART_CAP = 30.0
 RESTART_RESET_AFTER = 60.0
 POLL_INTERVAL = 0.2
 FORCE_STOP_TIMEOUT = 10.0
+DRAIN_TIMEOUT = QueueSettings().drain_timeout  # with the default job timeout; `localq worker` passes its own
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Environment names the launcher decides for each worker; inherited values are dropped first.
@@ -125,18 +127,20 @@ def plan_workers(
     gpu_memory_budget: int | None = None,
     cpu_memory_budget: int | None = None,
     total_memory: int | None = None,
-    environ: Mapping[str, str] | None = None,
+    inherited_budget: int | None = None,
 ) -> list[WorkerSpec]:
-    """The workers for these GPUs and this many CPU workers (GPU workers first, by index)."""
+    """The workers for these GPUs and this many CPU workers (GPU workers first, by index).
+
+    `inherited_budget`: LOCALQ_MODEL_CACHE_BYTES as set for the launcher (`WorkerSettings`), every
+    worker's budget where no flag says otherwise."""
     from tasks.routing import worker_queues
 
     if cpu_workers < 0:
         raise ValueError("--cpu must be 0 or more")
-    environ = os.environ if environ is None else environ
     hostname = hostname or socket.gethostname()
     pools = list(dict.fromkeys(pools))
     configs = list(configs)
-    inherited = _inherited_budget(environ)
+    inherited = inherited_budget
     common = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "LOCALQ_WORKER_POOLS": ",".join(pools)}
     specs = []
     for gpu in sorted(gpus, key=lambda g: g.index):
@@ -175,19 +179,6 @@ def _budget(flag: int | None, flag_name: str, inherited: int | None, default: in
     if default > 0:
         return default, default_source
     return None, ""  # memory unknown (nvidia-smi said [N/A]): no limit rather than a zero one
-
-
-def _inherited_budget(environ: Mapping[str, str]) -> int | None:
-    value = environ.get("LOCALQ_MODEL_CACHE_BYTES", "").strip()
-    if not value:
-        return None
-    try:
-        budget = int(value)
-    except ValueError:
-        raise ValueError(f"LOCALQ_MODEL_CACHE_BYTES={value!r}: expected a number of bytes") from None
-    if budget < 1:
-        raise ValueError(f"LOCALQ_MODEL_CACHE_BYTES={value!r}: must be at least 1")
-    return budget
 
 
 def _total_memory() -> int:
@@ -275,7 +266,7 @@ class Launcher:
         specs: Sequence[WorkerSpec],
         *,
         loglevel: str = "warning",
-        stop_timeout: float = 630.0,
+        stop_timeout: float = DRAIN_TIMEOUT,
         base_env: Mapping[str, str] | None = None,
         cwd: Path = REPO_ROOT,
         output: Callable[[bytes], None] | None = None,

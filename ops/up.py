@@ -9,7 +9,8 @@ already, so its master exiting means a fault a restart would not mend (a port ta
 setting), and without Redis nothing answers.
 
 Stopping (Ctrl-C, SIGTERM, SIGHUP): the API first (gunicorn's graceful stop), then the worker
-(Celery's warm shutdown: its running job finishes, up to LOCALQ_JOB_TIMEOUT + 30 s), then Redis.
+(Celery's warm shutdown: its running job finishes, up to `QueueSettings.drain_timeout`:
+LOCALQ_JOB_TIMEOUT + 30 s), then Redis.
 A second signal hurries the child being stopped (SIGQUIT, then SIGKILL 10 s later).
 """
 
@@ -43,6 +44,7 @@ from ops.cli import (
 )
 from ops.launcher import OWNED_ENV, Launcher, WorkerSpec, configure_logging
 from ops.redis_server import RedisServer, RedisServerError, child_preexec, port_is_free
+from tasks.worker_settings import WorkerSettings
 from workers.registry import ModelRegistry
 
 WORKER_PING_TIMEOUT = 30.0
@@ -165,12 +167,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         err.print(f"[bold red]{escape(refusal)}[/]", highlight=False)
         return 2
     registry = ModelRegistry.load(settings.models_dir)  # bad configs stop us before anything runs
+    WorkerSettings.from_env()  # and so do malformed worker settings
     configure_logging()  # the worker's restarts, on stderr
 
     stack = Stack(err)
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, stack.on_signal) for signum in handled}
-    stop_timeout = settings.queue.job_timeout + 30  # every job has met its hard time limit by then
+    stop_timeout = settings.queue.drain_timeout  # every job has met its hard time limit by then
     try:
         try:
             redis_note = _start_redis(stack, args, err)

@@ -31,7 +31,6 @@ from tasks.sweeper import BatchSweep
 DEVICE_QUEUES = ("cpu", "gpu")
 PRIORITIES = {"interactive": 0, "batch": 9}
 PRIORITY_STEPS = [0, 3, 6, 9]
-HARD_LIMIT_MARGIN = 30.0
 # kombu's Connection.ensure policy: waits 0.1, 0.6, then 1 s per try
 WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
 
@@ -57,12 +56,12 @@ def make_app(settings: QueueSettings | None = None) -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         task_soft_time_limit=settings.job_timeout,
-        task_time_limit=settings.job_timeout + HARD_LIMIT_MARGIN,
+        task_time_limit=settings.hard_limit,
         task_queues=[Queue(name) for name in DEVICE_QUEUES],
         task_default_queue="cpu",
         task_default_priority=PRIORITIES["interactive"],
         broker_transport_options={
-            "visibility_timeout": int(settings.job_timeout + 2 * HARD_LIMIT_MARGIN),
+            "visibility_timeout": settings.visibility_timeout,
             "priority_steps": PRIORITY_STEPS,
             "queue_order_strategy": "priority",
         },

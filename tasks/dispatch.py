@@ -60,5 +60,5 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
         # kept for as long as the job may live, redeliveries included
         job["request"] = store_uploads(rt.blobs, job["id"], request, files, ttl=int(limit + 120))
     app.send_task(TASK_NAME, args=[job], queue=queue, priority=PRIORITIES[priority], soft_time_limit=limit,
-                  time_limit=limit + 30)
+                  time_limit=rt.settings.hard_limit_for(limit))
     return job

@@ -13,7 +13,6 @@ request answers 503 soon when Redis is gone.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,8 +26,8 @@ from redis.retry import Retry
 from tasks.events import EventLog
 from tasks.jobs import JobStore
 from tasks.settings import QueueSettings
+from tasks.worker_settings import WorkerSettings
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # Backoff 0.1, 0.2, 0.4, 0.8 s, then 1 s per try: about 37 s of Redis being away before a command fails.
 RIDE_OVER_BACKOFF = {"base": 0.05, "cap": 1.0}
 RIDE_OVER_RETRIES = 40
@@ -66,12 +65,19 @@ def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
 
 @cache
 def runtime() -> Runtime:
-    """This worker process's connections (they ride over a Redis restart)."""
+    """This worker process's settings and connections (they ride over a Redis restart)."""
     return connect(QueueSettings.from_env(), ride_over=True)
 
 
+@cache
+def worker_settings() -> WorkerSettings:
+    """This worker process's own settings (model cache, heartbeat), read once."""
+    return WorkerSettings.from_env()
+
+
 def models_dir() -> Path:
-    return Path(os.environ.get("LOCALQ_MODELS_DIR") or DEFAULT_MODELS_DIR)
+    """The model configs this worker process serves (LOCALQ_MODELS_DIR; callers cache what they load)."""
+    return QueueSettings.from_env().models_dir
 
 
 @cache
@@ -80,7 +86,6 @@ def model_runtime():
     from workers.cache import ModelCache
     from workers.registry import ModelRegistry
 
-    max_models = int(os.environ.get("LOCALQ_MAX_LOADED_MODELS", "4"))
-    max_bytes = os.environ.get("LOCALQ_MODEL_CACHE_BYTES")
-    return ModelRegistry.load(models_dir()), ModelCache(max_models=max_models,
-                                                       max_bytes=int(max_bytes) if max_bytes else None)
+    own = worker_settings()
+    return ModelRegistry.load(models_dir()), ModelCache(max_models=own.max_loaded_models,
+                                                       max_bytes=own.model_cache_bytes)

@@ -1,7 +1,11 @@
 """Queue settings shared by the API (which enqueues) and the workers (which run jobs).
 
 Read from the environment once per process, so that both sides agree on the broker, on how long
-job records live and on how long a job may run.
+job records live and on how long a job may run. Every `LOCALQ_*` variable is read and checked
+here, in `api.settings` (the API's own) or in `tasks.worker_settings` (a worker's own), nowhere
+else, so a typo stops start-up with an error naming it. The limits derived from the job timeout
+(Celery's hard limit, the broker's visibility timeout, how long a warm shutdown waits) are
+properties here, so every part derives the same numbers.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The `models/` folder that ships next to the packages in a source checkout.
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 #: Where uploaded files (`/v1/files`) keep their bytes: `var/files` in the source checkout.
 DEFAULT_FILES_DIR = Path(__file__).resolve().parent.parent / "var" / "files"
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+#: Seconds between a job's soft time limit (the job is told to stop) and its hard one (Celery
+#: kills the pool process): room for the job to record its outcome.
+HARD_LIMIT_MARGIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,36 @@ class QueueSettings:
     # how often the batch sweep runs (tasks/sweeper.py: expires batches past their completion window,
     # sends a finalize or lines the broker lost); one worker per interval, whichever takes the lock
     batch_sweep_interval: float = 60.0
+    # model configs (and, by default, weights); the API reads them too (`api.settings.Settings`)
+    models_dir: Path = DEFAULT_MODELS_DIR
+
+    def hard_limit_for(self, soft_limit: float) -> float:
+        """Celery's hard time limit for a job given `soft_limit` seconds (a request may ask for less)."""
+        return soft_limit + HARD_LIMIT_MARGIN
+
+    @property
+    def hard_limit(self) -> float:
+        """The longest a job runs before Celery kills its pool process."""
+        return self.hard_limit_for(self.job_timeout)
+
+    @property
+    def visibility_timeout(self) -> int:
+        """The broker's visibility timeout, whole seconds: longer than the hard limit, so a running
+        job is not handed to a second worker while the first is still on it."""
+        return int(self.hard_limit + HARD_LIMIT_MARGIN)
+
+    @property
+    def drain_timeout(self) -> float:
+        """How long `localq up` / `localq worker` wait for a warm shutdown before killing workers:
+        every job has met its hard time limit by then."""
+        return self.hard_limit
+
+    @property
+    def finalize_grace(self) -> float:
+        """How long after a batch's last line its finalize may take to run before the sweep sends
+        it again: a finalize waits behind at most the job each worker is running (the visibility
+        timeout's span), never less than behind a job of the default timeout."""
+        return max(type(self).job_timeout, self.job_timeout) + 2 * HARD_LIMIT_MARGIN
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
@@ -54,6 +93,7 @@ class QueueSettings:
             max_file_bytes=positive_int(environ, "LOCALQ_MAX_FILE_BYTES", cls.max_file_bytes),
             max_batch_file_bytes=positive_int(environ, "LOCALQ_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes),
             batch_sweep_interval=positive_number(environ, "LOCALQ_BATCH_SWEEP_INTERVAL", cls.batch_sweep_interval),
+            models_dir=_directory(environ, "LOCALQ_MODELS_DIR", cls.models_dir),
         )
 
 
@@ -69,6 +109,13 @@ def positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def optional_positive_int(environ: Mapping[str, str], name: str) -> int | None:
+    """A positive integer variable that may be left unset (blank counts as unset)."""
+    if not environ.get(name, "").strip():
+        return None
+    return positive_int(environ, name, 0)
 
 
 def positive_number(environ: Mapping[str, str], name: str, default: float, allow_zero: bool = False) -> float:

@@ -61,10 +61,9 @@ from tasks.settings import QueueSettings
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "localq:batches:sweep-lock"
-# Seconds a finalize may take to run after the last line before it is sent again: the default job
-# timeout plus Celery's hard-limit margins (the broker's visibility timeout), since a finalize
-# waits behind at most the job each worker is running.
-FINALIZE_GRACE = 660.0
+# Seconds a finalize may take to run after the last line before it is sent again, with the
+# default settings (a worker's sweep uses its own `QueueSettings.finalize_grace`).
+FINALIZE_GRACE = QueueSettings().finalize_grace
 WATCH_TTL = 7 * 86400
 # Lost lines: sent again once the sweep saw no message of their batch for this long (default: two
 # intervals), and only while the queues hold at most SCAN_LIMIT messages (they are read in full).
@@ -384,10 +383,8 @@ class BatchSweep(bootsteps.StartStopStep):
     def start(self, worker):
         settings = getattr(worker.app, "localq_settings", None) or QueueSettings.from_env()
         interval = settings.batch_sweep_interval
-        # a finalize waits behind at most one job per worker process: the longest a job may run
-        grace = max(FINALIZE_GRACE, settings.job_timeout + 60)
         self.sweeper = Sweeper(sweep_client(settings.redis_url), interval, owner=worker.hostname,
-                               finalize_grace=grace, files_dir=settings.files_dir)
+                               finalize_grace=settings.finalize_grace, files_dir=settings.files_dir)
         self.tref = worker.timer.call_repeatedly(interval, self.sweeper.tick)
 
     def stop(self, worker):

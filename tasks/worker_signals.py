@@ -3,7 +3,9 @@
 * Identity: after setup, the worker's node name and queues go into the environment, so the pool
   processes it forks know them. The launcher (`localq worker --gpus ...`) sets the rest:
   `LOCALQ_WORKER_DEVICE`, `LOCALQ_GPU_INDEX`, `LOCALQ_WORKER_POOLS`, `LOCALQ_SIMULATED_GPU`,
-  `LOCALQ_MODEL_CACHE_BYTES` (the memory budget) and `CUDA_VISIBLE_DEVICES`.
+  `LOCALQ_MODEL_CACHE_BYTES` (the memory budget) and `CUDA_VISIBLE_DEVICES`. These are hand-offs
+  from a parent to its own children, read here for the heartbeat; settings a person sets are read
+  in `tasks.settings` and `tasks.worker_settings`.
 * Heartbeats (`tasks.heartbeats`): the pool process, which holds the models, publishes what it
   holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and at once when a job starts or ends.
 * Its own queue handed back when it stops (`tasks.orphans`): jobs dispatch sent to it while it
@@ -30,6 +32,7 @@ from celery import signals
 
 log = logging.getLogger(__name__)
 
+MIN_HEARTBEAT_INTERVAL = 0.1
 RECENT_TAGS = 32  # delivery tags remembered per node: prefetch 1 keeps at most a couple in flight
 _state: dict = {"heartbeat": None, "job": None, "jobs_done": 0, "started_at": int(time.time())}
 
@@ -39,10 +42,10 @@ def inflight_key(node_name: str) -> str:
 
 
 def heartbeat_interval() -> float:
-    try:
-        return max(float(os.environ.get("LOCALQ_HEARTBEAT_INTERVAL", "2")), 0.1)
-    except ValueError:
-        return 2.0
+    """`LOCALQ_HEARTBEAT_INTERVAL`, but at least MIN_HEARTBEAT_INTERVAL: a heartbeat is a Redis write."""
+    from tasks.runtime import worker_settings
+
+    return max(worker_settings().heartbeat_interval, MIN_HEARTBEAT_INTERVAL)
 
 
 def describe() -> dict:

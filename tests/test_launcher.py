@@ -44,8 +44,7 @@ def by_name(specs):
 
 
 def test_one_worker_per_gpu_and_n_cpu_workers_with_their_queues():
-    specs = plan_workers(TWO_GPUS, 2, pools=["batch"], configs=CONFIGS, hostname=HOST, total_memory=100 * GIB,
-                         environ={})
+    specs = plan_workers(TWO_GPUS, 2, pools=["batch"], configs=CONFIGS, hostname=HOST, total_memory=100 * GIB)
     assert [spec.name for spec in specs] == ["gpu0@box", "gpu1@box", "cpu0@box", "cpu1@box"]
     specs = by_name(specs)
     assert specs["gpu0@box"].queues == ("gpu", "gpu.0", "gpu.0-1", "gpu.pool.batch", "worker.gpu0@box")
@@ -59,8 +58,7 @@ def test_one_worker_per_gpu_and_n_cpu_workers_with_their_queues():
 
 
 def test_worker_environments():
-    specs = by_name(plan_workers(TWO_GPUS, 1, pools=["batch", "nightly"], hostname=HOST, total_memory=10 * GIB,
-                                 environ={}))
+    specs = by_name(plan_workers(TWO_GPUS, 1, pools=["batch", "nightly"], hostname=HOST, total_memory=10 * GIB))
     gpu1, cpu0 = specs["gpu1@box"].env, specs["cpu0@box"].env
     assert gpu1 == {
         "CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "LOCALQ_WORKER_DEVICE": "gpu",
@@ -71,52 +69,50 @@ def test_worker_environments():
         "CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "LOCALQ_WORKER_DEVICE": "cpu",
         "LOCALQ_MODEL_CACHE_BYTES": str(int(10 * GIB * 0.7)), "LOCALQ_WORKER_POOLS": "batch,nightly",
     }
-    simulated = plan_workers(simulated_gpus("1:2GiB"), 0, hostname=HOST, environ={})[0]
+    simulated = plan_workers(simulated_gpus("1:2GiB"), 0, hostname=HOST)[0]
     assert simulated.env["LOCALQ_SIMULATED_GPU"] == "1" and simulated.env["CUDA_VISIBLE_DEVICES"] == "0"
     assert "LOCALQ_SIMULATED_GPU" not in gpu1
 
 
 def test_child_environment_replaces_what_the_launcher_decides():
-    spec = by_name(plan_workers(TWO_GPUS, 1, hostname=HOST, total_memory=GIB, environ={}))["gpu0@box"]
+    spec = by_name(plan_workers(TWO_GPUS, 1, hostname=HOST, total_memory=GIB))["gpu0@box"]
     inherited = {"PATH": "/bin", "LOCALQ_REDIS_URL": "redis://r", "CUDA_VISIBLE_DEVICES": "3",
                  "LOCALQ_SIMULATED_GPU": "1", "LOCALQ_GPU_INDEX": "7", "LOCALQ_MODEL_CACHE_BYTES": "5"}
     env = child_environment(spec, inherited)
     assert env["PATH"] == "/bin" and env["LOCALQ_REDIS_URL"] == "redis://r" and env["PYTHONUNBUFFERED"] == "1"
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["LOCALQ_GPU_INDEX"] == "0"
     assert "LOCALQ_SIMULATED_GPU" not in env  # a real GPU
-    cpu = child_environment(by_name(plan_workers([], 1, hostname=HOST, total_memory=GIB, environ={}))["cpu0@box"],
+    cpu = child_environment(by_name(plan_workers([], 1, hostname=HOST, total_memory=GIB))["cpu0@box"],
                             inherited)
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and "LOCALQ_GPU_INDEX" not in cpu
 
 
 def test_memory_budgets():
     gpus = [Gpu(0, "A", 10 * GIB), Gpu(1, "B", 0)]  # B: nvidia-smi said [N/A]
-    specs = by_name(plan_workers(gpus, 4, hostname=HOST, total_memory=40 * GIB, environ={}))
+    specs = by_name(plan_workers(gpus, 4, hostname=HOST, total_memory=40 * GIB))
     assert specs["gpu0@box"].memory_budget == 9 * GIB
     assert "LOCALQ_MODEL_CACHE_BYTES" not in specs["gpu1@box"].env  # unknown memory: no limit, not zero
     assert specs["cpu3@box"].memory_budget == int(40 * GIB * 0.7 / 4)
     flagged = by_name(plan_workers(gpus, 2, hostname=HOST, gpu_memory_budget=3 * GIB, cpu_memory_budget=GIB,
-                                   total_memory=40 * GIB, environ={"LOCALQ_MODEL_CACHE_BYTES": "1234"}))
+                                   total_memory=40 * GIB, inherited_budget=1234))
     assert flagged["gpu1@box"].env["LOCALQ_MODEL_CACHE_BYTES"] == str(3 * GIB)
     assert flagged["cpu0@box"].env["LOCALQ_MODEL_CACHE_BYTES"] == str(GIB)
     assert flagged["cpu0@box"].budget_source == "--cpu-memory-budget"
     # an LOCALQ_MODEL_CACHE_BYTES already in the environment counts where no flag says otherwise
     inherited = by_name(plan_workers(gpus, 1, hostname=HOST, cpu_memory_budget=GIB,
-                                     environ={"LOCALQ_MODEL_CACHE_BYTES": "1234"}))
+                                     inherited_budget=1234))
     assert inherited["gpu0@box"].memory_budget == 1234 and inherited["cpu0@box"].memory_budget == GIB
-    with pytest.raises(ValueError, match="LOCALQ_MODEL_CACHE_BYTES"):
-        plan_workers(gpus, 1, hostname=HOST, environ={"LOCALQ_MODEL_CACHE_BYTES": "lots"})
 
 
 def test_cpu_budget_defaults_to_a_share_of_this_machines_ram():
     import psutil
 
-    [spec] = plan_workers([], 1, hostname=HOST, environ={})
+    [spec] = plan_workers([], 1, hostname=HOST)
     assert spec.memory_budget == int(psutil.virtual_memory().total * 0.7)
 
 
 def test_child_argv_is_a_one_job_prefork_celery_worker_with_a_spelled_out_name():
-    spec = plan_workers(TWO_GPUS[1:], 0, configs=CONFIGS, environ={})[0]
+    spec = plan_workers(TWO_GPUS[1:], 0, configs=CONFIGS)[0]
     argv = child_argv(spec, "info")
     assert argv == cli.worker_argv(",".join(spec.queues), 1, spec.name, "prefork", "info")
     joined = " ".join(argv)
@@ -171,7 +167,7 @@ class Lines:
 
 
 def standin_launcher(stubborn=False, **options):
-    specs = plan_workers(simulated_gpus("2"), 1, hostname=HOST, total_memory=GIB, environ={})
+    specs = plan_workers(simulated_gpus("2"), 1, hostname=HOST, total_memory=GIB)
     output = Lines()
     base = {**os.environ, "STANDIN_STUBBORN": "1" if stubborn else "0"}
     options = {"stop_timeout": 30.0, "poll_interval": 0.02, "backoff": lambda: Backoff(0.05, 0.2, 60.0), **options}
@@ -246,7 +242,7 @@ SUPERVISOR = r"""
 import sys
 from ops.gpus import GIB, simulated_gpus
 from ops.launcher import Launcher, plan_workers
-specs = plan_workers(simulated_gpus("1"), 1, hostname="box", total_memory=GIB, environ={})
+specs = plan_workers(simulated_gpus("1"), 1, hostname="box", total_memory=GIB)
 Launcher(specs, command=lambda spec: [sys.executable, "-c", sys.argv[1]]).run()
 """
 
@@ -315,6 +311,26 @@ def test_localq_worker_runs_the_launcher(launched, monkeypatch, models_dir, writ
     assert gpu1.env["LOCALQ_MODELS_DIR"] == str(models_dir.resolve())
     assert "--loglevel INFO" in " ".join(gpu1.argv)
     assert runner.stop_timeout == 130
+
+
+def test_localq_worker_passes_an_inherited_cache_budget_on(launched, monkeypatch, capsys):
+    monkeypatch.setenv("LOCALQ_SIMULATE_GPUS", "1:4GiB")
+    monkeypatch.setenv("LOCALQ_MODEL_CACHE_BYTES", "1234")
+    assert main(["worker"]) == 0
+    assert [child.spec.memory_budget for child in launched[0].children] == [1234, 1234]
+    monkeypatch.setenv("LOCALQ_MODEL_CACHE_BYTES", "lots")
+    assert main(["worker"]) == 2  # refused before any worker starts
+    assert "LOCALQ_MODEL_CACHE_BYTES" in capsys.readouterr().err
+    assert len(launched) == 1
+
+
+def test_a_malformed_worker_setting_stops_localq_worker_before_any_worker_starts(launched, monkeypatch, capsys):
+    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("must not exec"))
+    monkeypatch.setenv("LOCALQ_HEARTBEAT_INTERVAL", "often")
+    assert main(["worker", "-Q", "cpu"]) == 2
+    assert "LOCALQ_HEARTBEAT_INTERVAL" in capsys.readouterr().err
+    assert main(["worker", "--gpus", "none"]) == 2
+    assert launched == []
 
 
 def test_localq_worker_defaults(launched, monkeypatch):

@@ -184,6 +184,7 @@ def test_bootstep_runs_the_sweep_on_the_worker_timer(redis_server, client, sent)
     step = BatchSweep(worker)
     step.start(worker)
     tref = step.tref
+    assert step.sweeper.finalize_grace == settings.finalize_grace
     scheduler = iter(worker.timer)  # what the worker's event loop (kombu's Hub) fires timers with
     try:
         deadline = time.monotonic() + 5

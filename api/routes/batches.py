@@ -5,14 +5,13 @@ and write the output and error files.
 
 from __future__ import annotations
 
-import os
 import re
 
 from flask import request
 
 from api.errors import APIError
 from api.pages import page, page_limit
-from api.queue import queue_runtime
+from api.queue import queue_runtime, setting
 from api.routes.files import file_store
 from tasks.batch_input import BATCH_ENDPOINTS
 from tasks.batch_run import START_TASK, cancel_key
@@ -29,15 +28,8 @@ def _store() -> BatchStore:
 
 
 def _window_seconds(window: str) -> int:
-    override = os.environ.get("LOCALQ_BATCH_WINDOW", "").strip()
-    if override:
-        try:
-            seconds = int(override)
-        except ValueError:
-            seconds = 0
-        if seconds > 0:
-            return seconds
-    return WINDOWS[window]
+    """The completion window's seconds: LOCALQ_BATCH_WINDOW (tests, experiments) replaces every one."""
+    return setting("batch_window") or WINDOWS[window]
 
 
 def _not_found(batch_id: str) -> APIError:
