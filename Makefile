@@ -44,7 +44,9 @@ run: $(VENV)
 	$(VENV)/bin/localq models prepare
 	$(VENV)/bin/localq up
 
+# The layering contracts first ([tool.importlinter] in pyproject.toml): a violation fails the build.
 test: $(VENV)
+	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -q
 
 generate: $(VENV)

@@ -1,6 +1,7 @@
 """OpenAI-shaped errors: every failure a client sees is `{"error": {message, type, param, code}}`.
 
-Handlers are installed for our own `APIError`, for the HTTP errors Werkzeug raises while routing
+Handlers are installed for our own `APIError` (the one `schemas.openai_errors.OpenAIError`, so an
+error raised by shared code is answered as it is), for the HTTP errors Werkzeug raises while routing
 (404, 405, 413, 415, 400) and for anything unexpected, so that no traceback ever reaches a client.
 """
 
@@ -14,60 +15,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from schemas.openai_errors import OpenAIError, internal_error, queue_unavailable
+
 log = logging.getLogger(__name__)
 
-# The `type` OpenAI uses for each status we answer with.
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    414: "invalid_request_error",
-    415: "invalid_request_error",
-    417: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    431: "invalid_request_error",
-    501: "not_implemented_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
+# One error type for API, tasks and workers (`schemas.openai_errors`); the API's name for it.
+APIError = OpenAIError
 
 
-class APIError(Exception):
-    """An error to answer with; raise it anywhere inside a request."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_response(err: APIError):
+def error_response(err: OpenAIError):
     response = jsonify(err.body())
     response.status_code = err.status
     for name, value in err.headers.items():
@@ -114,12 +70,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(BrokerError)
     def _queue_down(exc: Exception):
         log.error("job queue unreachable: %s", exc)
-        return error_response(APIError(503, "The job queue is unavailable; retry later.", code="queue_unavailable",
-                                       headers={"Retry-After": "5"}))
+        return error_response(queue_unavailable().with_headers({"Retry-After": "5"}))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("unhandled error")
-        return error_response(
-            APIError(500, "The server had an error while processing your request.", type="server_error")
-        )
+        return error_response(internal_error())

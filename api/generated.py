@@ -12,7 +12,7 @@ from flask import Blueprint, Response
 
 from api.errors import APIError
 from api.queue import queue_runtime
-from tasks.files import GENERATED_PATH, generated_file
+from store.files import GENERATED_PATH, generated_file
 
 blueprint = Blueprint("generated", __name__)
 

@@ -3,7 +3,7 @@
 - `/healthz`: 200 `{"status": "ok"}` whenever the process answers; it touches nothing else, so
   a Redis outage never gets the API restarted.
 - `/readyz`: 200 when Redis answers PING and every device tag a configured model needs (its
-  config's `device`) has at least one live worker (`tasks.heartbeats.live_workers`); else 503
+  config's `device`) has at least one live worker (`store.heartbeats.live_workers`); else 503
   saying what is missing, e.g. `{"status": "unready", "redis": true, "missing_devices": ["gpu"],
   "workers": {"cpu": 1, "gpu": 0}}`. With Redis unreachable no worker can be reached either, so
   every needed device counts as missing (`"redis": false`). For a load balancer: this API can
@@ -21,7 +21,7 @@ from flask import Blueprint, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tasks.heartbeats import live_workers
+from store.heartbeats import live_workers
 
 blueprint = Blueprint("health", __name__)
 

@@ -17,9 +17,9 @@ Two sources, one scrape:
   every configured model's queue and every queue a live worker consumes),
   `localq_workers_alive{device}` (`cpu` and `gpu` always present), `localq_jobs_total{kind,
   outcome}`, `localq_job_duration_seconds{kind, model}`, `localq_time_to_first_token_seconds{kind,
-  model}`, `localq_tokens_generated_total{kind, model}` (see `tasks.metrics` for what each
+  model}`, `localq_tokens_generated_total{kind, model}` (see `store.metrics` for what each
   measures), `localq_dead_letters_total{reason}` (job messages the workers set aside: see
-  `tasks.dead_letters`), and `localq_redis_up` (0 when Redis did not answer: the cluster metrics are then
+  `store.dead_letters`), and `localq_redis_up` (0 when Redis did not answer: the cluster metrics are then
   left out of the scrape rather than reported as zeros).
 
 `/metrics` asks for no API key, like most Prometheus targets: it shows model names, counts and
@@ -43,6 +43,9 @@ import redis
 from flask import Flask, Response, current_app, request
 
 from api.health import monitor_client
+from store.heartbeats import live_workers
+from store.metrics import parse_job_metrics, queue_reads
+from tasks.routing import DEVICES, queue_for, queue_keys
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +199,6 @@ class _Forward:
 
 def model_queues() -> list[str]:
     """The queue of every configured model (its device's, or its GPUs' or pool's)."""
-    from tasks.routing import queue_for
-
     return sorted({queue_for(config) for config in current_app.extensions["localq.models"].list()})
 
 
@@ -212,10 +213,6 @@ class ClusterCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         from prometheus_client.utils import floatToGoString
 
-        from tasks.dispatch import queue_keys
-        from tasks.heartbeats import live_workers
-        from tasks.metrics import parse_job_metrics, queue_reads
-        from tasks.routing import DEVICES
 
         up = GaugeMetricFamily("localq_redis_up", "1 when the queue's Redis answered this scrape, else 0.")
         try:

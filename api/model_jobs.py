@@ -19,13 +19,13 @@ from api.sse import (
     detached,
     followed,
     peer_closed,
-    queue_unavailable_error,
     relay,
     sse_response,
 )
 from api.queue import live_workers_cached, queue_runtime, setting
+from schemas import openai_errors as errors
 from tasks.dispatch import QueueFull, submit
-from tasks.events import TRANSIENT, ride_over
+from store.events import TRANSIENT, ride_over
 from tasks.routing import choose_queue, queue_for
 from tasks.runtime import Runtime
 from workers.capabilities import unsupported
@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 def resolve_model(name: str, kind: str, body: dict):
     config = current_app.extensions["localq.models"].resolve(name)
     if config is None:
-        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        raise errors.model_not_found(name)
     problem = unsupported(kind, config, body)
     if problem:
         param, message = problem
-        raise APIError(400, message, param=param, code=problem.code)
+        raise errors.invalid(param, message, problem.code)
     return config
 
 
@@ -90,15 +90,11 @@ def job_headers(job_id: str) -> dict:
 def _queue_lost(job_id: str, err: Exception) -> APIError:
     """What a client waiting for a job hears when Redis stayed away longer than the ride-over."""
     log.warning("job %s: wait ended, the job queue was unreachable: %s", job_id, err)
-    error = queue_unavailable_error(job_id)["error"]
-    return APIError(503, error["message"], type=error["type"], code=error["code"],
-                    headers={JOB_HEADER: job_id, "Retry-After": "5"})
+    return errors.queue_lost(job_id).with_headers({JOB_HEADER: job_id, "Retry-After": "5"})
 
 
 def _raise_job_error(event, job_id: str):
-    error = event.data["error"]
-    raise APIError(event.data.get("status", 500), error["message"], type=error["type"], param=error.get("param"),
-                   code=error.get("code"), headers={JOB_HEADER: job_id})
+    raise APIError.from_payload(event.data, headers={JOB_HEADER: job_id})
 
 
 def stream_audio(kind: str, body: dict, mimetype: str, *, model: str | None = None) -> Response:
@@ -170,8 +166,7 @@ def wait_for_result(rt: Runtime, job: dict, *, keepalive: float, respond=json_re
             if event.type == "error":
                 _raise_job_error(event, job_id)
             if event.type == "cancelled":
-                raise APIError(409, "The job was cancelled before it finished.", code="job_cancelled",
-                               headers={JOB_HEADER: job_id})
+                raise errors.cancelled().with_headers({JOB_HEADER: job_id})
     except TRANSIENT as err:
         lost = True
         raise _queue_lost(job_id, err) from None

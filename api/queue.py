@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flask import current_app
 
-from tasks.heartbeats import CachedWorkers
+from store.heartbeats import CachedWorkers
 from tasks.runtime import Runtime, connect
 
 

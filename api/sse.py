@@ -24,8 +24,9 @@ from typing import Any
 
 from flask import Response
 
-from tasks.events import TRANSIENT, Event, ride_over
-from tasks.jobs import FINAL_STATUSES
+from schemas import openai_errors as errors
+from store.events import TRANSIENT, Event, ride_over
+from store.jobs import FINAL_STATUSES
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,6 @@ def sse_response(body: Iterator[str], job_id: str) -> Response:
     return Response(body, mimetype="text/event-stream", headers=headers)
 
 
-def timeout_error() -> dict:
-    return {"status": 504, "error": {"message": "The job did not finish within its timeout.", "type": "timeout_error",
-                                     "param": None, "code": "job_timeout"}}
-
-
-def queue_unavailable_error(job_id: str) -> dict:
-    return {"status": 503, "error": {
-        "message": f"The job queue stopped answering while following job '{job_id}'; the job may still finish. "
-                   f"Follow it with GET /v1/jobs/{job_id}/events (Last-Event-ID: the last event id you got).",
-        "type": "service_unavailable_error", "param": None, "code": "queue_unavailable"}}
-
-
 def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None,
              patience: float = 0.0) -> Iterator[Event | None]:
     """The job's events after `after`; None for keep-alive ticks; a synthetic error past the deadline.
@@ -73,7 +62,7 @@ def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline
     for event in rt.events.follow(job_id, after, block_ms=max(1, int(keepalive * 1000)), ride_over=patience):
         if event is None and deadline is not None and time.time() > deadline + 1.0:
             ride_over(lambda: rt.jobs.request_cancel(job_id), patience)
-            yield Event("", "error", json.dumps(timeout_error()))
+            yield Event("", "error", json.dumps(errors.deadline_passed().payload()))
             return
         yield event
 
@@ -129,7 +118,7 @@ def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", kee
     except TRANSIENT as err:
         lost = True
         log.warning("job %s: stream ended, the job queue was unreachable for %g s: %s", job_id, patience, err)
-        told = list(render(Event("", "error", json.dumps(queue_unavailable_error(job_id)))))
+        told = list(render(Event("", "error", json.dumps(errors.queue_lost(job_id).payload()))))
         if not told:
             raise  # a body with no place for an error (raw audio): a cut connection is the only word left
         yield from told

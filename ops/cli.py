@@ -5,25 +5,25 @@ live workers (`workers`) and the `models` (`models prepare` builds the tiny demo
 [--cpu-memory-budget SIZE]` runs the launcher (ops/launcher.py): one supervised Celery worker
 process per GPU (found without CUDA: ops/gpus.py) and N on the CPU. `localq worker -Q QUEUES
 [-n NAME] [-c N] [-P POOL]` instead becomes one Celery worker (what `localq up` runs).
-`localq workers [--json]` shows the workers' heartbeats (tasks/heartbeats.py), `localq
-dead-letters [--json] [--limit N]` the job messages the workers set aside (tasks/dead_letters.py).
+`localq workers [--json]` shows the workers' heartbeats (store/heartbeats.py), `localq
+dead-letters [--json] [--limit N]` the job messages the workers set aside (store/dead_letters.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import ipaddress
+import json
 import os
 import re
 import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import redis
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -37,18 +37,34 @@ from ops.api_server import (
     host_port,
     raise_open_files_limit,
 )
+from api import create_app
+from api.metrics import prepare_multiprocess_dir
+from ops import gpus as gpu_discovery
+from ops import launcher, tiny_models, up
+from ops.gpus import format_size, parse_gpu_spec, parse_size
+from ops.common import (
+    CELERY_APP,
+    DEFAULT_REDIS_DIR,
+    REPO_ROOT,
+    _child_env,
+    _models_table,
+    _shown,
+    bind_refusal,
+    is_loopback,
+    redact_url,
+    worker_argv,
+)
 from ops.redis_server import RedisServerError
+from store.dead_letters import read as read_dead_letters
+from store.heartbeats import live_workers
 from tasks.worker_settings import WorkerSettings
 from workers.config import ModelConfigError
 from workers.registry import ModelRegistry
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CELERY_APP = "tasks.celery_app:app"
 CELERY_POOLS = ("prefork", "solo", "threads")
 
 
 # --- `localq up` ---------------------------------------------------------------------------
-DEFAULT_REDIS_DIR = REPO_ROOT / "var" / "redis"
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_READY_TIMEOUT = 120.0  # the rest of `localq up`: ops/up.py
 
@@ -154,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     workers.set_defaults(command=_run_workers)
 
     dead = commands.add_parser("dead-letters",
-                               help="list the job messages the workers set aside (tasks/dead_letters.py), newest first")
+                               help="list the job messages the workers set aside (store/dead_letters.py), newest first")
     dead.add_argument("--json", action="store_true", help="print them as JSON, message bodies included")
     dead.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="how many to show (default 20)")
     dead.set_defaults(command=_run_dead_letters)
@@ -199,8 +215,6 @@ def _pool_name(text: str) -> str:
 
 
 def _size(text: str) -> int:
-    from ops.gpus import parse_size
-
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -208,19 +222,10 @@ def _size(text: str) -> int:
 
 
 def _gpu_spec(text: str):
-    from ops.gpus import parse_gpu_spec
-
     try:
         return parse_gpu_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -242,8 +247,6 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:
     """Check the model configs first (bad configs fail here, clearly), then hand over to gunicorn,
     whose workers build the app once gevent has patched them (ops/api_server.py)."""
-    from api.metrics import prepare_multiprocess_dir
-
     ModelRegistry.load(settings.models_dir)  # what create_app would refuse, refused before any worker starts
     prepare_multiprocess_dir()  # before the app exists: prometheus_client picks its storage on first use
     raise_open_files_limit(args.connections)
@@ -253,37 +256,10 @@ def _run_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _create_app(settings: Settings):
-    from api import create_app
-
     return create_app(settings)
 
 
 # --- localq worker --------------------------------------------------------------------------
-
-
-def worker_argv(
-    queues: str = "cpu",
-    concurrency: int = 1,
-    name: str | None = None,
-    pool: str = "prefork",
-    loglevel: str = "warning",
-) -> list[str]:
-    """The `python -m celery ... worker` command line `localq worker` runs."""
-    queue_list = [q.strip() for q in queues.split(",") if q.strip()]
-    if not queue_list:
-        raise ValueError("--queues names no queue")
-    return [
-        sys.executable, "-m", "celery", "-A", CELERY_APP, "worker",
-        "--pool", pool,
-        "--concurrency", str(concurrency),
-        "--queues", ",".join(queue_list),
-        # One job at a time per pool process; a long job does not hold others back.
-        "--prefetch-multiplier", "1",
-        "--hostname", name or f"{queue_list[0]}@%h",
-        # No worker-to-worker chatter at start-up and while running; workers share nothing.
-        "--without-gossip", "--without-mingle",
-        "--loglevel", loglevel.upper(),
-    ]
 
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -332,9 +308,6 @@ def _exec_worker(args: argparse.Namespace) -> int:
 
 def _run_launcher(args: argparse.Namespace, settings: Settings, worker: WorkerSettings) -> int:
     """One Celery worker process per selected GPU and --cpu N on the CPU, supervised (ops/launcher.py)."""
-    from ops import gpus as gpu_discovery
-    from ops import launcher
-
     single_only = [flag for flag, given in (
         ("-c/--concurrency", args.concurrency not in (None, 1)), ("-n/--name", args.name is not None),
         ("-P/--celery-pool", args.celery_pool not in (None, "prefork"))) if given]
@@ -373,8 +346,6 @@ def _run_launcher(args: argparse.Namespace, settings: Settings, worker: WorkerSe
 
 def _read_redis(settings: Settings, what: str, read):
     """`read(client)` on a short-lived client of the queue's Redis; an error names `what` and the URL."""
-    import redis
-
     url = settings.queue.redis_url
     client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
     try:
@@ -386,11 +357,7 @@ def _read_redis(settings: Settings, what: str, read):
 
 
 def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
-    """The live workers (tasks.heartbeats), as a table or, with --json, as a list."""
-    import json
-
-    from tasks.heartbeats import live_workers
-
+    """The live workers (store.heartbeats), as a table or, with --json, as a list."""
     beats = _read_redis(settings, "workers", live_workers)
     if args.json:
         print(json.dumps(beats, indent=2))
@@ -403,12 +370,8 @@ def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    """The newest dead letters (tasks.dead_letters), as a table or, with --json, as a list."""
-    import json
-
-    from tasks.dead_letters import read
-
-    entries = _read_redis(settings, "dead letters", lambda client: read(client, args.limit))
+    """The newest dead letters (store.dead_letters), as a table or, with --json, as a list."""
+    entries = _read_redis(settings, "dead letters", lambda client: read_dead_letters(client, args.limit))
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -426,9 +389,7 @@ def _run_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def workers_table(beats: list[dict], now: float) -> Table:
-    """One row per heartbeat document (see tasks.heartbeats)."""
-    from ops.gpus import format_size
-
+    """One row per heartbeat document (see store.heartbeats)."""
     table = Table("id", "host", "device", "GPU / CUDA_VISIBLE_DEVICES", "queues", "memory used / budget",
                   "loaded models", "current job", "heartbeat", title="live workers")
     for beat in beats:
@@ -453,41 +414,9 @@ def workers_table(beats: list[dict], now: float) -> Table:
 # --- localq up ------------------------------------------------------------------------------
 
 
-def bind_refusal(host: str, has_api_keys: bool, force_public: bool) -> str | None:
-    """Why `localq up` will not bind `host`, or None when it may."""
-    if is_loopback(host) or has_api_keys or force_public:
-        return None
-    return (
-        f"refusing to bind {host}: it is not a loopback address and no API keys are configured "
-        "(LOCALQ_API_KEYS or LOCALQ_API_KEYS_FILE); configure keys, or pass --force-public to "
-        "expose the API without authentication."
-    )
-
-
 def _run_up(args: argparse.Namespace, settings: Settings) -> int:
     """`localq up` (ops/up.py)."""
-    from ops import up
-
     return up.run(args, settings)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _child_env(args: argparse.Namespace) -> dict[str, str]:
-    """The children's settings: this environment, plus the Redis URL and a --models-dir given here."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    if args.models_dir:
-        env["LOCALQ_MODELS_DIR"] = str(Path(args.models_dir).resolve())
-    return env
 
 
 # --- localq models --------------------------------------------------------------------------
@@ -502,8 +431,6 @@ def _run_models(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_models_prepare(args: argparse.Namespace, settings: Settings) -> int:
     """Build the tiny diffusion pipeline (idempotent: an existing one is kept unless --force)."""
-    from ops import tiny_models
-
     target = tiny_models.tiny_diffusion_path(args.dir) if args.dir else _tiny_diffusion_target(settings.models_dir)
     if args.force or not tiny_models.is_prepared(target):
         Console(stderr=True).print(f"building {tiny_models.TINY_DIFFUSION} in {escape(_shown(target))}", highlight=False)
@@ -519,8 +446,6 @@ def _run_models_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
 def _tiny_diffusion_target(models_dir: Path) -> Path:
     """Where the models dir's tiny-diffusion config points, else var/models/tiny-diffusion."""
-    from ops import tiny_models
-
     try:
         config = ModelRegistry.load(models_dir).resolve(tiny_models.TINY_DIFFUSION)
     except ModelConfigError:
@@ -530,25 +455,7 @@ def _tiny_diffusion_target(models_dir: Path) -> Path:
     return tiny_models.tiny_diffusion_path()
 
 
-def _models_table(registry: ModelRegistry, models_dir: Path) -> Table:
-    table = Table("name", "aliases", "backend", "device", title=f"models in {models_dir}")
-    for config in registry.list():
-        cells = (config.name, ", ".join(config.aliases), config.backend or "-", config.device)
-        table.add_row(*map(escape, cells))
-    return table
-
-
 # --- helpers --------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """True for `localhost` and loopback IPs; hostnames are not resolved."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ worker for which no flag gives one. Sizes are bytes or `8GiB`, `512M`, ... (`ops
 
 Every worker is `python -m celery -A tasks.celery_app:app worker --pool prefork --concurrency 1
 --prefetch-multiplier 1 --without-gossip --without-mingle --queues Q --hostname NAME --loglevel L`
-(`ops.cli.worker_argv`), named `gpu<i>@<host>` (i: the GPU's index) or `cpu<k>@<host>` (k from 0),
+(`ops.common.worker_argv`), named `gpu<i>@<host>` (i: the GPU's index) or `cpu<k>@<host>` (k from 0),
 the host being `socket.gethostname()`, spelled out (no `%h`: the name is part of a queue name).
 Its queues are `tasks.routing.worker_queues(...)` for its device, GPU, pools and name, given the
 model configs of the models dir. Its environment, set before it starts, adds:
@@ -63,6 +63,8 @@ from pathlib import Path
 
 from ops.gpus import Gpu, format_size
 from ops.redis_server import child_preexec
+from ops.common import worker_argv
+from tasks.routing import queue_for, worker_queues
 from tasks.settings import QueueSettings
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,6 @@ def plan_workers(
 
     `inherited_budget`: LOCALQ_MODEL_CACHE_BYTES as set for the launcher (`WorkerSettings`), every
     worker's budget where no flag says otherwise."""
-    from tasks.routing import worker_queues
-
     if cpu_workers < 0:
         raise ValueError("--cpu must be 0 or more")
     hostname = hostname or socket.gethostname()
@@ -189,8 +189,6 @@ def _total_memory() -> int:
 
 def unserved_queues(specs: Sequence[WorkerSpec], configs: Iterable) -> dict[str, list[str]]:
     """Model queues (with their models) that no worker in `specs` consumes."""
-    from tasks.routing import queue_for
-
     consumed = {queue for spec in specs for queue in spec.queues}
     missing: dict[str, list[str]] = {}
     for config in configs:
@@ -202,8 +200,6 @@ def unserved_queues(specs: Sequence[WorkerSpec], configs: Iterable) -> dict[str,
 
 def child_argv(spec: WorkerSpec, loglevel: str = "warning") -> list[str]:
     """The Celery command line of one worker: prefork, one job at a time, prefetch 1."""
-    from ops.cli import worker_argv
-
     return worker_argv(",".join(spec.queues), concurrency=1, name=spec.name, pool="prefork", loglevel=loglevel)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from ops.cli import worker_argv
+from ops.common import worker_argv
 from ops.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -32,16 +32,8 @@ from rich.table import Table
 
 from api.settings import Settings
 from ops.api_server import GUNICORN_GRACEFUL_TIMEOUT
-from ops.cli import (
-    DEFAULT_REDIS_DIR,
-    REPO_ROOT,
-    _child_env,
-    _models_table,
-    _shown,
-    bind_refusal,
-    host_port,
-    redact_url,
-)
+from ops.api_server import host_port
+from ops.common import DEFAULT_REDIS_DIR, REPO_ROOT, _child_env, _models_table, _shown, bind_refusal, redact_url
 from ops.launcher import OWNED_ENV, Launcher, WorkerSpec, configure_logging
 from ops.redis_server import RedisServer, RedisServerError, child_preexec, port_is_free
 from tasks.worker_settings import WorkerSettings
@@ -286,7 +278,7 @@ def ping_worker(name: str, timeout: float = 1.0) -> bool:
     try:
         from celery.utils.nodenames import host_format
 
-        from tasks.celery_app import app
+        from tasks.celery_app import app  # here: `import ops.cli` must not load Celery (tests/test_cli.py)
 
         node = host_format(name)
         return any(node in reply for reply in app.control.ping(destination=[node], timeout=timeout))

@@ -6,7 +6,8 @@ resolved references (the spec is recursive) and file parts of multipart bodies. 
 hand-written and tested, so that the generated module stays a plain table of declarations.
 
 Error messages carry the token `$param`; `schemas.errors` replaces it with the path of the
-offending value (`messages[0].content`) once that path is known.
+offending value (`messages[0].content`) once that path is known. Each message is a `Message`: its
+OpenAI error code travels with it as data, through marshmallow's error structures, to the client.
 """
 
 from __future__ import annotations
@@ -19,6 +20,36 @@ from typing import Any
 from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 PARAM = "$param"
+
+# OpenAI's error codes for request validation.
+MISSING = "missing_required_parameter"
+UNKNOWN = "unknown_parameter"
+INVALID_TYPE = "invalid_type"
+INVALID_VALUE = "invalid_value"
+
+
+class Message(str):
+    """An error message that carries its OpenAI error `code`; formatting it keeps the code
+    (marshmallow formats the messages it is given before raising them)."""
+
+    code: str
+
+    def __new__(cls, text: str, code: str = INVALID_VALUE):
+        message = super().__new__(cls, text)
+        message.code = code
+        return message
+
+    def __getnewargs__(self):  # copy and pickle: marshmallow deep-copies fields with their messages
+        return str(self), self.code
+
+    def format(self, *args, **kwargs) -> Message:
+        return Message(str.format(self, *args, **kwargs), self.code)
+
+
+def code_of(message: str) -> str:
+    """The error code a validation message carries; marshmallow's own messages are about values."""
+    return getattr(message, "code", INVALID_VALUE)
+
 
 # Every schema class the generated module defines, by its component name.
 REGISTRY: dict[str, type[Schema]] = {}
@@ -67,7 +98,8 @@ def type_error(expected: list[str], value: Any) -> ValidationError:
     names = [describe_kind(k) for k in dict.fromkeys(expected)]
     wanted = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     got = describe_kind(kind_of(value))
-    return ValidationError(f"Invalid type for {PARAM}: expected {wanted}, but got {got} instead.")
+    text = f"Invalid type for {PARAM}: expected {wanted}, but got {got} instead."
+    return ValidationError(Message(text, INVALID_TYPE))
 
 
 def is_file(value: Any) -> bool:
@@ -76,8 +108,8 @@ def is_file(value: Any) -> bool:
 
 def _common_messages() -> dict[str, str]:
     return {
-        "required": f"Missing required parameter: {PARAM}.",
-        "null": f"Invalid type for {PARAM}: expected a value, but got null instead.",
+        "required": Message(f"Missing required parameter: {PARAM}.", MISSING),
+        "null": Message(f"Invalid type for {PARAM}: expected a value, but got null instead.", INVALID_TYPE),
     }
 
 
@@ -147,7 +179,9 @@ class Binary(fields.Raw):
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not is_file(value):
-            raise ValidationError(f"Invalid type for {PARAM}: expected a file upload, but got {describe_kind(kind_of(value))} instead.")
+            raise ValidationError(Message(
+                f"Invalid type for {PARAM}: expected a file upload, but got {describe_kind(kind_of(value))} instead.",
+                INVALID_TYPE))
         return value
 
 
@@ -184,7 +218,7 @@ class MapOf(fields.Field):
                     self.key_field.deserialize(key)
                 except ValidationError as err:
                     # about the map: a key is not a place a value sits at
-                    raise ValidationError(f"Invalid key in {PARAM}: " + _first_text(err.messages)) from None
+                    raise ValidationError(Message(f"Invalid key in {PARAM}: " + _first_text(err.messages))) from None
         if self.value_field is None:
             return dict(value)
         result, errors = {}, {}
@@ -209,7 +243,8 @@ def _first_text(messages: Any) -> str:
 class Obj(fields.Nested):
     """A nested object schema, given by a callable so that forward and recursive references work."""
 
-    default_error_messages = {**_common_messages(), "type": f"Invalid type for {PARAM}: expected an object."}
+    default_error_messages = {**_common_messages(), "type": Message(f"Invalid type for {PARAM}: expected an object.",
+                                                                    INVALID_TYPE)}
 
     def _deserialize(self, value, attr, data, partial=None, **kwargs):
         if not isinstance(value, Mapping):
@@ -317,20 +352,21 @@ class Tagged(fields.Field):
         if not isinstance(value, Mapping):
             raise type_error(["object"], value)
         if self.tag not in value:
-            raise ValidationError({self.tag: [f"Missing required parameter: {PARAM}."]})
+            raise ValidationError({self.tag: [Message(f"Missing required parameter: {PARAM}.", MISSING)]})
         tag_value = value[self.tag]
         member = self.members.get(tag_value) if isinstance(tag_value, str) else None
         if member is None:
             supported = ", ".join(repr(v) for v in self.members)
             raise ValidationError(
-                {self.tag: [f"Invalid value for {PARAM}: {tag_value!r}. Supported values are: {supported}."]}
+                {self.tag: [Message(f"Invalid value for {PARAM}: {tag_value!r}. Supported values are: {supported}.")]}
             )
         return member.deserialize(value)
 
 
 class OneOf(validate.OneOf):
     def __init__(self, choices):
-        super().__init__(choices, error=f"Invalid value for {PARAM}: {{input!r}}. Supported values are: {{choices}}.")
+        error = Message(f"Invalid value for {PARAM}: {{input!r}}. Supported values are: {{choices}}.")
+        super().__init__(choices, error=error)
 
     def _format_error(self, value) -> str:
         return self.error.format(input=value, choices=", ".join(repr(c) for c in self.choices))
@@ -346,7 +382,7 @@ class Range(validate.Range):
             bounds.append(f"{'>=' if self.min_inclusive else '>'} {self.min}")
         if self.max is not None:
             bounds.append(f"{'<=' if self.max_inclusive else '<'} {self.max}")
-        return f"Invalid value for {PARAM}: {value!r} is out of range; it must be {' and '.join(bounds)}."
+        return Message(f"Invalid value for {PARAM}: {value!r} is out of range; it must be {' and '.join(bounds)}.")
 
 
 class Length(validate.Length):
@@ -357,12 +393,13 @@ class Length(validate.Length):
             bounds.append(f"at least {self.min}")
         if self.max is not None:
             bounds.append(f"at most {self.max}")
-        return f"Invalid value for {PARAM}: expected {' and '.join(bounds)} {unit}, got {len(value)}."
+        return Message(f"Invalid value for {PARAM}: expected {' and '.join(bounds)} {unit}, got {len(value)}.")
 
 
 class Pattern(validate.Regexp):
     def __init__(self, regex: str):
-        super().__init__(regex, error=f"Invalid value for {PARAM}: {{input!r}} does not match the pattern {{regex}}.")
+        error = Message(f"Invalid value for {PARAM}: {{input!r}} does not match the pattern {{regex}}.")
+        super().__init__(regex, error=error)
 
 
 class LocalqSchema(Schema):
@@ -371,7 +408,7 @@ class LocalqSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    error_messages = {"unknown": f"Unrecognized request argument supplied: {PARAM}"}
+    error_messages = {"unknown": Message(f"Unrecognized request argument supplied: {PARAM}", UNKNOWN)}
 
     # `anyOf: [{required: [a]}, {required: [b]}]` and `not: {required: [a, b]}` beside properties:
     # which groups of names must be present (any one group), and which may not all be present.
@@ -382,10 +419,10 @@ class LocalqSchema(Schema):
     def _check_presence_rules(self, data, **kwargs):
         if self.required_any_of and not any(all(n in data for n in group) for group in self.required_any_of):
             options = " or ".join("'" + "' and '".join(group) + "'" for group in self.required_any_of)
-            raise ValidationError(f"Invalid value for {PARAM}: provide {options}.")
+            raise ValidationError(Message(f"Invalid value for {PARAM}: provide {options}."))
         if self.forbidden_together and all(n in data for n in self.forbidden_together):
             names = "', '".join(self.forbidden_together)
-            raise ValidationError(f"Invalid value for {PARAM}: '{names}' cannot be given together.")
+            raise ValidationError(Message(f"Invalid value for {PARAM}: '{names}' cannot be given together."))
 
 
 _RESERVED = set(dir(LocalqSchema)) | {"Meta"}

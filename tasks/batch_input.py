@@ -16,7 +16,7 @@ from typing import Any
 from schemas.errors import Invalid
 from schemas.generated import OPERATIONS
 from schemas.requests import validate
-from workers.image_jobs import DEFAULT_MODEL as DEFAULT_IMAGE_MODEL
+from workers.defaults import DEFAULT_IMAGE_MODEL
 
 MAX_LINES = 50_000
 # Endpoints a batch may target, as `/v1/...` URLs.

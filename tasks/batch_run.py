@@ -15,7 +15,7 @@ Three Celery tasks, JSON arguments only:
   completed + failed + dropped to the total sends `localq.batch.finalize`, once (SETNX).
   A lines message delivered more than `LOCALQ_MAX_DELIVERIES` times (its lines kept stopping the
   worker) records a `worker_lost` error for its lines instead, and goes to the dead letters
-  (`tasks.dead_letters`); `give_up_lines` does the same for one no worker can take (`tasks.handoff`).
+  (`store.dead_letters`); `give_up_lines` does the same for one no worker can take (`tasks.handoff`).
 * `localq.batch.finalize(batch_id)`: writes the output file (successful lines) and the error file
   (failed ones) through `FileStore`, in input order, and gives the batch its final status. A
   finalize delivered again after a crash reuses the files the first one recorded.
@@ -30,54 +30,30 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks import dead_letters
+from schemas import openai_errors as errors
+from schemas.openai_errors import OpenAIError
+from store import dead_letters
+from store.batches import (FINAL, BatchStore, batch_key, cancel_key, deliveries_key, dropped_key, expired_key,
+                           finalize_key, lines_key, results_key)
+from store.files import publish_outputs, url_maker
+from store.filestore import FileNotFound, FileStore
+from store.metrics import completion_tokens, record_jobs
 from tasks.batch_input import check_lines
-from tasks.batches import FINAL, BatchStore, batch_key, results_key
 from tasks.cancel_check import CancelCheck
-from tasks.celery_app import PRIORITIES, app
-from tasks.files import publish_outputs, url_maker
-from tasks.filestore import FileNotFound, FileStore
-from tasks.metrics import completion_tokens, record_jobs
-from tasks.routing import queue_for
+from tasks.celery_app import app
+from tasks.routing import FINALIZE_TASK, LINES_TASK, PRIORITIES, START_TASK, queue_for
 from tasks.runtime import model_runtime, runtime
+from workers.capabilities import unsupported
+from workers.execute import execute_embeddings, run_job  # light at import: model libraries load in the backends
 
 log = logging.getLogger(__name__)
 
-START_TASK = "localq.batch.start"
-LINES_TASK = "localq.batch.lines"
-FINALIZE_TASK = "localq.batch.finalize"
 KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
          "/v1/images/generations": "image"}
 CANCEL_POLL = 0.25
 # Lines per task. Embedding lines share one forward pass (see workers.execute.execute_embeddings);
 # a chat or completion line runs alone, so an interactive call waits for at most one line.
 CHUNK_SIZES = {"embedding": 32}
-
-
-def cancel_key(batch_id: str) -> str:
-    return f"localq:batch:{batch_id}:cancel"
-
-
-def dropped_key(batch_id: str) -> str:
-    return f"localq:batch:{batch_id}:dropped"
-
-
-def finalize_key(batch_id: str) -> str:
-    return f"localq:batch:{batch_id}:finalize"
-
-
-def expired_key(batch_id: str) -> str:
-    return f"localq:batch:{batch_id}:expired"
-
-
-def deliveries_key(batch_id: str) -> str:
-    """custom_id of a lines message's first line -> deliveries of that message."""
-    return f"localq:batch:{batch_id}:deliveries"
-
-
-def lines_key(batch_id: str) -> str:
-    """custom_id -> input line number, so the output files keep the input's order."""
-    return f"localq:batch:{batch_id}:lines"
 
 
 def _store() -> BatchStore:
@@ -89,7 +65,8 @@ def _files() -> FileStore:
     return FileStore(rt.redis, rt.settings.files_dir)
 
 
-def _send_finalize(batch_id: str, client=None) -> None:
+def send_finalize(batch_id: str, client=None) -> None:
+    """Send `localq.batch.finalize` once (SETNX on its key); the sweep sends it again if it is lost."""
     client = client or runtime().redis
     if client.set(finalize_key(batch_id), "1", nx=True):
         try:
@@ -122,12 +99,11 @@ def start_batch(batch_id: str) -> None:
     if record is None or record["status"] != "validating" and record["status"] != "cancelling":
         return  # unknown, or already started (a redelivered start task)
     if rt.redis.exists(cancel_key(batch_id)):
-        _send_finalize(batch_id)  # cancelled while waiting to be validated: nothing to run
+        send_finalize(batch_id)  # cancelled while waiting to be validated: nothing to run
         return
     endpoint = record["endpoint"]
     kind = KINDS[endpoint]
     registry = model_runtime()[0]
-    from workers.capabilities import unsupported
 
     devices: dict[str, str] = {}  # model -> its queue
 
@@ -190,7 +166,7 @@ def _maybe_finalize(batch_id: str, client=None) -> None:
     total, completed, failed = BatchStore(client).counts(batch_id)
     dropped = int(client.hget(batch_key(batch_id), "dropped") or 0)
     if total and completed + failed + dropped >= total:
-        _send_finalize(batch_id, client)
+        send_finalize(batch_id, client)
 
 
 def give_up_lines(client, batch_id: str, items: list, payload: dict) -> int:
@@ -226,15 +202,9 @@ def _success(custom_id: str, request_id: str, body: dict) -> dict:
 
 
 def _expired(custom_id: str) -> dict:
+    expired = errors.expired()  # a batch line's own `error`: code and message only
     return {"id": _request_id(), "custom_id": custom_id, "response": None,
-            "error": {"code": "batch_expired",
-                      "message": "This request could not be executed before the completion window expired."}}
-
-
-TIMEOUT_ERROR = {"message": "The request ran longer than its timeout.", "type": "timeout_error", "param": None,
-                 "code": "job_timeout"}
-SERVER_ERROR = {"message": "The worker had an error while running the request.", "type": "server_error",
-                "param": None, "code": None}
+            "error": {"code": expired.code, "message": expired.message}}
 
 
 @app.task(name=LINES_TASK, bind=True)
@@ -262,9 +232,7 @@ def _given_up(rt, request, batch_id: str, items: list) -> bool:
     if deliveries <= rt.settings.max_deliveries:
         return False
     stops = deliveries - 1
-    give_up_lines(rt.redis, batch_id, items, {"status": 500, "error": {
-        "message": f"The request stopped its worker {stops} times and was given up.", "type": "server_error",
-        "param": None, "code": "worker_lost"}})
+    give_up_lines(rt.redis, batch_id, items, errors.worker_lost(stops, "request").payload())
     try:
         dead_letters.add(rt.redis, reason="worker_lost", task=LINES_TASK, job_id=batch_id,
                          queue=(request.delivery_info or {}).get("routing_key"),
@@ -292,8 +260,6 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
     jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
              "created": int(time.time()), "base_url": record.get("base_url")} for line, _, body in pending]
     is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL)
-
-    from workers.execute import execute_embeddings, run_job
 
     registry, cache = model_runtime()
     began = time.monotonic()
@@ -323,7 +289,7 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
 
 
 def _count(rt, registry, kind: str, model: str, seconds_per_line: float, outcomes: list) -> None:
-    """Batch lines in the job metrics (`tasks.metrics`), like any other job; never fails the lines."""
+    """Batch lines in the job metrics (`store.metrics`), like any other job; never fails the lines."""
     config = registry.resolve(model)
     try:
         record_jobs(rt.redis, [{
@@ -336,15 +302,15 @@ def _count(rt, registry, kind: str, model: str, seconds_per_line: float, outcome
 
 
 def _line_failure(batch_id: str, line: int, custom_id: str, request_id: str, err: Exception) -> dict:
-    from workers.errors import JobError
-
-    if isinstance(err, JobError):
-        return _failure(custom_id, request_id, err.status, err.to_dict())
-    if isinstance(err, SoftTimeLimitExceeded):
-        return _failure(custom_id, request_id, 504, TIMEOUT_ERROR)
-    if err.__traceback__ is not None:
-        log.error("batch %s line %s failed", batch_id, line, exc_info=err)
-    return _failure(custom_id, request_id, 500, SERVER_ERROR)
+    if isinstance(err, OpenAIError):  # what the client caused (`workers.errors.JobError`)
+        error = err
+    elif isinstance(err, SoftTimeLimitExceeded):
+        error = errors.job_timeout("request")
+    else:
+        if err.__traceback__ is not None:
+            log.error("batch %s line %s failed", batch_id, line, exc_info=err)
+        error = errors.server_error("request")
+    return _failure(custom_id, request_id, error.status, error.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ from celery import Celery, signals
 from kombu import Queue
 from kombu.utils.objects import cached_property
 
+# Only configuration: two leaf modules (settings from the environment, the queue layout). The
+# tasks, the worker classes and the sweep bootstep are named by string, so no module that uses
+# the app is imported here.
+from tasks.routing import DEVICE_QUEUES, PRIORITIES, PRIORITY_STEPS
 from tasks.settings import QueueSettings
-from tasks.sweeper import BatchSweep
 
-DEVICE_QUEUES = ("cpu", "gpu")
-PRIORITIES = {"interactive": 0, "batch": 9}
-PRIORITY_STEPS = [0, 3, 6, 9]
 # kombu's Connection.ensure policy: waits 0.1, 0.6, then 1 s per try
 WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
 
@@ -72,7 +72,7 @@ def make_app(settings: QueueSettings | None = None) -> Celery:
         worker_consumer="tasks.handoff:Consumer",
     )
     app.localq_settings = settings
-    app.steps["worker"].add(BatchSweep)
+    app.steps["worker"].add("tasks.sweeper:BatchSweep")  # loaded by name when a worker starts
     return app
 
 

@@ -1,15 +1,16 @@
-"""What the API uses to hand work to the queue: create the job record, check depth, send the task."""
+"""What the API uses to hand work to the queue: create the job record, check depth, send the task.
+
+Tasks are sent by name (`tasks.routing`): the API never imports a task module.
+"""
 
 from __future__ import annotations
 
 import time
 
-from kombu.transport.redis import Channel
-
-from tasks.celery_app import PRIORITIES, PRIORITY_STEPS, app
-from tasks.files import store_uploads
-from tasks.jobs import job_key, new_job_id
-from tasks.run import TASK_NAME
+from store.files import store_uploads
+from store.jobs import job_key, new_job_id
+from tasks.celery_app import app
+from tasks.routing import PRIORITIES, RUN_TASK, queue_keys
 from tasks.runtime import Runtime
 
 
@@ -18,13 +19,6 @@ class QueueFull(Exception):
         super().__init__(f"queue {queue!r} holds {depth} jobs")
         self.queue = queue
         self.depth = depth
-
-
-def queue_keys(queue: str, up_to: int | None = None) -> list[str]:
-    """The Redis lists kombu keeps for one queue, one per priority step (those served no later
-    than priority `up_to`, if given)."""
-    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS
-            if up_to is None or step <= up_to]
 
 
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
@@ -59,6 +53,6 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     if files:
         # kept for as long as the job may live, redeliveries included
         job["request"] = store_uploads(rt.blobs, job["id"], request, files, ttl=int(limit + 120))
-    app.send_task(TASK_NAME, args=[job], queue=queue, priority=PRIORITIES[priority], soft_time_limit=limit,
+    app.send_task(RUN_TASK, args=[job], queue=queue, priority=PRIORITIES[priority], soft_time_limit=limit,
                   time_limit=rt.settings.hard_limit_for(limit))
     return job

@@ -12,7 +12,7 @@ Here, for any message the main process cannot decode or hand over:
 * the pool forgets the job it never got (billiard keeps each job it is given until its result
   comes back: this one would stay for the worker's life), and the worker's slot is released, as
   Celery does for a revoked request (else, at concurrency 1, no job would ever run again);
-* the message goes to the dead letters (`tasks.dead_letters`) and is acknowledged: it is never
+* the message goes to the dead letters (`store.dead_letters`) and is acknowledged: it is never
   delivered again;
 * its job fails as `tasks.run` fails one (failed record, terminal `error` event), so a waiting
   client gets an OpenAI-shaped error: 400 `request_too_deep` when the request's nesting is the
@@ -35,20 +35,19 @@ from celery.apps.worker import Worker as CeleryWorker
 from celery.worker import state
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from tasks import dead_letters
-from tasks.events import EventLog
-from tasks.jobs import JobStore
+from schemas import openai_errors as errors
+from store import dead_letters
+from store.events import EventLog
+from store.jobs import JobStore
+from tasks.batch_run import give_up_lines
+from tasks.routing import LINES_TASK, RUN_TASK
+from tasks.run import give_up
 from tasks.runtime import Runtime
 from tasks.settings import QueueSettings
+from tasks.sweeper import sweep_client
 
 log = logging.getLogger(__name__)
 
-RUN_TASK = "localq.run_job"  # tasks.run.TASK_NAME, tasks.batch_run.LINES_TASK (imported late: they import the app)
-LINES_TASK = "localq.batch.lines"
-TOO_DEEP = {"message": "The request is nested too deeply to be processed; send it again with less nesting.",
-            "type": "invalid_request_error", "param": None, "code": "request_too_deep"}
-UNDELIVERABLE = {"message": "The service could not hand this job to a worker; it was set aside for the operator.",
-                 "type": "server_error", "param": None, "code": "job_undeliverable"}
 # The id a message body starts with ([[{"id": "job_..." or [["batch_...", ...), for one that cannot be decoded.
 _BODY_IDS = {
     RUN_TASK: re.compile(rb'^\s*\[\s*\[\s*\{\s*"id"\s*:\s*"(job_[0-9a-f]{1,64})"'),
@@ -103,12 +102,8 @@ def set_aside(settings: QueueSettings, *, reason: str, task: str, queue: str | N
         dead_letters.add(rt.redis, reason=reason, task=task, queue=queue, job_id=job_id, error=describe(exc),
                          body=body)
         if task == RUN_TASK and job_id:
-            from tasks.run import give_up
-
             give_up(rt, job_id, payload)
         elif task == LINES_TASK and job_id and args is not None:
-            from tasks.batch_run import give_up_lines
-
             give_up_lines(rt.redis, job_id, list(args[1]), payload)
         else:  # undecodable lines: which lines is unknown; the batch's expiry fails them at the latest
             log.error("a %r message (%s) set aside; no job of it could be failed", task, job_id or "no id")
@@ -117,9 +112,9 @@ def set_aside(settings: QueueSettings, *, reason: str, task: str, queue: str | N
 
 
 def client_error(exc: BaseException) -> dict:
-    """The error event a waiting client gets (`tasks.run.error_payload`'s shape)."""
-    error = TOO_DEEP if any(isinstance(e, RecursionError) for e in _chain(exc)) else UNDELIVERABLE
-    return {"status": 400 if error is TOO_DEEP else 500, "error": dict(error)}
+    """The error event a waiting client gets (an `OpenAIError.payload()`)."""
+    too_deep = any(isinstance(e, RecursionError) for e in _chain(exc))
+    return (errors.request_too_deep() if too_deep else errors.job_undeliverable()).payload()
 
 
 def describe(exc: BaseException) -> str:
@@ -166,7 +161,5 @@ def _settings(app) -> QueueSettings:
 @cache
 def _runtime(settings: QueueSettings) -> Runtime:
     """The main process's own clients: quick to give up (it runs the event loop)."""
-    from tasks.sweeper import sweep_client
-
     client = sweep_client(settings.redis_url)
     return Runtime(settings, client, client, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))

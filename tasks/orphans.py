@@ -23,19 +23,14 @@ from collections.abc import Callable
 import redis
 from kombu.transport.redis import Channel
 
-from tasks.celery_app import PRIORITY_STEPS
-from tasks.heartbeats import worker_key
-from tasks.routing import own_queue
+from store.heartbeats import worker_key
+from tasks.routing import PRIORITY_STEPS, own_queue, queue_for, step_key
+from tasks.runtime import model_runtime
 
 log = logging.getLogger(__name__)
 
 PREFIX = own_queue("")
 MOVE_LIMIT = 10_000  # messages moved per call, so one sweep stays short
-
-
-def step_key(queue: str, step: int) -> str:
-    """kombu's Redis list for one priority step of a queue (see tasks.dispatch.queue_keys)."""
-    return queue if step == 0 else f"{queue}{Channel.sep}{step}"
 
 
 def rescue(client: redis.Redis, worker_id: str, resolve: Callable[[str], str | None] | None = None) -> int:
@@ -109,9 +104,6 @@ def _first_argument(message: dict):
 
 def registry_resolver() -> Callable[[str], str | None]:
     """Model name -> its queue, from the worker's model configs."""
-    from tasks.routing import queue_for
-    from tasks.runtime import model_runtime
-
     registry = model_runtime()[0]
 
     def resolve(model: str) -> str | None:

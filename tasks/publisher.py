@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import Any
 
-from tasks.events import EventLog
+from store.events import EventLog
 
 _STOP = object()
 

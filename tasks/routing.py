@@ -1,4 +1,6 @@
-"""Placement: which queue a model's jobs go to, and which queues a worker consumes.
+"""The queue layout: task names, priorities, kombu's key names, and placement (which queue a
+model's jobs go to, and which queues a worker consumes). No project imports: the Celery app, the
+tasks, the sweeper and the API all read it.
 
 The rule, in one place (the README draws it):
 
@@ -18,7 +20,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from kombu.transport.redis import Channel
+
 DEVICES = ("cpu", "gpu")
+DEVICE_QUEUES = DEVICES  # the queues the Celery app declares
+PRIORITIES = {"interactive": 0, "batch": 9}
+# kombu's Redis transport keeps one list per step and pops the lowest step first
+PRIORITY_STEPS = [0, 3, 6, 9]
+
+# Celery task names: they travel in queued messages, so they never change.
+RUN_TASK = "localq.run_job"
+START_TASK = "localq.batch.start"
+LINES_TASK = "localq.batch.lines"
+FINALIZE_TASK = "localq.batch.finalize"
+
+
+def step_key(queue: str, step: int) -> str:
+    """kombu's Redis list for one priority step of a queue."""
+    return queue if step == 0 else f"{queue}{Channel.sep}{step}"
+
+
+def queue_keys(queue: str, up_to: int | None = None) -> list[str]:
+    """The Redis lists kombu keeps for one queue, one per priority step (those served no later
+    than priority `up_to`, if given)."""
+    return [step_key(queue, step) for step in PRIORITY_STEPS if up_to is None or step <= up_to]
 
 
 def model_queue(device: str, gpus: Sequence[int] = (), pool: str | None = None) -> str:
@@ -59,7 +84,7 @@ def worker_queues(device: str, *, gpu_index: int | None = None, pools: Iterable[
 
 def choose_queue(config, workers: Iterable[dict]) -> str:
     """The queue for a job on `config`'s model, given the live workers' heartbeats
-    (`tasks.heartbeats`: each with `id`, `queues`, `loaded_models` and `current_job`)."""
+    (`store.heartbeats`: each with `id`, `queues`, `loaded_models` and `current_job`)."""
     shared = queue_for(config)
     serving = [w for w in workers if shared in w.get("queues", ())]
     if len(serving) < 2:

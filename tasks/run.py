@@ -2,7 +2,7 @@
 
 The task itself is model-agnostic: the job's kind and model pick the backend inside the worker.
 A job that stopped its worker more than `max_deliveries` times is failed and its message kept in
-the dead letters (`tasks.dead_letters`); `give_up` fails the job of a message that never reached
+the dead letters (`store.dead_letters`); `give_up` fails the job of a message that never reached
 a pool process (`tasks.handoff`).
 """
 
@@ -14,27 +14,26 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks import dead_letters
+from schemas import openai_errors as errors
+from schemas.openai_errors import OpenAIError
+from store import dead_letters
+from store.files import fetch_uploads, publish_outputs, url_maker
+from store.jobs import FINAL_STATUSES
+from store.metrics import FirstToken, completion_tokens, record_job
 from tasks.cancel_check import CancelCheck
 from tasks.celery_app import app
-from tasks.files import fetch_uploads, publish_outputs, url_maker
-from tasks.jobs import FINAL_STATUSES
-from tasks.metrics import FirstToken, completion_tokens, record_job
 from tasks.publisher import BackgroundPublisher
+from tasks.routing import RUN_TASK as TASK_NAME
 from tasks.runtime import model_runtime, runtime
+from workers.execute import execute  # light at import: model libraries load inside the backends
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "localq.run_job"
 # How often a running job looks at its cancel flag: often enough to free the worker at once,
 # rarely enough that the Redis round trip costs nothing next to a token.
 CANCEL_POLL = 0.05
 # Job kinds whose output arrives token by token (and whose log says when they start running).
 STREAMING_KINDS = frozenset({"chat", "completion"})
-
-
-def error_payload(status: int, message: str, type_: str, *, param=None, code=None) -> dict:
-    return {"status": status, "error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _end(rt, job_id: str, status: str, event: str, data, *, result=None, error=None) -> None:
@@ -51,7 +50,7 @@ def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
 
 
 def _record(rt, job: dict, outcome: str, **measures) -> None:
-    """Count the finished job in the cluster-wide metrics (`tasks.metrics`); called after its
+    """Count the finished job in the cluster-wide metrics (`store.metrics`); called after its
     terminal event is out, so the client never waits for it; never fails the job."""
     try:
         record_job(rt.redis, kind=job["kind"], outcome=outcome, **measures)
@@ -104,9 +103,7 @@ def run_job(self, job: dict) -> None:
     replies = pipe.execute()
     deliveries, cancel_flag = int(replies[0]), bool(replies[1])
     if deliveries > rt.settings.max_deliveries:
-        _fail(rt, job_id, error_payload(
-            500, f"The job stopped its worker {deliveries - 1} times and was given up.", "server_error",
-            code="worker_lost"))
+        _fail(rt, job_id, errors.worker_lost(deliveries - 1).payload())
         _record(rt, job, "failed")
         _dead_letter_lost(rt, job, self.request, deliveries)
         return
@@ -115,16 +112,14 @@ def run_job(self, job: dict) -> None:
         _record(rt, job, "cancelled")
         return
     if time.time() > float(job.get("deadline") or "inf"):
-        _fail(rt, job_id, error_payload(504, "The job timed out while waiting in the queue.", "timeout_error",
-                                        code="job_timeout"), status="expired")
+        _fail(rt, job_id, errors.queue_timeout().payload(), status="expired")
         _record(rt, job, "expired")
         return
 
     try:
         job = {**job, "request": fetch_uploads(rt.blobs, job["request"])}
     except LookupError as err:
-        _fail(rt, job_id, error_payload(400, f"{err}; send the request again.", "invalid_request_error",
-                                        code="upload_expired"))
+        _fail(rt, job_id, errors.upload_expired(str(err)).payload())
         _record(rt, job, "failed")
         return
 
@@ -135,9 +130,6 @@ def run_job(self, job: dict) -> None:
                     already_sent)
     publisher = BackgroundPublisher(rt.events, job_id, skip_deltas=already_sent)
 
-    from workers.errors import JobError
-    from workers.execute import execute
-
     registry, cache = model_runtime()
     first_token = FirstToken(publisher.emit, started)
     is_cancelled = CancelCheck(lambda: rt.jobs.cancel_requested(job_id), CANCEL_POLL)
@@ -145,25 +137,20 @@ def run_job(self, job: dict) -> None:
     outcome, error = "succeeded", None
     try:
         execute(job, first_token.emit, is_cancelled, registry=registry, cache=cache)
-    except JobError as err:
-        outcome, error = "failed", error_payload(err.status, err.message, err.type, param=err.param, code=err.code)
+    except OpenAIError as err:  # what the client caused (`workers.errors.JobError`)
+        outcome, error = "failed", err.payload()
     except SoftTimeLimitExceeded:
-        outcome, error = "failed", error_payload(504, "The job ran longer than its timeout.", "timeout_error",
-                                                 code="job_timeout")
+        outcome, error = "failed", errors.job_timeout().payload()
     except Exception:
         log.exception("job %s failed", job_id)
-        outcome, error = "failed", error_payload(500, "The worker had an error while running the job.",
-                                                 "server_error")
+        outcome, error = "failed", errors.server_error().payload()
     finally:
         published = _close(publisher, job_id)
     if error is None and not published:
-        outcome, error = "failed", error_payload(
-            500, "The worker could not publish the job's output; send the request again.", "server_error",
-            code="output_lost")
+        outcome, error = "failed", errors.output_lost().payload()
     elif error is None and not is_cancelled.cancelled and publisher.result is None:
         log.error("job %s: the backend returned without a result", job_id)
-        outcome, error = "failed", error_payload(500, "The worker finished the job without a result.",
-                                                 "server_error", code="no_result")
+        outcome, error = "failed", errors.no_result().payload()
 
     tokens = None
     if error is not None:

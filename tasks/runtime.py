@@ -23,10 +23,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from tasks.events import EventLog
-from tasks.jobs import JobStore
+from store.events import EventLog
+from store.jobs import JobStore
 from tasks.settings import QueueSettings
 from tasks.worker_settings import WorkerSettings
+from workers.cache import ModelCache  # light: a model's library is imported when the model loads
+from workers.registry import ModelRegistry
 
 # Backoff 0.1, 0.2, 0.4, 0.8 s, then 1 s per try: about 37 s of Redis being away before a command fails.
 RIDE_OVER_BACKOFF = {"base": 0.05, "cap": 1.0}
@@ -82,10 +84,7 @@ def models_dir() -> Path:
 
 @cache
 def model_runtime():
-    """The worker's model registry and model cache (imported here: only workers need them)."""
-    from workers.cache import ModelCache
-    from workers.registry import ModelRegistry
-
+    """The worker's model registry and model cache (built on first use: only workers need them)."""
     own = worker_settings()
     return ModelRegistry.load(models_dir()), ModelCache(max_models=own.max_loaded_models,
                                                        max_bytes=own.model_cache_bytes)

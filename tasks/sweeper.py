@@ -8,7 +8,7 @@ what OpenAI's Batch API does at the end of the completion window:
 * `in_progress`: every line without an outcome yet is recorded as failed with `error.code`
   `batch_expired` (through `BatchStore.record_outcomes`, HSETNX: a line that is running now and
   finishes later keeps no second outcome, so each line is in the output or the error file exactly
-  once), the batch's expired flag is set, and finalize is sent (once: `_send_finalize` guards
+  once), the batch's expired flag is set, and finalize is sent (once: `send_finalize` guards
   with SETNX), which writes the files and gives the batch its final status `expired`.
 * `validating` (its input was never checked, e.g. no worker took the start task): the batch
   becomes `expired` with no lines; a start task that arrives later leaves it alone.
@@ -55,8 +55,16 @@ from celery import bootsteps
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tasks.batches import FINAL, INDEX, BatchStore, batch_key, results_key
+from store.batches import (FINAL, INDEX, BatchStore, batch_key, dropped_key, expired_key, finalize_key, lines_key,
+                           results_key)
+from store.filestore import FileNotFound, FileStore
+from tasks import batch_run  # sends finalize and lines (the Celery app no longer imports this module)
+from tasks.batch_input import check_lines
+from tasks.orphans import registry_resolver, rescue_gone
+from tasks.routing import DEVICE_QUEUES, queue_for, queue_keys
+from tasks.runtime import models_dir
 from tasks.settings import QueueSettings
+from workers.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +155,6 @@ def _open_batches(client: redis.Redis):
 
 def _expire_unstarted(client: redis.Redis, store: BatchStore, batch_id: str) -> bool:
     """`validating` -> `expired`, only if nothing moved it on meanwhile (WATCH on the batch hash)."""
-    from tasks.batch_run import expired_key  # here: tasks.batch_run imports the Celery app, which imports us
-
     def expire(pipe) -> bool:
         if _text(pipe.hget(batch_key(batch_id), "status") or "") != "validating":
             return False
@@ -161,8 +167,6 @@ def _expire_unstarted(client: redis.Redis, store: BatchStore, batch_id: str) -> 
 
 
 def _expire_lines(client: redis.Redis, store: BatchStore, batch_id: str) -> None:
-    from tasks.batch_run import _send_finalize, expired_key, lines_key
-
     # The flag first, as a line task does: a finalize that the last outcome triggers sees it.
     client.set(expired_key(batch_id), "1")
     pending = [_text(c) for c in client.hkeys(lines_key(batch_id))]
@@ -171,17 +175,15 @@ def _expire_lines(client: redis.Redis, store: BatchStore, batch_id: str) -> None
         pending = [custom_id for custom_id, outcome in zip(pending, have, strict=True) if outcome is None]
     for start in range(0, len(pending), RECORD_CHUNK):
         _record_expired(store, batch_id, pending[start:start + RECORD_CHUNK])
-    _send_finalize(batch_id)
+    batch_run.send_finalize(batch_id)
 
 
 def _watch_finalize(client: redis.Redis, batch_id: str, now: float, grace: float) -> None:
     """Send finalize if nobody did; send it again if it has not run within `grace` seconds."""
-    from tasks.batch_run import _send_finalize, finalize_key
-
     watch = finalize_watch_key(batch_id)
     if not client.exists(finalize_key(batch_id)):
         log.warning("batch %s: every line is done but no finalize was sent; sending it", batch_id)
-        _send_finalize(batch_id)  # SETNX: a line task sending it right now sends it alone
+        batch_run.send_finalize(batch_id)  # SETNX: a line task sending it right now sends it alone
         client.set(watch, now, ex=WATCH_TTL)
         return
     client.set(watch, now, nx=True, ex=WATCH_TTL)
@@ -191,7 +193,7 @@ def _watch_finalize(client: redis.Redis, batch_id: str, now: float, grace: float
     log.warning("batch %s: finalize has not run %.0f s after the last line; sending it again", batch_id,
                 now - first_seen)
     client.delete(finalize_key(batch_id))
-    _send_finalize(batch_id)
+    batch_run.send_finalize(batch_id)
     client.set(watch, now, ex=WATCH_TTL)
 
 
@@ -223,8 +225,6 @@ def _watch_lost_lines(client: redis.Redis, store: BatchStore, batch_ids: list[st
 def _batches_with_messages(client: redis.Redis) -> set[str] | None:
     """Batch ids named by a task message on a queue batch work goes to, or delivered and not yet
     acknowledged; None if those hold more than SCAN_LIMIT messages."""
-    from tasks.dispatch import queue_keys  # here: tasks.dispatch imports the Celery app, which imports us
-
     keys = [key for queue in _batch_queues() for key in queue_keys(queue)]
     pipe = client.pipeline(transaction=False)
     for key in keys:
@@ -247,17 +247,11 @@ def _batches_with_messages(client: redis.Redis) -> set[str] | None:
 @cache
 def _registry():
     """The worker's model configs (read once, as `tasks.runtime.model_runtime` does)."""
-    from tasks.runtime import models_dir
-    from workers.registry import ModelRegistry
-
     return ModelRegistry.load(models_dir())  # the configs only: no model library in this process
 
 
 def _batch_queues() -> list[str]:
     """The queues batch tasks go to: the device queues (start, finalize) and every model's queue."""
-    from tasks.celery_app import DEVICE_QUEUES
-    from tasks.routing import queue_for
-
     return sorted({*DEVICE_QUEUES, *(queue_for(config) for config in _registry().list())})
 
 
@@ -279,20 +273,15 @@ def _message_batch(raw) -> str | None:
 
 def _resend_lost_lines(client: redis.Redis, store: BatchStore, batch_id: str, files_dir: Path | None) -> list[str]:
     """Send again, one per task, the lines of the batch that have no outcome and were not dropped."""
-    from tasks import batch_run
-    from tasks.batch_input import check_lines
-    from tasks.filestore import FileNotFound, FileStore
-    from tasks.routing import queue_for
-
     record = store.record(batch_id)
     if record is None or record["status"] not in ("in_progress", "cancelling"):
         return []
-    numbers = {int(n): _text(c) for c, n in client.hgetall(batch_run.lines_key(batch_id)).items()}
+    numbers = {int(n): _text(c) for c, n in client.hgetall(lines_key(batch_id)).items()}
     if not numbers:
         return []
     ordered = sorted(numbers)
     have = client.hmget(results_key(batch_id), [numbers[n] for n in ordered])
-    dropped = client.smismember(batch_run.dropped_key(batch_id), [numbers[n] for n in ordered])
+    dropped = client.smismember(dropped_key(batch_id), [numbers[n] for n in ordered])
     wanted = {n for n, outcome, gone in zip(ordered, have, dropped, strict=True) if outcome is None and not gone}
     if not wanted:
         return []
@@ -349,8 +338,6 @@ class Sweeper:
         if expired:
             log.warning("batches past their completion window expired: %s", ", ".join(expired))
         try:
-            from tasks.orphans import registry_resolver, rescue_gone
-
             rescue_gone(self.client, registry_resolver())
         except Exception:  # noqa: BLE001 - as above
             log.exception("moving the jobs of gone workers failed")

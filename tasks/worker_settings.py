@@ -21,7 +21,7 @@ class WorkerSettings:
     max_loaded_models: int = 4
     # bytes the loaded models' files may take (None: no limit); the launcher sets one per worker
     model_cache_bytes: int | None = None
-    # seconds between a worker's heartbeats (`tasks.heartbeats`)
+    # seconds between a worker's heartbeats (`store.heartbeats`)
     heartbeat_interval: float = 2.0
 
     @classmethod

@@ -6,7 +6,7 @@
   `LOCALQ_MODEL_CACHE_BYTES` (the memory budget) and `CUDA_VISIBLE_DEVICES`. These are hand-offs
   from a parent to its own children, read here for the heartbeat; settings a person sets are read
   in `tasks.settings` and `tasks.worker_settings`.
-* Heartbeats (`tasks.heartbeats`): the pool process, which holds the models, publishes what it
+* Heartbeats (`store.heartbeats`): the pool process, which holds the models, publishes what it
   holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and at once when a job starts or ends.
 * Its own queue handed back when it stops (`tasks.orphans`): jobs dispatch sent to it while it
   was idle go to their models' queues instead of waiting for a worker of the same name.
@@ -30,6 +30,10 @@ import time
 
 from celery import signals
 
+from store.heartbeats import Heartbeat
+from tasks.orphans import registry_resolver, rescue
+from tasks.runtime import model_runtime, runtime, worker_settings
+
 log = logging.getLogger(__name__)
 
 MIN_HEARTBEAT_INTERVAL = 0.1
@@ -43,15 +47,11 @@ def inflight_key(node_name: str) -> str:
 
 def heartbeat_interval() -> float:
     """`LOCALQ_HEARTBEAT_INTERVAL`, but at least MIN_HEARTBEAT_INTERVAL: a heartbeat is a Redis write."""
-    from tasks.runtime import worker_settings
-
     return max(worker_settings().heartbeat_interval, MIN_HEARTBEAT_INTERVAL)
 
 
 def describe() -> dict:
-    """This pool process's heartbeat document (see `tasks.heartbeats`)."""
-    from tasks.runtime import model_runtime
-
+    """This pool process's heartbeat document (see `store.heartbeats`)."""
     cache = model_runtime()[1]
     environ = os.environ
     queues = [q for q in environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
@@ -95,8 +95,6 @@ def _remember_delivery(sender=None, request=None, **_) -> None:
     if tag is None:
         return
     try:
-        from tasks.runtime import runtime
-
         pipe = runtime().redis.pipeline(transaction=False)
         key = inflight_key(os.environ.get("LOCALQ_WORKER_NAME", ""))
         pipe.lpush(key, tag)
@@ -117,8 +115,6 @@ def _heartbeat_without_pool_processes(sender=None, **_) -> None:
 @signals.worker_ready.connect
 def _restore_predecessor_messages(sender=None, **_) -> None:
     """Put back on their queues the messages a killed predecessor of this node left unacked."""
-    from tasks.runtime import runtime
-
     node = os.environ.get("LOCALQ_WORKER_NAME", "")
     try:
         rt = runtime()
@@ -144,9 +140,6 @@ def _restore_predecessor_messages(sender=None, **_) -> None:
 @signals.worker_shutdown.connect
 def _hand_back_own_queue(**_) -> None:
     """A stopping worker's own queue has no other consumer: move its jobs to their models' queues."""
-    from tasks.orphans import registry_resolver, rescue
-    from tasks.runtime import runtime
-
     node = os.environ.get("LOCALQ_WORKER_NAME")
     if not node:
         return
@@ -164,8 +157,6 @@ def _start_pool_process(**_) -> None:
     if _state["heartbeat"] is not None:
         return
     _die_with_parent()
-    from tasks.heartbeats import Heartbeat
-    from tasks.runtime import runtime
 
     heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval())
     _state["heartbeat"] = heartbeat

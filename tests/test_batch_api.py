@@ -18,7 +18,7 @@ import pytest
 import redis
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from tasks.metrics import JOBS_KEY
+from store.metrics import JOBS_KEY
 from tests.service import running_service
 
 CHAT_MODEL = "gpt-4o-mini"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tasks import batch_run
-from tasks.batches import BatchStore
+from store.batches import BatchStore
 from tasks.runtime import runtime
 
 

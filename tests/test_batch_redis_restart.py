@@ -28,7 +28,7 @@ from openai import APIConnectionError, APIStatusError, OpenAI
 
 from ops.redis_server import RedisServer
 from tasks.celery_app import WORKER_PUBLISH_RETRY_POLICY, make_app
-from tasks.dispatch import queue_keys
+from tasks.routing import queue_keys
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
 from tasks.sweeper import LOCK_KEY

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from ops.redis_server import RedisServer
-from tasks.batches import BatchStore
+from store.batches import BatchStore
 
 
 @pytest.fixture(scope="module")

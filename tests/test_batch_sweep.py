@@ -20,7 +20,7 @@ import yaml
 from openai import OpenAI
 
 from tasks.batch_run import expired_key
-from tasks.dispatch import queue_keys
+from tasks.routing import queue_keys
 from tests.service import running_service
 
 WINDOW = 3

@@ -1,5 +1,5 @@
 """Poisoned job messages never stop a worker: the job fails with an OpenAI-shaped error, the message
-is set aside in the dead letters (`tasks.dead_letters`), and the same worker serves the next job.
+is set aside in the dead letters (`store.dead_letters`), and the same worker serves the next job.
 
 Real Redis, real Celery worker processes, the API under gunicorn (`tests.service`). The poisoned
 messages go straight onto the queue, the way `tasks.dispatch.submit` sends a job, bypassing the
@@ -80,8 +80,8 @@ def deep_recursion():
 
 def send_job(rt, celery_app, request: dict, *, kind="chat", model="gpt-4o-mini", queue="cpu") -> str:
     """Create the job record and send its message, as `tasks.dispatch.submit` does; the job id."""
-    from tasks.jobs import new_job_id
-    from tasks.run import TASK_NAME
+    from store.jobs import new_job_id
+    from tasks.routing import RUN_TASK as TASK_NAME
 
     now = time.time()
     job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
@@ -111,7 +111,7 @@ def assert_openai_error(error: dict) -> None:
 
 
 def dead_letter_of(service, job_id: str) -> dict:
-    from tasks.dead_letters import read
+    from store.dead_letters import read
 
     client = redis.Redis.from_url(service.redis.url, decode_responses=True)
     return wait_until(lambda: next((e for e in read(client, limit=1000) if e["job_id"] == job_id), None), 10,
@@ -160,9 +160,10 @@ def test_a_poisoned_job_fails_alone_and_the_same_worker_serves_the_next(service,
 def test_a_poisoned_batch_line_gets_its_error_and_the_batch_completes(service, celery_app):
     from openai import OpenAI
 
-    from tasks.batch_run import LINES_TASK, lines_key
-    from tasks.batches import BatchStore
-    from tasks.dead_letters import read
+    from store.batches import lines_key
+    from tasks.routing import LINES_TASK
+    from store.batches import BatchStore
+    from store.dead_letters import read
 
     store = redis.Redis.from_url(service.redis.url, decode_responses=True)
     batches = BatchStore(store)
@@ -257,9 +258,10 @@ def test_a_job_that_kills_its_pool_process_every_time_ends_in_the_dead_letters(s
 def test_a_batch_line_that_kills_its_pool_process_every_time_gets_a_worker_lost_error(service, celery_app):
     from openai import OpenAI
 
-    from tasks.batch_run import LINES_TASK, deliveries_key, lines_key
-    from tasks.batches import BatchStore
-    from tasks.dead_letters import read
+    from store.batches import deliveries_key, lines_key
+    from tasks.routing import LINES_TASK
+    from store.batches import BatchStore
+    from store.dead_letters import read
 
     store = redis.Redis.from_url(service.redis.url, decode_responses=True)
     batches = BatchStore(store)

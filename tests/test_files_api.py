@@ -17,7 +17,7 @@ import redis
 from api import create_app
 from api.settings import Settings
 from ops.redis_server import RedisServer
-from tasks.filestore import (
+from store.filestore import (
     EXPIRING_KEY,
     INDEX_KEY,
     TMP_PREFIX,

@@ -1,7 +1,7 @@
 """`/healthz` (liveness) and `/readyz` (Redis, and a live worker for every device a model needs).
 
 The app-level tests talk to a real Redis and publish worker heartbeats the way workers do
-(`tasks.heartbeats`); the last test runs the real service and stops and starts its worker.
+(`store.heartbeats`); the last test runs the real service and stops and starts its worker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import redis
 
 from api.settings import Settings
 from ops.redis_server import free_port
-from tasks import heartbeats
+from store import heartbeats
 from tests.service import running_service, wait_until
 
 

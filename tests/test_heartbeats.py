@@ -6,9 +6,7 @@ import time
 
 import pytest
 
-from tasks import heartbeats
-
-
+from store import heartbeats
 @pytest.fixture
 def client(redis_db):
     return redis_db

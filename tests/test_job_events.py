@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from ops.redis_server import RedisServer
-from tasks.events import EventLog, events_key, parse_event_id, ride_over, valid_event_id
-from tasks.jobs import JobStore, public_view
+from store.events import EventLog, events_key, parse_event_id, ride_over, valid_event_id
+from store.jobs import JobStore, public_view
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import connect
 from tasks.settings import QueueSettings

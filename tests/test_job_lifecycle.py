@@ -13,8 +13,8 @@ import time
 import pytest
 import redis
 
-import workers.execute
-from tasks.events import EventLog
+from tasks import run as task_module  # `execute` as the task calls it
+from store.events import EventLog
 from tasks.run import run_job
 from tasks.runtime import model_runtime, runtime
 
@@ -57,7 +57,7 @@ def test_a_failed_publish_ends_the_job_with_an_error(rt, monkeypatch):
                 raise redis.ResponseError("refused")
         return append_many(self, job_id, events, pipe=pipe)
 
-    monkeypatch.setattr(workers.execute, "execute", backend)
+    monkeypatch.setattr(task_module, "execute", backend)
     monkeypatch.setattr(EventLog, "append_many", flaky)
     model_runtime()  # loads the registry before the first publish
     job = queued_job(rt, "job_0000000000000001")
@@ -69,7 +69,7 @@ def test_a_failed_publish_ends_the_job_with_an_error(rt, monkeypatch):
 
 
 def test_a_job_without_a_result_is_failed_not_cancelled(rt, monkeypatch):
-    monkeypatch.setattr(workers.execute, "execute", lambda job, emit, cancelled, **_: None)
+    monkeypatch.setattr(task_module, "execute", lambda job, emit, cancelled, **_: None)
     job = queued_job(rt, "job_0000000000000002")
     run_job(job)  # before the fix: "cancelled by the client", although no client cancelled anything
     event = terminal_event(rt, job["id"])
@@ -84,7 +84,7 @@ def test_a_cancelled_job_is_still_cancelled(rt, monkeypatch):
         while not cancelled() and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    monkeypatch.setattr(workers.execute, "execute", backend)
+    monkeypatch.setattr(task_module, "execute", backend)
     job = queued_job(rt, "job_0000000000000003")
     run_job(job)
     assert terminal_event(rt, job["id"]).type == "cancelled"

@@ -373,8 +373,7 @@ def test_queues_given_still_execs_one_celery_worker(monkeypatch, capsys):
 
 def test_localq_workers_lists_live_heartbeats(tmp_path, monkeypatch, capsys):
     from ops.redis_server import RedisServer
-    from tasks import heartbeats
-
+    from store import heartbeats
     import redis
 
     with RedisServer(tmp_path / "redis", appendonly=False) as server:

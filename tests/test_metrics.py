@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.settings import Settings
 from ops.redis_server import free_port
-from tasks import heartbeats, metrics
-from tasks.dispatch import queue_keys
+from store import heartbeats, metrics
+from tasks.routing import queue_keys
 from tests.service import running_service, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from tasks import heartbeats, orphans
-from tasks.dispatch import queue_keys
+from store import heartbeats
+from tasks import orphans
+from tasks.routing import queue_keys
 from tasks.routing import own_queue
 
 

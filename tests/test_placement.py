@@ -206,7 +206,7 @@ def test_a_killed_worker_is_restarted_and_its_job_redelivered_at_once(cluster):
     assert job["status"] == "succeeded" and job["worker"] == GPU1
     assert job["result"]["choices"][0]["message"]["content"] == text  # no token lost or sent twice
     assert elapsed < 90, f"the job waited {elapsed:.0f} s: it was not put back at once"
-    from tasks.jobs import job_key
+    from store.jobs import job_key
 
     records = redis.Redis.from_url(stack.env["LOCALQ_REDIS_URL"], decode_responses=True)
     assert records.hget(job_key(job_ids[0]), "attempts") == "2"  # delivered again, once

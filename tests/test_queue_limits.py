@@ -12,7 +12,7 @@ import pytest
 import redis
 import yaml
 
-from tasks.dispatch import queue_keys
+from tasks.routing import queue_keys
 from tests.service import running_service
 
 GPU_MODEL = {

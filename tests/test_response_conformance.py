@@ -389,7 +389,13 @@ def test_batches(api, conforms):
     conforms("Batch", done, "a completed batch")
     conforms("OpenAIFile", ok_json(api.get(f"/files/{done['output_file_id']}")), "a batch output file")
 
-    other = ok_json(api.post("/batches", json={**request, "input_file_id": _batch_input(api, 1)}))
+    # chat lines that take seconds each, so the cancel surely lands before the batch could finish
+    slow = "\n".join(json.dumps({"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                 "body": {"model": "gpt-4o-mini", "max_tokens": 200,
+                                          "messages": [{"role": "user", "content": "Tell a long story."}]}})
+                     for i in range(20))
+    other = ok_json(api.post("/batches", json={"input_file_id": _batch_input(api, 0, slow),
+                                               "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
     cancelled = ok_json(api.post(f"/batches/{other['id']}/cancel"))
     conforms("Batch", cancelled, "a cancelled batch")
     conforms("ListBatchesResponse", ok_json(api.get("/batches", params={"limit": 1})), "a batch page")

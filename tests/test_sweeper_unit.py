@@ -1,6 +1,6 @@
 """`tasks.sweeper` against a real Redis: which batches the expiry sweep touches, and how.
 
-The sweep's finalize goes through `tasks.batch_run._send_finalize`; here its Redis is the test's
+The sweep's finalize goes through `tasks.batch_run.send_finalize`; here its Redis is the test's
 and the Celery message it would send is captured instead, so no worker is needed.
 """
 
@@ -15,11 +15,10 @@ import pytest
 from kombu.asynchronous.timer import Timer
 
 from ops.redis_server import free_port
-from tasks import batch_run
-from tasks.batch_run import FINALIZE_TASK, expired_key, finalize_key, lines_key
-from tasks.batches import BatchStore, results_key
-from tasks import sweeper
-from tasks.filestore import FileStore
+from store.batches import BatchStore, expired_key, finalize_key, lines_key, results_key
+from store.filestore import FileStore
+from tasks import batch_run, sweeper
+from tasks.routing import FINALIZE_TASK
 from tasks.settings import QueueSettings
 from tasks.sweeper import LOCK_KEY, BatchSweep, Sweeper, sweep_client, sweep_expired
 
@@ -31,7 +30,7 @@ def client(redis_db):
 
 @pytest.fixture
 def sent(client, monkeypatch):
-    """Finalize messages the sweep sends (and `_send_finalize`'s SETNX on the test's Redis)."""
+    """Finalize messages the sweep sends (and `send_finalize`'s SETNX on the test's Redis)."""
     messages = []
     monkeypatch.setattr(batch_run, "runtime", lambda: SimpleNamespace(redis=client))
     monkeypatch.setattr(batch_run.app, "send_task", lambda name, args=None, **kw: messages.append((name, args)))

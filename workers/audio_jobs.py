@@ -52,8 +52,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from workers.capabilities import EXTENSIONS, SCHEDULING_EXTENSIONS
+from schemas.openai_errors import unsupported_parameter
 from workers.config import ModelConfig, resolve_model_ref
+from workers.defaults import EXTENSIONS, SCHEDULING_EXTENSIONS
 from workers.errors import JobError
 from workers.files import UploadedFile
 
@@ -374,8 +375,7 @@ def _speech(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled:
     knobs = request.get(EXTENSIONS) or {}
     voice = resolve_voice(config, request.get("voice"), knobs.get("voice_language"))
     if isinstance(voice, tuple):
-        raise JobError(400, voice[1].format(label=_label(config, request)), param=voice[0],
-                       code="unsupported_parameter")
+        raise unsupported_parameter(voice[0], voice[1].format(label=_label(config, request)))
     speaker = knobs.get("speaker_id")
     if speaker is not None:
         count = backend.speakers(voice.path)
@@ -535,8 +535,7 @@ def _language(request: Mapping, backend: Any, audio) -> str | None:
     param = "language" if request.get("language") else "languages"
     if not backend.multilingual:
         if any(code != "en" for code in codes):
-            raise JobError(400, f"This model only transcribes English; '{param}' cannot be {codes!r}.",
-                           param=param, code="unsupported_parameter")
+            raise unsupported_parameter(param, f"This model only transcribes English; '{param}' cannot be {codes!r}.")
         return "en"
     if len(codes) > 1:
         return backend.detect_language(audio, codes)

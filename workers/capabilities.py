@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from workers import audio_jobs, image_jobs
 from workers.config import ModelConfig
-
-EXTENSIONS = "x-localai-extensions"
+from workers.defaults import EXTENSIONS, SCHEDULING_EXTENSIONS
 
 #: Backend names accepted in model configs, mapped to the backend module that runs them.
 BACKEND_NAMES = {
@@ -57,8 +57,6 @@ _KIND_LABELS = {
 # LocalAI's known_usecases names for the kinds that a config may switch off.
 _USECASES = {"chat": "chat", "completion": "completion", "embedding": "embeddings"}
 
-#: Extension knobs every backend honours (they steer the queue, not the model).
-SCHEDULING_EXTENSIONS = frozenset({"priority", "timeout"})
 
 #: Text generation knobs the llama-cpp backend honours. `n_keep` only matters when the context
 #: would overflow and older tokens are dropped; this backend never drops tokens (a prompt that
@@ -223,12 +221,8 @@ def _first_problem(kind: str, config: ModelConfig, request: dict) -> tuple[str, 
             return "model", f"The model {label} cannot be used: {why}."
         return "model", f"The model {label} does not support {_KIND_LABELS.get(kind, kind)}."
     if kind in IMAGE_KINDS:
-        from workers import image_jobs
-
         return image_jobs.unsupported(kind, config, request)
     if kind in AUDIO_KINDS:
-        from workers import audio_jobs
-
         return audio_jobs.unsupported(kind, config, request)
     checks = _CHECKS[kind]
     honoured = checks["honoured"]

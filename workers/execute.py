@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from schemas.openai_errors import invalid, model_not_found
 from workers import capabilities, sampling
 from workers.cache import ModelCache
 from workers.config import ModelConfig
@@ -49,11 +50,11 @@ def execute(
         raise ValueError(f"unknown job kind {kind!r}")
     config = registry.resolve(name)
     if config is None:
-        raise JobError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        raise model_not_found(name)
     problem = capabilities.unsupported(kind, config, request)
     if problem is not None:
         param, message = problem
-        raise JobError(400, message, param=param, code=problem.code)
+        raise invalid(param, message, problem.code)
     if cancelled():
         return
     backend = cache.get(config)

@@ -34,8 +34,6 @@ from workers.config import ModelConfig
 from workers.errors import JobError
 from workers.files import FileOutput, UploadedFile
 
-DEFAULT_MODEL = "dall-e-2"  # OpenAI's default when an image request names no model
-
 EXTENSIONS = "x-localai-extensions"
 Emit = Callable[[str, dict], None]
 Cancelled = Callable[[], bool]

@@ -13,10 +13,10 @@ from api.errors import APIError
 from api.pages import page, page_limit
 from api.queue import queue_runtime, setting
 from api.routes.files import file_store
+from store.batches import FINAL, BatchStore, cancel_key
 from tasks.batch_input import BATCH_ENDPOINTS
-from tasks.batch_run import START_TASK, cancel_key
-from tasks.batches import FINAL, BatchStore
-from tasks.celery_app import PRIORITIES, app
+from tasks.celery_app import app
+from tasks.routing import PRIORITIES, START_TASK
 
 WINDOWS = {"24h": 86400}
 MAX_LIST_LIMIT = 100

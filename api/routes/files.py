@@ -1,4 +1,4 @@
-"""`/v1/files`: OpenAI's Files API over `tasks.filestore.FileStore` (bytes on disk, metadata in Redis).
+"""`/v1/files`: OpenAI's Files API over `store.filestore.FileStore` (bytes on disk, metadata in Redis).
 
 The body limit of `createFile` (the file limit plus room for the multipart framing) is applied by
 `api.operations.BODY_LIMITS` before the body is read; the tighter limit of purpose=batch is checked
@@ -17,7 +17,7 @@ from werkzeug.wsgi import wrap_file
 from api.errors import APIError
 from api.pages import page, page_limit
 from api.queue import queue_runtime, setting
-from tasks.filestore import FileNotFound, FileStore, FileTooLarge
+from store.filestore import FileNotFound, FileStore, FileTooLarge
 
 MAX_LIST_LIMIT = 10000
 MAX_FILENAME = 512

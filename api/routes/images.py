@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from api import model_jobs, uploads
 from api.sse import typed_frames
-from workers.image_jobs import DEFAULT_MODEL
+from workers.defaults import DEFAULT_IMAGE_MODEL as DEFAULT_MODEL
 
 
 def create_image(call):

@@ -15,8 +15,8 @@ from api.errors import APIError
 from api.model_jobs import client_socket, job_headers, last_event_id
 from api.queue import queue_runtime, setting
 from api.sse import job_frames, relay, sse_response
-from tasks.events import parse_event_id
-from tasks.jobs import public_view
+from store.events import parse_event_id
+from store.jobs import public_view
 
 
 def _record(job_id: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import current_app
 
-from api.errors import APIError
+from schemas.openai_errors import model_not_found
 from workers.config import ModelConfig
 from workers.registry import ModelRegistry
 
@@ -32,13 +32,7 @@ def retrieve_model(call) -> dict:
     model_id = call.path["model"]
     config = _registry().resolve(model_id)
     if config is None:
-        raise APIError(
-            404,
-            f"The model '{model_id}' does not exist",
-            type="invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(model_id)
     return _model_object(model_id, config)
 
 

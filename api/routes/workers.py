@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.queue import queue_runtime
-from tasks.heartbeats import live_workers
+from store.heartbeats import live_workers
 
 
 def list_workers(call):

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--content", default="hello there", help="every message's text")
     args = parser.parse_args()
 
-    from workers.backends.llama_cpp import LlamaCppBackend
+    from workers.backends.llama_cpp import LlamaCppBackend  # here: loads llama_cpp, after --help and argument errors
 
     config = replace(ModelRegistry.load(DEFAULT_MODELS_DIR).resolve(CHAT_MODEL), threads=1)
     backend = LlamaCppBackend(config)

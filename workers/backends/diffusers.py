@@ -35,6 +35,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 
+from schemas.openai_errors import context_length_exceeded, unsupported_parameter
 from workers import devices
 from workers.config import ModelConfig, ModelConfigError
 from workers.errors import JobError
@@ -127,12 +128,10 @@ class DiffusersBackend:
             ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
         limit = getattr(tokenizer, "model_max_length", None)
         if isinstance(limit, int) and limit < 100_000 and len(ids) > limit - 2:
-            raise JobError(
-                400,
+            raise context_length_exceeded(
+                param,
                 f"This model reads at most {limit - 2} prompt tokens. However, your {param} resulted in "
                 f"{len(ids)} tokens. Please shorten it.",
-                param=param,
-                code="context_length_exceeded",
             )
         return len(ids)
 
@@ -181,10 +180,10 @@ class DiffusersBackend:
                 if value is None:
                     continue
                 if knob not in accepted:
-                    raise JobError(
-                        400, f"The model '{self.config.name}' cannot honour '{_EXT}.{knob}': its "
+                    raise unsupported_parameter(
+                        f"{_EXT}.{knob}",
+                        f"The model '{self.config.name}' cannot honour '{_EXT}.{knob}': its "
                         f"{type(pipe).__name__} has no {knob} control.",
-                        param=f"{_EXT}.{knob}", code="unsupported_parameter",
                     )
                 kwargs[knob] = value
             if task == "img2img":
@@ -194,15 +193,15 @@ class DiffusersBackend:
             if task == "inpaint":
                 kwargs["image"], kwargs["mask_image"] = image, mask
             if n > 1 and "num_images_per_prompt" not in accepted:
-                raise JobError(
-                    400, f"The model '{self.config.name}' makes one image per request.", param="n",
-                    code="unsupported_parameter",
+                raise unsupported_parameter(
+                    "n",
+                    f"The model '{self.config.name}' makes one image per request.",
                 )
             factor = self.vae_scale_factor
             if width % factor or height % factor:
-                raise JobError(
-                    400, f"This model's sizes must be multiples of {factor} pixels.", param="size",
-                    code="unsupported_parameter",
+                raise unsupported_parameter(
+                    "size",
+                    f"This model's sizes must be multiples of {factor} pixels.",
                 )
             pipe.scheduler = self._scheduler(scheduler or self.default_scheduler, param=f"{_EXT}.scheduler")
             preview_source = _capture_estimates(pipe.scheduler)
@@ -238,10 +237,10 @@ class DiffusersBackend:
         try:
             pipe = auto.from_pipe(self.pipe)
         except (ValueError, KeyError, TypeError) as exc:
-            raise JobError(
-                400, f"The model '{self.config.name}' cannot {what}: diffusers has no {task} pipeline "
+            raise unsupported_parameter(
+                "model",
+                f"The model '{self.config.name}' cannot {what}: diffusers has no {task} pipeline "
                 f"for its {type(self.pipe).__name__} ({exc}).",
-                param="model", code="unsupported_parameter",
             ) from None
         pipe.set_progress_bar_config(disable=True)
         self._pipes[task] = pipe
@@ -262,7 +261,7 @@ class DiffusersBackend:
             return cls.from_config(self._scheduler_config, **spec[1])
         if param is None:
             raise ModelConfigError(f"{self.config.source}: diffusers.scheduler_type: {why}")
-        raise JobError(400, f"{where} cannot honour '{param}': {why}.", param=param, code="unsupported_parameter")
+        raise unsupported_parameter(param, f"{where} cannot honour '{param}': {why}.")
 
     def _check_clip_skip(self, pipe: DiffusionPipeline, clip_skip: int | None) -> None:
         if not clip_skip:
@@ -270,17 +269,17 @@ class DiffusersBackend:
         encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if isinstance(layers, int) and clip_skip >= layers:
-            raise JobError(
-                400, f"This model's text encoder has {layers} layers, so '{_EXT}.clip_skip' must be below {layers}.",
-                param=f"{_EXT}.clip_skip", code="unsupported_parameter",
+            raise unsupported_parameter(
+                f"{_EXT}.clip_skip",
+                f"This model's text encoder has {layers} layers, so '{_EXT}.clip_skip' must be below {layers}.",
             )
 
     def _decode(self, pipe: DiffusionPipeline, latents: torch.Tensor) -> list:
         """PIL images of (Stable Diffusion style, 4-D) latents, decoded with the VAE."""
         if latents is None or latents.ndim != 4 or getattr(pipe, "vae", None) is None:
-            raise JobError(
-                400, f"The model '{self.config.name}' cannot show partial images.", param="partial_images",
-                code="unsupported_parameter",
+            raise unsupported_parameter(
+                "partial_images",
+                f"The model '{self.config.name}' cannot show partial images.",
             )
         vae = pipe.vae
         config = vae.config

@@ -37,6 +37,7 @@ from llama_cpp._internals import LlamaTokenDataArray
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from schemas.openai_errors import context_length_exceeded, invalid
 from workers import devices
 from workers.backends.llama_tokens import PromptTokenizer
 from workers.capabilities import Problem, too_long
@@ -533,16 +534,14 @@ def _take(pending: list[TokenLogprob], upto: int) -> list[TokenLogprob]:
 
 def _error(problem: Problem) -> JobError:
     param, message = problem
-    return JobError(400, message, param=param, code=problem.code)
+    return invalid(param, message, problem.code)
 
 
 def _embed_too_long(limit: int, index: int, count: str) -> JobError:
-    return JobError(
-        400,
+    return context_length_exceeded(
+        "input",
         f"This model can embed at most {limit} tokens per input. However, input {index} "
         f"resulted in {count} tokens. Please reduce its length.",
-        param="input",
-        code="context_length_exceeded",
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
+from schemas.openai_errors import context_length_exceeded  # noqa: E402
 from workers import devices  # noqa: E402
 from workers.config import ModelConfig  # noqa: E402
 from workers.errors import JobError  # noqa: E402
@@ -100,12 +101,10 @@ class SentenceTransformersBackend:
                 self.check_tokens(tokens, "input")
         for index, tokens in enumerate(ids):
             if len(tokens) > self.max_tokens:
-                raise JobError(
-                    400,
+                raise context_length_exceeded(
+                    "input",
                     f"This model can embed at most {self.max_tokens} tokens per input. However, input "
                     f"{index} resulted in {len(tokens)} tokens. Please reduce its length.",
-                    param="input",
-                    code="context_length_exceeded",
                 )
         vectors: list[np.ndarray] = []
         with self._lock:

@@ -12,7 +12,7 @@ event is published (`record_job`), and the API's `/metrics` reads them at scrape
                                  them cumulative), and ["<kind>", "<model>", "sum"] -> seconds
     localq:metrics:ttft          the same, for the time to first token
     localq:metrics:dead_letters  ["<reason>"]                       -> messages set aside in the
-                                 dead letters (`tasks.dead_letters`), counted as they are kept
+                                 dead letters (`store.dead_letters`), counted as they are kept
 
 Fields are JSON arrays, so no label value can collide with a separator. The hashes never expire:
 counters survive API restarts (Redis keeps them in its append-only file). MULTI makes a scrape
@@ -96,7 +96,7 @@ def _add(pipe, *, kind: str, outcome: str, model: str | None = None, duration: f
 
 
 def count_dead_letter(pipe, reason: str) -> None:
-    """Queue on `pipe` the count of one dead letter (`tasks.dead_letters.add` does, with the entry)."""
+    """Queue on `pipe` the count of one dead letter (`store.dead_letters.add` does, with the entry)."""
     pipe.hincrby(DEAD_LETTERS_KEY, _field(reason), 1)
 
 

@@ -69,6 +69,32 @@ def results_key(batch_id: str) -> str:
     return f"localq:batch:{batch_id}:results"
 
 
+def cancel_key(batch_id: str) -> str:
+    return f"localq:batch:{batch_id}:cancel"
+
+
+def dropped_key(batch_id: str) -> str:
+    return f"localq:batch:{batch_id}:dropped"
+
+
+def finalize_key(batch_id: str) -> str:
+    return f"localq:batch:{batch_id}:finalize"
+
+
+def expired_key(batch_id: str) -> str:
+    return f"localq:batch:{batch_id}:expired"
+
+
+def deliveries_key(batch_id: str) -> str:
+    """custom_id of a lines message's first line -> deliveries of that message."""
+    return f"localq:batch:{batch_id}:deliveries"
+
+
+def lines_key(batch_id: str) -> str:
+    """custom_id -> input line number, so the output files keep the input's order."""
+    return f"localq:batch:{batch_id}:lines"
+
+
 def new_batch_id() -> str:
     return "batch_" + secrets.token_hex(16)
 

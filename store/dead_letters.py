@@ -13,7 +13,7 @@ MAXLEN ~, so an endless stream of bad messages cannot fill Redis), with the fiel
 batch id for batch lines), `task`, `queue`, `reason`, `error` (the exception, for the operator:
 clients never see it), `at` (epoch seconds) and `body` (the message body, cut at `BODY_CHARS`).
 Entries expire with the stream only through the cap: an operator reads them with `localq
-dead-letters`, and Prometheus counts them as `localq_dead_letters_total{reason}` (`tasks.metrics`).
+dead-letters`, and Prometheus counts them as `localq_dead_letters_total{reason}` (`store.metrics`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import time
 from typing import Any
 
-from tasks.metrics import count_dead_letter
+from store.metrics import count_dead_letter
 
 STREAM = "localq:dead_letters"
 MAX_ENTRIES = 10_000
