@@ -21,7 +21,7 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: $(VENV) run test generate
+.PHONY: $(VENV) run test test-fast generate
 
 $(VENV): $(STAMP)
 
@@ -48,6 +48,10 @@ run: $(VENV)
 test: $(VENV)
 	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -q
+
+# The unit tier only (markers set in tests/conftest.py): no Redis, service, worker or model; under a minute.
+test-fast: $(VENV)
+	$(PYTHON) -m pytest -q -m unit
 
 generate: $(VENV)
 	$(PYTHON) -m schemas.generate

@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 JOB_HEADER = "x-localq-job-id"
 # How often a waiting or relaying handler looks whether its client is still connected.
 CLIENT_CHECK = 0.5
-KEEPALIVE = ": keep-alive\n\n"
+# A comment line with no blank line after it: it keeps proxies and the connection busy, and no
+# client dispatches an event for it. A blank line would end an "event" of its own, and the openai
+# SDK, which keeps the last event id across events (as the SSE spec says), turns such an empty
+# event after an `id:` into a message whose empty data it fails to decode as JSON.
+KEEPALIVE = ": keep-alive\n"
 DONE = "data: [DONE]\n\n"
 
 
@@ -98,6 +102,7 @@ def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", kee
     """
     finished = attached = lost = False
     next_check = time.monotonic() + CLIENT_CHECK
+    last_write = time.monotonic()
     try:
         ride_over(lambda: rt.jobs.attach(job_id), patience)
         attached = True
@@ -110,11 +115,14 @@ def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", kee
                 if peer_closed(sock):
                     return
             if event is None:
-                if keepalive_frame:
+                if keepalive_frame and time.monotonic() - last_write >= keepalive:
+                    last_write = time.monotonic()
                     yield keepalive_frame
                 continue
             finished = finished or event.terminal
-            yield from render(event)
+            for piece in render(event):
+                last_write = time.monotonic()
+                yield piece
     except TRANSIENT as err:
         lost = True
         log.warning("job %s: stream ended, the job queue was unreachable for %g s: %s", job_id, patience, err)

@@ -34,11 +34,9 @@ from gunicorn.http import errors as http_errors
 from gunicorn.workers.ggevent import GeventWorker
 
 from api.errors import APIError
+from ops.common import DEFAULT_CONNECTIONS  # noqa: F401  # kept there: the `localq` parser shows it without gunicorn
 
 WORKER_CLASS = f"{__name__}.ApiWorker"
-# Connections one worker process serves at once (streams, slow clients, keep-alive ones); more
-# wait in the listen backlog until one closes.
-DEFAULT_CONNECTIONS = 1000
 # The worker's heartbeat to the master, sent by its main greenlet about every second; a worker
 # that misses it this long is replaced. It never cuts a request short. Generous, so that a long
 # CPU-bound request (parsing a 64 MB body) is not mistaken for a hang.

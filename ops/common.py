@@ -1,6 +1,7 @@
-"""What the `localq` commands share (`ops.cli`, `ops.up`, `ops.launcher`, `ops.stack`): paths, the
-Celery worker command line, how settings and models are shown. Kept apart from `ops.cli` so that
-the modules `ops.cli` runs never import it back.
+"""What the `localq` commands share (`ops.cli`, `ops.commands.*`, `ops.up`, `ops.launcher`,
+`ops.stack`): paths, defaults the parser shows, the Celery worker command line, how settings and
+models are shown, short reads from Redis. Kept apart from `ops.cli` so that the modules `ops.cli`
+runs never import it back; light, so that `import ops.cli` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,14 +13,20 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 from rich.markup import escape
 from rich.table import Table
 
+from ops.redis_server import RedisServerError
 from workers.registry import ModelRegistry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CELERY_APP = "tasks.celery_app:app"
+CELERY_POOLS = ("prefork", "solo", "threads")
 DEFAULT_REDIS_DIR = REPO_ROOT / "var" / "redis"
+# Connections one gunicorn worker process serves at once (streams, slow clients, keep-alive ones);
+# more wait in the listen backlog until one closes (ops/api_server.py).
+DEFAULT_CONNECTIONS = 1000
 
 
 def worker_argv(
@@ -100,3 +107,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def read_redis(url: str, what: str, read):
+    """`read(client)` on a short-lived client of the Redis at `url`; an error names `what` and the URL."""
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+    try:
+        return read(client)
+    except redis.RedisError as exc:
+        raise RedisServerError(f"cannot read the {what} from Redis at {redact_url(url)}: {exc}") from None
+    finally:
+        client.close()

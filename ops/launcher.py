@@ -5,7 +5,7 @@
     localq worker --gpus none --cpu 1               # one CPU worker (GPUs are not even looked for)
     localq worker --gpus all --cpu 0 --gpu-memory-budget 20GiB
     localq worker -Q cpu -n cpu@%h                  # no launcher: this process becomes one Celery worker
-                                                    # (what `localq up` runs; see ops/cli.py)
+                                                    # (what `localq up` runs; see ops/commands/worker.py)
 
 Options: `--gpus all|none|I,J,...` (default `all`: the GPUs `ops.gpus` finds, none found is fine),
 `--cpu N` (default 1), `--pool NAME` (repeatable: every worker started also serves the pool's

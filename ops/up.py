@@ -278,7 +278,7 @@ def ping_worker(name: str, timeout: float = 1.0) -> bool:
     try:
         from celery.utils.nodenames import host_format
 
-        from tasks.celery_app import app  # here: `import ops.cli` must not load Celery (tests/test_cli.py)
+        from tasks.celery_app import app  # here: its broker is LOCALQ_REDIS_URL at import, set once Redis runs
 
         node = host_format(name)
         return any(node in reply for reply in app.control.ping(destination=[node], timeout=timeout))

@@ -1,7 +1,12 @@
-"""Shared fixtures: an app over the default model configs, and a scratch models folder."""
+"""Shared fixtures (an app over the default model configs, a scratch models folder, a real Redis)
+and the test tiers: every test is marked `unit` or `integration`, the heaviest also `slow`.
+
+`make test-fast` runs `-m unit`: tests that start no Redis, service, worker or model process.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -65,3 +70,54 @@ def redis_db(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+# A test is `integration` when it, or any fixture it depends on, starts a real process: Redis, the
+# service, a worker launcher. Read from the source, so a new service fixture is classified alone.
+STARTS_A_PROCESS = ("running_service(", "RedisServer(", "ServiceProcesses(", "Popen(", "start_api(")
+# Modules whose tests load real models (llama.cpp, sentence-transformers, diffusers, whisper,
+# piper), run schemathesis against the app, or spawn Python interpreters: seconds a test.
+INTEGRATION_MODULES = {
+    "test_fuzz", "test_layering", "test_prompt_bounds", "test_tiny_models",
+    "test_workers_audio", "test_workers_embeddings", "test_workers_images", "test_workers_llama",
+}
+# The heaviest modules, measured with `pytest --durations=0` (see README, "Tests").
+SLOW_MODULES = {
+    "test_batch_redis_restart", "test_media_integration", "test_placement", "test_response_conformance",
+    "test_worker_pool", "test_workers_audio", "test_workers_images", "test_workers_llama",
+}
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def _with_helpers(function) -> list:
+    """The function and the module-level functions it calls by name (one level down)."""
+    module = inspect.getmodule(function)
+    names = getattr(getattr(function, "__code__", None), "co_names", ())
+    helpers = [getattr(module, name, None) for name in names]
+    return [function, *(helper for helper in helpers if inspect.isfunction(helper))]
+
+
+def _starts_a_process(item) -> bool:
+    functions = [item.function]
+    # pytest keeps the resolved fixture closure here; its public `fixturenames` has names only
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        functions.extend(definition.func for definition in defs)
+    sources = (_source(helper) for function in functions for helper in _with_helpers(function))
+    return any(marker in source for source in sources for marker in STARTS_A_PROCESS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if module in INTEGRATION_MODULES or module in SLOW_MODULES or _starts_a_process(item):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

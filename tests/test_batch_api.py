@@ -19,7 +19,7 @@ import redis
 from openai import BadRequestError, NotFoundError, OpenAI
 
 from store.metrics import JOBS_KEY
-from tests.service import running_service
+from tests.service import running_service, wait_until
 
 CHAT_MODEL = "gpt-4o-mini"
 EMBED_MODEL = "text-embedding-3-small"
@@ -61,13 +61,8 @@ def chat_line(custom_id, content, **extra):
 
 
 def wait_final(client, batch_id, deadline=DEADLINE):
-    end = time.monotonic() + deadline
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in FINAL:
-            return batch
-        assert time.monotonic() < end, f"batch {batch_id} still {batch.status} after {deadline} s"
-        time.sleep(0.2)
+    return wait_until(lambda: (batch := client.batches.retrieve(batch_id)).status in FINAL and batch, deadline,
+                      f"batch {batch_id} to finish", interval=0.2)
 
 
 def read_jsonl(client, file_id) -> list[dict]:
@@ -211,10 +206,8 @@ def test_cancel_a_running_batch(client, store):
     lines = [chat_line(f"c-{i}", f"Tell a long story about the number {i}.", max_tokens=64) for i in range(30)]
     source = upload(client, lines)
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-    end = time.monotonic() + DEADLINE
-    while client.batches.retrieve(batch.id).status == "validating":
-        assert time.monotonic() < end
-        time.sleep(0.05)
+    wait_until(lambda: client.batches.retrieve(batch.id).status != "validating", DEADLINE, "the batch to start",
+               interval=0.05)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")  # cancelling again: as is

@@ -32,7 +32,7 @@ from tasks.routing import queue_keys
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
 from tasks.sweeper import LOCK_KEY
-from tests.service import running_service
+from tests.service import running_service, wait_until
 
 FINISH_WITHIN = 120  # seconds after Redis is back; the visibility timeout is 660
 OUTAGE = 1.0  # seconds Redis stays down
@@ -83,23 +83,17 @@ def test_batch_completes_across_a_redis_restart(service, endpoint, lines):
         found = tolerant(lambda: client.batches.retrieve(batch.id), "retrieve")
         return found, found.request_counts.completed + found.request_counts.failed
 
-    deadline = time.monotonic() + 180
-    while (seen := progress())[1] < lines // 5:
-        assert seen[0].status not in FINAL, seen[0]
-        assert time.monotonic() < deadline, f"only {seen[1]} lines done after 180 s"
-        time.sleep(0.05)
-    assert seen[0].status == "in_progress"
+    seen = wait_until(lambda: ((s := progress())[1] >= lines // 5 or s[0].status in FINAL) and s, 180,
+                      f"a fifth of the {lines} lines to be done", interval=0.05)
+    assert seen[0].status == "in_progress", seen[0]
 
     service.redis.stop()  # graceful: SHUTDOWN, the append-only file is flushed
     time.sleep(OUTAGE)
     service.redis.start()  # same port, same data dir
     back = time.monotonic()
 
-    end = back + FINISH_WITHIN
-    while (final := progress()[0]).status not in FINAL:
-        assert time.monotonic() < end, (
-            f"batch still {final.status} {final.request_counts} {FINISH_WITHIN} s after the restart")
-        time.sleep(0.25)
+    final = wait_until(lambda: (f := progress()[0]).status in FINAL and f, FINISH_WITHIN,
+                       f"the batch to finish within {FINISH_WITHIN} s of the restart", interval=0.25)
     took = time.monotonic() - back
     print(f"\n{endpoint} batch of {lines} lines: {seen[1]} done before the restart, final {took:.1f} s after it")
 
@@ -115,16 +109,10 @@ def test_batch_completes_across_a_redis_restart(service, endpoint, lines):
     store = redis.Redis.from_url(service.redis.url, decode_responses=True)
     # the message the worker was running across the restart was acknowledged afterwards (through
     # the consumer's old channel): nothing is left for the 660 s visibility timeout to bring back
-    deadline = time.monotonic() + 10
-    while store.hlen("unacked"):
-        assert time.monotonic() < deadline, f"messages left unacknowledged: {store.hkeys('unacked')}"
-        time.sleep(0.1)
+    wait_until(lambda: not store.hlen("unacked"), 10, "every message to be acknowledged")
     # the worker's expiry sweep lives on after the restart: it takes its lock again
     store.delete(LOCK_KEY)
-    deadline = time.monotonic() + 10
-    while not store.exists(LOCK_KEY):
-        assert time.monotonic() < deadline, "the batch sweep stopped after the Redis restart"
-        time.sleep(0.1)
+    wait_until(lambda: store.exists(LOCK_KEY), 10, "the batch sweep to take its lock again after the Redis restart")
 
 
 def test_a_line_whose_message_the_broker_lost_still_runs(service):
@@ -145,17 +133,11 @@ def test_a_line_whose_message_the_broker_lost_still_runs(service):
                 return raw
         return None
 
-    raw = None
-    deadline = time.monotonic() + 30
-    while raw is None:
-        assert time.monotonic() < deadline, "the batch's lines were never queued"
-        raw = last_line_message()
+    raw = wait_until(last_line_message, 30, "the batch's lines to be queued")
     assert store.lrem(batch_list, 1, raw) == 1  # the broker "lost" the last line's message
 
-    end = time.monotonic() + 60
-    while (final := client.batches.retrieve(batch.id)).status not in FINAL:
-        assert time.monotonic() < end, f"batch still {final.status} {final.request_counts}"
-        time.sleep(0.25)
+    final = wait_until(lambda: (f := client.batches.retrieve(batch.id)).status in FINAL and f, 60,
+                       "the batch to finish", interval=0.25)
     assert final.status == "completed" and final.request_counts.completed == lines, final
     output = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines() if x]
     assert [o["custom_id"] for o in output] == [f"line-{i}" for i in range(lines)]

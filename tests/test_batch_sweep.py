@@ -21,7 +21,7 @@ from openai import OpenAI
 
 from tasks.batch_run import expired_key
 from tasks.routing import queue_keys
-from tests.service import running_service
+from tests.service import running_service, wait_until
 
 WINDOW = 3
 FINAL = {"completed", "failed", "expired", "cancelled"}
@@ -64,14 +64,6 @@ def chat_lines(model: str, count: int, **params) -> bytes:
     }) for i in range(count)).encode()
 
 
-def wait_for(check, timeout: float, what: str, interval: float = 0.05):
-    end = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(interval)
-    return found
-
-
 def read_jsonl(client, file_id) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x.strip()] if file_id else []
 
@@ -85,13 +77,13 @@ def test_a_batch_whose_lines_no_worker_runs_expires(client, store):
     source = client.files.create(file=("gpu.jsonl", chat_lines(GPU_MODEL, lines, max_tokens=4)), purpose="batch")
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.expires_at - batch.created_at == WINDOW
-    started = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status != "validating" and b, WINDOW,
+    started = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status != "validating" and b, WINDOW,
                        "the batch to start")
     assert started.status == "in_progress" and started.request_counts.total == lines
     # every line waits on a queue no worker consumes (the start task sends them after `in_progress`)
-    wait_for(lambda: queued(store, "gpu") == lines, 10, "the lines to be queued")
+    wait_until(lambda: queued(store, "gpu") == lines, 10, "the lines to be queued")
 
-    done = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, WINDOW + 30,
+    done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, WINDOW + 30,
                     "the batch to expire", interval=0.2)
 
     assert done.status == "expired", done
@@ -117,7 +109,7 @@ def test_a_batch_behind_a_busy_worker_expires_while_the_worker_is_busy(client, s
     params = {"max_tokens": 24, "temperature": 0, "x-localai-extensions": {"ignore_eos": True}}
     source = client.files.create(file=("busy.jsonl", chat_lines("gpt-4o-mini", lines, **params)), purpose="batch")
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-    wait_for(lambda: client.batches.retrieve(batch.id).status != "validating", WINDOW, "the batch to start")
+    wait_until(lambda: client.batches.retrieve(batch.id).status != "validating", WINDOW, "the batch to start")
 
     # an interactive call (priority 0) takes the worker's one process from the batch's lines (9)
     # and keeps it until the stream is closed: no line can run after the one running now
@@ -137,10 +129,10 @@ def test_a_batch_behind_a_busy_worker_expires_while_the_worker_is_busy(client, s
     holder = threading.Thread(target=busy)
     holder.start()
     try:
-        wait_for(lambda: len(streamed) > 1, 30, "the interactive call to stream")
+        wait_until(lambda: len(streamed) > 1, 30, "the interactive call to stream")
         # the sweep records every line that has no outcome as expired, while the worker's only
         # pool process is still busy with the interactive call
-        during = wait_for(lambda: (b := client.batches.retrieve(batch.id)).request_counts.completed
+        during = wait_until(lambda: (b := client.batches.retrieve(batch.id)).request_counts.completed
                           + b.request_counts.failed == lines and b, WINDOW + 10, "the sweep", interval=0.1)
         assert holder.is_alive() and not release.is_set()
         assert during.status in ("in_progress", "finalizing")
@@ -149,7 +141,7 @@ def test_a_batch_behind_a_busy_worker_expires_while_the_worker_is_busy(client, s
         release.set()
         holder.join(60)
 
-    done = wait_for(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, 60, "finalize",
+    done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, 60, "finalize",
                     interval=0.2)
     assert done.status == "expired" and done.expired_at
     assert done.request_counts == during.request_counts
@@ -159,6 +151,6 @@ def test_a_batch_behind_a_busy_worker_expires_while_the_worker_is_busy(client, s
     assert all(o["response"]["status_code"] == 200 for o in output)
     assert all(e["error"] == EXPIRED and e["response"] is None for e in errors)
     # the expired lines' tasks still run once the worker is free: they find the batch final
-    wait_for(lambda: queued(store, "cpu") == 0, 30, "the queue to drain")
+    wait_until(lambda: queued(store, "cpu") == 0, 30, "the queue to drain")
     time.sleep(0.5)
     assert client.batches.retrieve(batch.id) == done

@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from ops import cli
-from ops.cli import bind_refusal, host_port, is_loopback, main
+from ops.api_server import host_port
+from ops.cli import main
+from ops.commands import worker as worker_command
+from ops.common import bind_refusal, is_loopback, redact_url, worker_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,33 +186,42 @@ def test_api_serves_until_ctrl_c():
 
 
 def test_worker_argv():
-    argv = cli.worker_argv()
+    argv = worker_argv()
     assert argv[:6] == [sys.executable, "-m", "celery", "-A", "tasks.celery_app:app", "worker"]
     joined = " ".join(argv)
     for part in ("--pool prefork", "--concurrency 1", "--queues cpu", "--prefetch-multiplier 1",
                  "--hostname cpu@%h", "--without-gossip", "--without-mingle", "--loglevel WARNING"):
         assert part in joined
-    gpu = " ".join(cli.worker_argv("gpu, cpu", concurrency=2, name="big@%h", pool="solo", loglevel="debug"))
+    gpu = " ".join(worker_argv("gpu, cpu", concurrency=2, name="big@%h", pool="solo", loglevel="debug"))
     for part in ("--queues gpu,cpu", "--concurrency 2", "--hostname big@%h", "--pool solo", "--loglevel DEBUG"):
         assert part in gpu
-    assert "--hostname gpu@%h" in " ".join(cli.worker_argv("gpu"))
+    assert "--hostname gpu@%h" in " ".join(worker_argv("gpu"))
     with pytest.raises(ValueError):
-        cli.worker_argv(" , ")
+        worker_argv(" , ")
 
 
 def test_worker_execs_celery(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, argv)))
+    monkeypatch.setattr(worker_command.os, "execv", lambda path, argv: calls.append((path, argv)))
     monkeypatch.setenv("LOCALQ_MODELS_DIR", str(REPO_ROOT / "models"))  # restored afterwards
     assert main(["--models-dir", str(tmp_path), "worker", "-Q", "gpu", "-c", "2"]) == 0
     [(path, argv)] = calls
     assert path == sys.executable
-    assert argv == cli.worker_argv("gpu", 2)
+    assert argv == worker_argv("gpu", 2)
     assert os.environ["LOCALQ_MODELS_DIR"] == str(tmp_path.resolve())
 
 
 def test_importing_the_cli_does_not_load_celery():
     code = "import sys, ops.cli; assert not {'celery', 'tasks.celery_app'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_importing_the_cli_loads_no_subcommand():
+    """A subcommand's module (gunicorn's server, the launcher, `up`'s supervisor) loads when it runs."""
+    late = {"ops.commands.api", "ops.commands.worker", "ops.commands.workers", "ops.commands.dead_letters",
+            "ops.commands.models", "ops.up", "ops.launcher", "ops.api_server", "ops.tiny_models",
+            "gunicorn.app.base", "openai"}
+    code = f"import sys, ops.cli; loaded = set({sorted(late)!r}) & set(sys.modules); assert not loaded, loaded"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
 
@@ -479,4 +491,4 @@ def test_up_restarts_a_killed_worker_and_the_service_keeps_answering(tmp_path):
      ("rediss://app:s3cret@cache/0", "rediss://app:***@cache/0")],
 )
 def test_redis_passwords_are_not_printed(url, shown):
-    assert cli.redact_url(url) == shown
+    assert redact_url(url) == shown

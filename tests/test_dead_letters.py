@@ -28,6 +28,7 @@ import httpx
 import pytest
 import redis
 
+from tests import sse
 from tests.service import running_service, wait_until
 
 MAX_DELIVERIES = 2
@@ -214,11 +215,11 @@ def test_a_worker_started_on_a_queue_holding_poisoned_messages_keeps_running(ser
     unpicklable = send_job(rt, celery_app, poisoned_chat(700), queue=queue)
     normal = send_job(rt, celery_app, {"model": "text-embedding-3-small", "input": "after the poison"},
                       kind="embedding", model="text-embedding-3-small", queue=queue)
-    frames: list[str] = []
+    events: list[sse.Event] = []
 
     def stream():
         with httpx.stream("GET", f"{service.base_url}/v1/jobs/{unpicklable}/events", timeout=120) as response:
-            frames.extend(response.iter_lines())
+            events.extend(sse.events(response.iter_lines()))
 
     reader = threading.Thread(target=stream, daemon=True)
     reader.start()
@@ -229,8 +230,8 @@ def test_a_worker_started_on_a_queue_holding_poisoned_messages_keeps_running(ser
         assert final_record(rt, normal, timeout=120)["status"] == "succeeded"
         assert worker.poll() is None
         reader.join(30)
-        assert "event: error" in frames, frames
-        data = json.loads(next(f for f in reversed(frames) if f.startswith("data:"))[5:])
+        assert "error" in [event.event for event in events], events
+        data = json.loads(events[-1].data)
         assert_openai_error(data["error"])
     finally:
         service.stop_worker("gpu")

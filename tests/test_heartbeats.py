@@ -7,6 +7,7 @@ import time
 import pytest
 
 from store import heartbeats
+from tests.service import wait_until
 @pytest.fixture
 def client(redis_db):
     return redis_db
@@ -29,15 +30,12 @@ def test_the_heartbeat_thread_beats_when_poked_and_removes_itself_on_stop(client
     state = {"job": None}
     beat = heartbeats.Heartbeat(client, lambda: {"id": "w@h", "current_job": state["job"]}, interval=30)
     beat.start()
-    deadline = time.time() + 5
-    while not heartbeats.live_workers(client) and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: heartbeats.live_workers(client), 5, "the first heartbeat", interval=0.02)
     assert heartbeats.live_workers(client)[0]["current_job"] is None
     state["job"] = "job-1"
     beat.poke()  # well before the 30 s interval
-    deadline = time.time() + 5
-    while heartbeats.live_workers(client)[0]["current_job"] != "job-1" and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: heartbeats.live_workers(client)[0]["current_job"] == "job-1", 5, "the poked heartbeat",
+               interval=0.02)
     assert heartbeats.live_workers(client)[0]["current_job"] == "job-1"
     beat.stop()
     assert heartbeats.live_workers(client) == []

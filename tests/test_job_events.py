@@ -16,6 +16,7 @@ from store.jobs import JobStore, public_view
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
+from tests.service import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,7 @@ def test_a_reader_rides_over_a_redis_restart(server):
 
     thread = threading.Thread(target=reader)
     thread.start()
-    wait_for = time.monotonic() + 5
-    while not seen and time.monotonic() < wait_for:
-        time.sleep(0.05)
+    wait_until(lambda: seen, 5, "the reader to read the first event", interval=0.05)
     server.stop()
     time.sleep(1)
     server.start()

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from tests import sse
 from tests.service import running_service
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
@@ -94,5 +95,5 @@ def test_resuming_from_an_earlier_event_still_streams_the_rest(service, finished
     job_id, ids = finished_job
     response = events(service, job_id, ids[-2])
     assert response.status_code == 200
-    blocks = [b for b in response.text.split("\n\n") if b and not b.startswith(":")]
+    blocks = sse.blocks(response.text)
     assert len(blocks) == 1 and blocks[0].startswith(f"id: {ids[-1]}\nevent: result\n")

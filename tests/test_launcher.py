@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ops import cli, launcher
+from ops import launcher
 from ops.cli import main
+from ops.commands import worker as worker_command
+from ops.common import worker_argv
 from ops.gpus import GIB, Gpu, simulated_gpus
 from ops.launcher import Backoff, Launcher, child_argv, child_environment, plan_workers, unserved_queues
 from ops.stack import wait_until
@@ -114,7 +116,7 @@ def test_cpu_budget_defaults_to_a_share_of_this_machines_ram():
 def test_child_argv_is_a_one_job_prefork_celery_worker_with_a_spelled_out_name():
     spec = plan_workers(TWO_GPUS[1:], 0, configs=CONFIGS)[0]
     argv = child_argv(spec, "info")
-    assert argv == cli.worker_argv(",".join(spec.queues), 1, spec.name, "prefork", "info")
+    assert argv == worker_argv(",".join(spec.queues), 1, spec.name, "prefork", "info")
     joined = " ".join(argv)
     host = __import__("socket").gethostname()
     for part in (f"--hostname gpu1@{host}", "--pool prefork", "--concurrency 1", "--prefetch-multiplier 1",
@@ -325,7 +327,7 @@ def test_localq_worker_passes_an_inherited_cache_budget_on(launched, monkeypatch
 
 
 def test_a_malformed_worker_setting_stops_localq_worker_before_any_worker_starts(launched, monkeypatch, capsys):
-    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("must not exec"))
+    monkeypatch.setattr(worker_command.os, "execv", lambda *a: pytest.fail("must not exec"))
     monkeypatch.setenv("LOCALQ_HEARTBEAT_INTERVAL", "often")
     assert main(["worker", "-Q", "cpu"]) == 2
     assert "LOCALQ_HEARTBEAT_INTERVAL" in capsys.readouterr().err
@@ -345,7 +347,7 @@ def test_localq_worker_defaults(launched, monkeypatch):
 
 
 def test_single_worker_flags_and_launcher_flags_do_not_mix(launched, monkeypatch, capsys):
-    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("must not exec"))
+    monkeypatch.setattr(worker_command.os, "execv", lambda *a: pytest.fail("must not exec"))
     assert main(["worker", "-Q", "cpu", "--gpus", "all"]) == 2
     assert "--gpus start the launcher" in capsys.readouterr().err
     assert main(["worker", "-Q", "cpu", "--pool", "batch"]) == 2
@@ -356,15 +358,15 @@ def test_single_worker_flags_and_launcher_flags_do_not_mix(launched, monkeypatch
 
 def test_queues_given_still_execs_one_celery_worker(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append(argv))
+    monkeypatch.setattr(worker_command.os, "execv", lambda path, argv: calls.append(argv))
     monkeypatch.setenv("LOCALQ_MODELS_DIR", str(REPO_ROOT / "models"))
     assert main(["worker", "--queues", "cpu", "--name", "cpu@%h"]) == 0  # what `localq up` runs
-    assert calls[-1] == cli.worker_argv("cpu", 1, "cpu@%h")
+    assert calls[-1] == worker_argv("cpu", 1, "cpu@%h")
     assert main(["worker", "-Q", "gpu", "-P", "solo"]) == 0
-    assert calls[-1] == cli.worker_argv("gpu", 1, None, "solo")
+    assert calls[-1] == worker_argv("gpu", 1, None, "solo")
     # `--pool solo` named Celery's pool before --pool named worker pools: still understood
     assert main(["worker", "-Q", "gpu", "--pool", "solo"]) == 0
-    assert calls[-1] == cli.worker_argv("gpu", 1, None, "solo")
+    assert calls[-1] == worker_argv("gpu", 1, None, "solo")
     assert "-P/--celery-pool" in capsys.readouterr().err
 
 

@@ -21,6 +21,7 @@ from openai import BadRequestError, OpenAI
 from PIL import Image
 
 from ops.stack import REPO
+from tests import sse
 from tests.service import running_service, wait_until
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -125,8 +126,7 @@ def test_progress_events_in_order_on_the_job_stream(client, service):
                                                    extra_body={"x-localai-extensions": {"steps": 6}})
     job_id = raw.headers["x-localq-job-id"]
     text = httpx.get(f"{service.base_url}/v1/jobs/{job_id}/events", timeout=30).text
-    progress = [json.loads(line[6:]) for block in text.split("\n\n") if "event: progress" in block
-                for line in block.split("\n") if line.startswith("data: ")]
+    progress = [json.loads(event.data) for event in sse.parse(text) if event.event == "progress"]
     assert [p["step"] for p in progress] == list(range(1, 7)) and {p["total_steps"] for p in progress} == {6}
 
 

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import redis
 
 from ops import redis_server
 from ops.redis_server import RedisServer, RedisServerError, find_redis_server, port_is_free
+from tests.service import wait_until
 
 
 @pytest.fixture
@@ -194,9 +194,7 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
         assert not port_is_free(port)
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        while not port_is_free(port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: port_is_free(port), 10, "the killed parent's Redis to free its port", interval=0.05)
         assert port_is_free(port)
     finally:
         if parent.poll() is None:

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from ops.stack import ServiceProcesses
+from tests import sse
 from tests.service import running_service, wait_until
 
 LONG = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell a long story about the sea."}],
@@ -74,18 +75,14 @@ def stall(service):
 
 def read_stream(url: str, on_chunk=None) -> tuple[str, list[tuple[str | None, str]]]:
     """POST a streaming chat request; its job id and every `(id, data)` event, calling `on_chunk(n)` per event."""
-    events, current_id = [], None
+    events = []
     with httpx.stream("POST", url + "/v1/chat/completions", json={**LONG, "stream": True}, timeout=TIMEOUT) as response:
         assert response.status_code == 200
         job_id = response.headers["x-localq-job-id"]
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                current_id = line[4:]
-            elif line.startswith("data: "):
-                events.append((current_id, line[6:]))
-                current_id = None
-                if on_chunk:
-                    on_chunk(len(events))
+        for event in sse.events(response.iter_lines()):
+            events.append((event.id, event.data))
+            if on_chunk:
+                on_chunk(len(events))
     return job_id, events
 
 
@@ -152,7 +149,7 @@ def test_past_the_ride_over_a_stream_ends_with_an_error_and_the_job_goes_on(impa
     last_id = next(i for i, _ in reversed(events) if i)
     resumed = httpx.get(f"{impatient.base_url}/v1/jobs/{job_id}/events", headers={"Last-Event-ID": last_id},
                         timeout=TIMEOUT)
-    rest = [json.loads(line[6:]) for line in resumed.text.splitlines() if line.startswith("data: ")]
+    rest = [json.loads(event.data) for event in sse.parse(resumed.text)]
     first = [json.loads(data) for _, data in events[:-2]]
     assert content(first) + content(rest[:-1]) == result_text(record)
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from api.routes import collect_handlers
 from ops.stack import REPO
+from tests import sse
 from tests.contract import Contract, upstream
 from tests.service import running_service, wait_until
 
@@ -141,20 +142,10 @@ def ok_json(response: httpx.Response) -> dict:
 
 def sse_events(api: httpx.Client, method: str, url: str, **kwargs) -> list[tuple[str | None, str]]:
     """(event name, data text) of each event of a stream, keep-alive comments left out."""
-    events = []
     with api.stream(method, url, **kwargs) as response:
         assert response.status_code == 200, f"{method} {url} -> {response.status_code}: {response.read()[:800]!r}"
         assert response.headers["content-type"].startswith("text/event-stream")
-        name, data = None, []
-        for line in response.iter_lines():
-            if line == "":
-                if data:
-                    events.append((name, "\n".join(data)))
-                name, data = None, []
-            elif line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].lstrip())
+        events = [(event.event, event.data) for event in sse.events(response.iter_lines())]
     return events
 
 
