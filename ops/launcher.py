@@ -32,11 +32,12 @@ model configs of the models dir. Its environment, set before it starts, adds:
 
 `tasks.worker_signals` reads these names to describe the worker in its heartbeats.
 
-Supervision: a worker that exits while the launcher is not stopping is started again, with the
-same name and environment, after 1 s, then 2, 4, ... up to 30 s for one that keeps failing; the
-delay starts again from 1 s once a worker has run for 60 s. Its leftover pool processes are
-killed first, so an orphan never runs a job that is being redelivered. Each worker's output is
-relayed to the launcher's stderr, every line prefixed with the worker's short name (`gpu0 | ...`).
+Supervision is ops/supervisor.py's, as for `localq up`: a worker that exits while the launcher is
+not stopping is started again, with the same name and environment, after 1 s, then 2, 4, ... up to
+30 s for one that keeps failing; the delay starts again from 1 s once a worker has run for 60 s.
+Its leftover pool processes are killed first, so an orphan never runs a job that is being
+redelivered. Each worker's output is relayed to the launcher's stderr, every line prefixed with the
+worker's short name (`gpu0 | ...`).
 
 Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGHUP send SIGTERM to every worker: Celery's warm
 shutdown, where running jobs finish, and with late acks and prefetch 1 nothing still queued is
@@ -51,34 +52,22 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from ops.gpus import Gpu, format_size
-from ops.redis_server import child_preexec
 from ops.common import worker_argv
+from ops.supervisor import RESTART, Program, Supervisor
 from tasks.routing import queue_for, worker_queues
 from tasks.settings import QueueSettings
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 GPU_MEMORY_SHARE = 0.9  # of each GPU's memory, its worker's default budget
 CPU_MEMORY_SHARE = 0.7  # of the machine's RAM, shared out among the CPU workers
-RESTART_INITIAL = 1.0
-RESTART_CAP = 30.0
-RESTART_RESET_AFTER = 60.0
-POLL_INTERVAL = 0.2
-FORCE_STOP_TIMEOUT = 10.0
 DRAIN_TIMEOUT = QueueSettings().drain_timeout  # with the default job timeout; `localq worker` passes its own
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Environment names the launcher decides for each worker; inherited values are dropped first.
 OWNED_ENV = (
@@ -212,50 +201,18 @@ def child_environment(spec: WorkerSpec, base: Mapping[str, str] | None = None) -
     return env
 
 
-# --- restarts --------------------------------------------------------------------------------
-
-
-class Backoff:
-    """Restart delays: `initial`, doubling up to `cap`; back to `initial` after `reset_after` s up."""
-
-    def __init__(self, initial: float = RESTART_INITIAL, cap: float = RESTART_CAP,
-                 reset_after: float = RESTART_RESET_AFTER):
-        self.initial, self.cap, self.reset_after = initial, cap, reset_after
-        self.delay = 0.0  # the last delay given; 0 before the first
-
-    def next_delay(self, uptime: float) -> float:
-        """The delay before restarting a worker that ran for `uptime` seconds."""
-        if not self.delay or uptime >= self.reset_after:
-            self.delay = self.initial
-        else:
-            self.delay = min(self.delay * 2, self.cap)
-        return self.delay
-
-
 # --- supervision -----------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    """One supervised worker: its spec and its current process (None while it waits to restart)."""
-
-    spec: WorkerSpec
-    argv: list[str]
-    env: dict[str, str]
-    process: subprocess.Popen | None = None
-    started_at: float = 0.0
-    restart_at: float | None = None
-    starts: int = 0
-    backoff: Backoff = field(default_factory=Backoff)
-    relay: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+def worker_program(spec: WorkerSpec, argv: Sequence[str], env: Mapping[str, str],
+                   stop_timeout: float | None = None) -> Program:
+    """A worker as the supervisor runs it: restarted when it exits, stopped with the other workers."""
+    return Program(spec.label, list(argv), env, RESTART, group="workers", stop_timeout=stop_timeout,
+                   title=spec.name)
 
 
-class Launcher:
-    """Start the workers of `specs`, keep them running, stop them on SIGTERM/SIGINT/SIGHUP."""
+class Launcher(Supervisor):
+    """`localq worker`: the workers of `specs` under the supervisor (ops/supervisor.py)."""
 
     def __init__(
         self,
@@ -264,196 +221,28 @@ class Launcher:
         loglevel: str = "warning",
         stop_timeout: float = DRAIN_TIMEOUT,
         base_env: Mapping[str, str] | None = None,
-        cwd: Path = REPO_ROOT,
-        output: Callable[[bytes], None] | None = None,
-        poll_interval: float = POLL_INTERVAL,
-        force_timeout: float = FORCE_STOP_TIMEOUT,
-        backoff: Callable[[], Backoff] = Backoff,
-        clock: Callable[[], float] = time.monotonic,
         command: Callable[[WorkerSpec], list[str]] | None = None,
+        **options,
     ):
-        """`command(spec)` is a worker's command line (default: `child_argv` at `loglevel`)."""
+        """`command(spec)` is a worker's command line (default: `child_argv` at `loglevel`);
+        `options` go to `Supervisor` (output, poll_interval, force_timeout, backoff, clock, cwd)."""
         if not specs:
             raise ValueError("no workers to run")
         command = command or (lambda spec: child_argv(spec, loglevel))
-        self.children = [Child(spec, command(spec), child_environment(spec, base_env), backoff=backoff())
-                         for spec in specs]
-        self.stop_timeout = stop_timeout
-        self.cwd = cwd
-        self.output = output or _write_stderr
-        self.poll_interval = poll_interval
-        self.force_timeout = force_timeout
-        self.clock = clock
-        self.signals = 0  # stop requests seen
-        self.stopping = False
-        self._output_lock = threading.Lock()
-
-    # -- the loop ------------------------------------------------------------------------------
-
-    def run(self) -> int:
-        """Run until a stop signal, then stop every worker; the exit status (0)."""
-        previous = {signum: signal.signal(signum, self.request_stop) for signum in STOP_SIGNALS}
-        try:
-            self.start()
-            while not self.signals:
-                self.supervise()
-                time.sleep(self.poll_interval)
-            log.info("stopping %d worker(s)", sum(child.running for child in self.children))
-        finally:
-            self.stop()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        return 0
-
-    def request_stop(self, signum=None, frame=None) -> None:
-        """Signal handler: the first call stops the loop, a second one hurries the stop along."""
-        self.signals += 1
+        self.specs = list(specs)
+        programs = [worker_program(spec, command(spec), child_environment(spec, base_env)) for spec in specs]
+        super().__init__(programs, stop_timeout=stop_timeout, **options)
 
     def start(self) -> None:
-        for child in self.children:
-            log.info("starting %s", child.spec.describe())
-            self._spawn(child)
-
-    def supervise(self) -> None:
-        """Notice workers that exited and schedule their restart; start those that are due."""
-        if self.stopping:
-            return
-        now = self.clock()
-        for child in self.children:
-            process = child.process
-            if process is not None and process.poll() is not None:
-                self._reap(child)
-                uptime = now - child.started_at
-                delay = child.backoff.next_delay(uptime)
-                child.restart_at = now + delay
-                log.warning("%s (pid %d) %s after %.0f s; restarting it in %.0f s", child.spec.name, process.pid,
-                            _exit_text(process.returncode), uptime, delay)
-            if child.process is None and child.restart_at is not None and now >= child.restart_at:
-                self._spawn(child)
-
-    def stop(self) -> None:
-        """Warm-stop every worker (SIGTERM), waiting up to `stop_timeout`, then SIGKILL."""
-        if self.stopping:
-            return
-        self.stopping = True
-        signals_at_stop = self.signals
-        for child in self.children:
-            child.restart_at = None
-            if child.running:
-                _signal(child.process, signal.SIGTERM)
-        started = self.clock()
-        forced_at = None
-        while True:
-            running = [child for child in self.children if child.running]
-            for child in self.children:
-                if child.process is not None and not child.running:
-                    self._reap(child)
-            if not running:
-                break
-            now = self.clock()
-            if forced_at is None and self.signals > signals_at_stop:
-                log.warning("stopping now: cold shutdown of %d worker(s) (their running jobs go back on the queue)",
-                            len(running))
-                for child in running:
-                    _signal(child.process, signal.SIGQUIT)
-                forced_at = now
-            if now - started > self.stop_timeout or (forced_at is not None and now - forced_at > self.force_timeout):
-                for child in running:
-                    log.warning("%s (pid %d) did not stop in time; killing it", child.spec.name, child.process.pid)
-                    _kill_group(child.process.pid)
-                    child.process.wait()
-                continue
-            time.sleep(self.poll_interval)
-        log.info("every worker stopped")
-
-    # -- one child -----------------------------------------------------------------------------
-
-    def _spawn(self, child: Child) -> None:
-        child.restart_at = None
-        child.started_at = self.clock()
-        try:
-            process = subprocess.Popen(
-                child.argv,
-                env=child.env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                # Its own process group: a terminal's Ctrl-C reaches the launcher alone, which then
-                # stops every worker the same way; the group also holds the worker's pool processes.
-                process_group=0,
-                preexec_fn=child_preexec(),  # SIGTERM when the launcher dies
-            )
-        except OSError as exc:
-            delay = child.backoff.next_delay(0.0)
-            child.restart_at = self.clock() + delay
-            log.error("cannot start %s: %s; trying again in %.0f s", child.spec.name, exc, delay)
-            return
-        child.process = process
-        child.starts += 1
-        if child.starts > 1:
-            log.warning("restarted %s (pid %d)", child.spec.name, process.pid)
-        else:
-            log.info("started %s (pid %d)", child.spec.name, process.pid)
-        child.relay = threading.Thread(target=self._relay, args=(process.stdout, child.spec.label),
-                                       name=f"relay-{child.spec.label}", daemon=True)
-        child.relay.start()
-
-    def _reap(self, child: Child) -> None:
-        """After a worker's main process ended: kill what is left of its group, finish its output."""
-        process, child.process = child.process, None
-        process.wait()
-        _kill_group(process.pid)  # leftover pool processes; nothing reuses the id while they live
-        if child.relay is not None:
-            child.relay.join(timeout=2.0)
-            child.relay = None
-
-    def _relay(self, stream, label: str) -> None:
-        prefix = f"{label} | ".encode()
-        with stream:
-            for line in iter(stream.readline, b""):
-                if not line.endswith(b"\n"):
-                    line += b"\n"
-                with self._output_lock:
-                    self.output(prefix + line)
-
-
-def _write_stderr(data: bytes) -> None:
-    try:
-        while data:
-            written = os.write(2, data)
-            data = data[written:]
-    except OSError:
-        pass
-
-
-def _signal(process: subprocess.Popen, signum: int) -> None:
-    try:
-        process.send_signal(signum)
-    except ProcessLookupError:
-        pass
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _exit_text(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
+        for spec in self.specs:
+            log.info("starting %s", spec.describe())
+        super().start()
 
 
 def configure_logging() -> None:
     """The launcher's own messages on stderr: through rich on a terminal, one plain line each
     otherwise (a log file or `docker logs` should not get lines wrapped at 80 columns)."""
-    logger = logging.getLogger(__name__)
+    logger = logging.getLogger("ops")  # the launcher's and the supervisor's messages
     for old in list(logger.handlers):
         logger.removeHandler(old)
     if sys.stderr.isatty():

@@ -6,7 +6,6 @@ runs, on ports of their own, with their own environment.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,8 +17,11 @@ import httpx
 
 from ops.common import worker_argv
 from ops.redis_server import free_port
+from ops.supervisor import LEAVE, Program, Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
+WORKERS, API = "workers", "api"
+STOP_TIMEOUTS = {API: 15.0, WORKERS: 30.0}  # after SIGTERM, before SIGKILL
 
 
 def api_argv(port: int, connections: int | None = None) -> list[str]:
@@ -44,47 +46,42 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1):
 
 @dataclass
 class ServiceProcesses:
-    """Worker and API processes sharing one environment (which names the Redis to use)."""
+    """Worker and API processes sharing one environment (which names the Redis to use), run by
+    the supervisor `localq up` uses; each writes to its own log file in `log_dir`.
+
+    Nothing is restarted: a test that kills a worker decides what happens next."""
 
     env: dict
     log_dir: Path
     base_url: str = ""
-    api: subprocess.Popen | None = None
-    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    processes: Supervisor = field(default_factory=lambda: Supervisor(cwd=REPO))
 
-    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / log_name, "ab") as log:
-            return subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+    @property
+    def workers(self) -> dict[str, subprocess.Popen]:
+        """Running workers by name (their main processes)."""
+        return {child.name: child.process for child in self.processes.children
+                if child.program.group == WORKERS and child.process is not None}
+
+    @property
+    def api(self) -> subprocess.Popen | None:
+        found = [child.process for child in self.processes.children if child.name == API]
+        return found[0] if found else None
 
     def start_worker(self, name: str = "cpu", queues: str = "cpu") -> subprocess.Popen:
-        proc = self._spawn(worker_argv(queues, name=f"{name}@%h"), f"worker-{name}.log")
-        self.workers[name] = proc
-        return proc
+        argv = worker_argv(queues, name=f"{name}@%h")
+        program = Program(name, argv, self.env, LEAVE, group=WORKERS, log=self.log_dir / f"worker-{name}.log")
+        return self.processes.add(program).process
 
     def stop_worker(self, name: str = "cpu", sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        _stop(self.workers.pop(name), sig, timeout)
+        self.processes.stop_one(name, sig, timeout)
 
     def start_api(self, connections: int | None = None) -> None:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        self.api = self._spawn(api_argv(port, connections), "api.log")
+        self.processes.add(Program(API, api_argv(port, connections), self.env, LEAVE, log=self.log_dir / "api.log"))
         wait_until(lambda: httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200, 60, "the API")
 
     def stop(self) -> None:
-        for name in list(self.workers):
-            self.stop_worker(name)
-        if self.api is not None:
-            _stop(self.api, signal.SIGTERM, 15)
-            self.api = None
-
-
-def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        """The API, then the workers (the reverse of how `running_service` starts them)."""
+        for child in reversed(list(self.processes.children)):
+            self.processes.stop_one(child.name, signal.SIGTERM, STOP_TIMEOUTS[child.program.stop_group])

@@ -1,7 +1,7 @@
 """`localq up`: an embedded Redis (unless LOCALQ_REDIS_URL is set), one CPU worker and the API.
 
-Supervision: the worker runs under the launcher's supervisor (ops/launcher.py, as under `localq
-worker`): one that exits is started again after 1 s, then 2, 4, ... up to 30 s for one that keeps
+Supervision: the worker and the API run under the supervisor of ops/supervisor.py (the one
+`localq worker` and the tests use): a worker that exits is started again after 1 s, then 2, 4, ... up to 30 s for one that keeps
 failing (`Backoff`), its leftover pool processes killed first, its output relayed to stderr with
 a `cpu | ` prefix. Meanwhile the API and Redis keep serving: jobs wait on the queue. The API or
 the embedded Redis exiting stops everything (exit status 1): gunicorn restarts its own workers
@@ -20,11 +20,9 @@ import argparse
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
@@ -34,42 +32,29 @@ from api.settings import Settings
 from ops.api_server import GUNICORN_GRACEFUL_TIMEOUT
 from ops.api_server import host_port
 from ops.common import DEFAULT_REDIS_DIR, REPO_ROOT, _child_env, _models_table, _shown, bind_refusal, redact_url
-from ops.launcher import OWNED_ENV, Launcher, WorkerSpec, configure_logging
-from ops.redis_server import RedisServer, RedisServerError, child_preexec, port_is_free
+from ops.launcher import OWNED_ENV, WorkerSpec, child_environment, configure_logging, worker_program
+from ops.redis_server import RedisServer, RedisServerError, port_is_free
+from ops.supervisor import FATAL, Child, ChildExited, Program, Supervisor
 from tasks.worker_settings import WorkerSettings
 from workers.registry import ModelRegistry
 
 WORKER_PING_TIMEOUT = 30.0
 UP_WORKER_NAME = "cpu@%h"
-# After asking a child to stop (SIGTERM), how long before SIGQUIT, then SIGKILL.
+WORKER, API = "cpu", "API"  # the supervised programs' names
+# After asking the API to stop (SIGTERM), how long before SIGKILL; after a second Ctrl-C (SIGQUIT) too.
 API_STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 10
 FORCE_STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.5
 
 
-class ChildExited(Exception):
-    """A process `localq up` does not restart (the API, the embedded Redis) ended on its own."""
-
-
-@dataclass
-class Child:
-    label: str
-    process: subprocess.Popen
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            raise ChildExited(f"the {self.label} exited unexpectedly (status {self.process.returncode})")
-
-
 class Stack:
-    """What `localq up` runs: an embedded Redis (maybe), the supervised worker and the API, stopped
-    in reverse order."""
+    """What `localq up` runs: an embedded Redis (maybe), then the supervised worker and API
+    (ops/supervisor.py), stopped in reverse order."""
 
     def __init__(self, err: Console):
         self.err = err
         self.redis: RedisServer | None = None
-        self.workers: Launcher | None = None
-        self.api: Child | None = None
+        self.processes = Supervisor(cwd=REPO_ROOT, force_timeout=FORCE_STOP_TIMEOUT, announce=self._announce)
         self.stopping = False
         self.signals = 0  # stop requests (Ctrl-C, SIGTERM, SIGHUP) seen so far
 
@@ -77,78 +62,45 @@ class Stack:
     # stack is stopping, a further one only hurries the stop along.
     def on_signal(self, signum, frame) -> None:
         self.signals += 1
-        if self.workers is not None:
-            self.workers.request_stop()  # counted by its stop: a signal during it turns it cold
+        self.processes.request_stop()  # counted by its stop: a signal during it hurries it
         if not self.stopping:
             raise KeyboardInterrupt
 
-    def start_worker(self, env: dict[str, str], stop_timeout: float) -> None:
-        """The worker, supervised; its environment is `env` exactly (the launcher's own names included)."""
+    def start_worker(self, env: dict[str, str]) -> None:
+        """The worker, restarted when it exits; its environment is `env` exactly."""
         spec = WorkerSpec(name=f"cpu@{socket.gethostname()}", device="cpu", queues=("cpu",),
                           env={name: env[name] for name in OWNED_ENV if name in env})
-        self.workers = Launcher([spec], stop_timeout=stop_timeout, base_env=env, cwd=REPO_ROOT,
-                                force_timeout=FORCE_STOP_TIMEOUT, command=lambda _: worker_command())
-        self.workers.start()
+        self.processes.add(worker_program(spec, worker_command(), child_environment(spec, env)))
 
     def start_api(self, argv: list[str], env: dict[str, str]) -> None:
-        process = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=_stderr_fd(),  # `up`'s own stdout carries only its summary
-            # Own process group: the terminal's Ctrl-C reaches `up` alone, which then stops
-            # the children in order (API, worker, Redis) instead of all at once.
-            process_group=0,
-            preexec_fn=child_preexec(),
-        )
-        self.api = Child("API", process)
+        """The API: its output on `up`'s stderr (`up`'s stdout carries only its summary); its exit is fatal."""
+        self.processes.add(Program(API, argv, env, FATAL, stop_timeout=API_STOP_TIMEOUT, relay=False))
 
     def worker_pid(self) -> int | None:
-        process = self.workers.children[0].process if self.workers is not None else None
+        process = self.processes.child(WORKER).process
         return process.pid if process is not None else None
 
     def check(self) -> None:
         """Restart the worker if it is due; raise ChildExited if the API or Redis is gone."""
-        if self.workers is not None:
-            self.workers.supervise()
-        if self.api is not None:
-            self.api.check()
+        self.processes.supervise()
         if self.redis is not None and not self.redis.running:
             raise ChildExited("the embedded Redis exited unexpectedly")
 
     def stop(self, worker_timeout: float) -> None:
+        """The API, then the worker (up to `worker_timeout` to finish its job), then Redis."""
         self.stopping = True
-        if self.api is not None:
-            self._stop_api(self.api)
-        if self.workers is not None:
-            if any(child.running for child in self.workers.children):
-                self.err.print(f"stopping the worker (pid {self.worker_pid()}): its running job finishes first; "
-                               "press Ctrl-C again to stop it now", highlight=False)
-            self.workers.stop_timeout = worker_timeout
-            self.workers.stop()
+        self.processes.stop_timeout = worker_timeout
+        self.processes.stop()
         if self.redis is not None:
             self.err.print("stopping Redis", highlight=False)
             self.redis.stop()
 
-    def _stop_api(self, child: Child) -> None:
-        process = child.process
-        if process.poll() is not None:
-            return
-        self.err.print(f"stopping the {child.label} (pid {process.pid})", highlight=False)
-        _signal(process, signal.SIGTERM)  # gunicorn: graceful stop
-        signals_before = self.signals
-        started = time.monotonic()
-        forced = False
-        while process.poll() is None:
-            waited = time.monotonic() - started
-            if not forced and (self.signals > signals_before or waited > API_STOP_TIMEOUT):
-                _signal(process, signal.SIGQUIT)  # gunicorn: quick shutdown
-                forced, started = True, time.monotonic()
-            elif forced and waited > FORCE_STOP_TIMEOUT:
-                _kill_group(process)
-            time.sleep(0.1)
-        _kill_group(process)  # whatever the leader left behind in its group goes with it
+    def _announce(self, child: Child) -> None:
+        if child.name == WORKER:
+            self.err.print(f"stopping the worker (pid {child.process.pid}): its running job finishes first; "
+                           "press Ctrl-C again to stop it now", highlight=False)
+        else:
+            self.err.print(f"stopping the {child.name} (pid {child.process.pid})", highlight=False)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,7 +122,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             redis_note = _start_redis(stack, args, err)
             env = _child_env(args)
-            stack.start_worker(env, stop_timeout)
+            stack.start_worker(env)
             api_url = f"http://{host_port(settings.host, settings.port)}"
             stack.start_api(api_command(args, settings), env)
             _wait_for_api(stack, _probe_url(settings.host, settings.port), args.ready_timeout)
@@ -307,26 +259,3 @@ def _print_summary(out, settings, registry, redis_note, worker_pid, worker_state
     out.print(_models_table(registry, settings.models_dir))
     out.print(f"localq ready on [bold]{escape(api_url)}[/]", highlight=False)
     out.print("Ctrl-C stops everything.", highlight=False)
-
-
-def _stderr_fd() -> int | None:
-    try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # replaced stderr (pytest capture, IDEs)
-        return None
-
-
-def _signal(process: subprocess.Popen, signum: int) -> None:
-    try:
-        process.send_signal(signum)
-    except ProcessLookupError:
-        pass
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (it leads one: started with process_group=0)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()

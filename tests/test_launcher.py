@@ -20,8 +20,9 @@ from ops.cli import main
 from ops.commands import worker as worker_command
 from ops.common import worker_argv
 from ops.gpus import GIB, Gpu, simulated_gpus
-from ops.launcher import Backoff, Launcher, child_argv, child_environment, plan_workers, unserved_queues
+from ops.launcher import Launcher, child_argv, child_environment, plan_workers, unserved_queues
 from ops.stack import wait_until
+from ops.supervisor import Backoff
 from workers.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -197,7 +198,7 @@ def test_a_worker_that_dies_is_restarted_with_its_name_and_environment():
             return gpu1.process is not None and gpu1.process.pid != old_pid and output.count("gpu1 | up '1'") == 2
 
         wait_until(restarted, 20, "gpu1 restarted")
-        assert gpu1.starts == 2 and gpu1.spec.name == "gpu1@box"
+        assert gpu1.starts == 2 and gpu1.program.title == "gpu1@box"
         assert environ_of(gpu1.process.pid)["CUDA_VISIBLE_DEVICES"] == "1"
         assert gpu1.backoff.delay == 0.05
         assert [child.starts for child in runner.children] == [1, 2, 1]
@@ -221,9 +222,10 @@ def test_stragglers_are_killed_after_the_stop_timeout():
     runner.start()
     wait_until(lambda: output.count("up ") == 3, 20, "three stand-ins")
     pids = [child.process.pid for child in runner.children]
-    started = time.monotonic()
-    runner.stop()
-    assert time.monotonic() - started < 10
+    stopper = threading.Thread(target=runner.stop, daemon=True)
+    stopper.start()
+    stopper.join(60)  # a hang guard: stand-ins that ignore SIGTERM would keep a stop without a timeout forever
+    assert not stopper.is_alive(), "the stop did not give up on stragglers"
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
@@ -234,10 +236,8 @@ def test_a_second_stop_request_turns_the_warm_shutdown_cold():
     wait_until(lambda: output.count("up ") == 3, 20, "three stand-ins")
     runner.request_stop()
     threading.Timer(0.3, runner.request_stop).start()
-    started = time.monotonic()
     runner.stop()
-    assert time.monotonic() - started < 10  # not the 30 s stop timeout
-    assert output.count("cold shutdown") == 3
+    assert output.count("cold shutdown") == 3  # SIGQUIT, not the SIGKILL at the 30 s stop timeout
 
 
 SUPERVISOR = r"""
@@ -305,9 +305,10 @@ def test_localq_worker_runs_the_launcher(launched, monkeypatch, models_dir, writ
                  "--gpu-memory-budget", "1GiB", "-l", "info"]) == 0
     [runner] = launched
     host = __import__("socket").gethostname()
-    assert [child.spec.name for child in runner.children] == [f"gpu1@{host}", f"cpu0@{host}", f"cpu1@{host}"]
-    gpu1 = runner.children[0]
-    assert gpu1.spec.queues == ("gpu", "gpu.1", "gpu.pool.batch", f"worker.gpu1@{host}")
+    assert [spec.name for spec in runner.specs] == [f"gpu1@{host}", f"cpu0@{host}", f"cpu1@{host}"]
+    assert runner.specs[0].queues == ("gpu", "gpu.1", "gpu.pool.batch", f"worker.gpu1@{host}")
+    gpu1 = runner.children[0].program
+    assert gpu1.name == "gpu1" and gpu1.title == f"gpu1@{host}" and gpu1.group == "workers"
     assert gpu1.env["CUDA_VISIBLE_DEVICES"] == "1" and gpu1.env["LOCALQ_SIMULATED_GPU"] == "1"
     assert gpu1.env["LOCALQ_MODEL_CACHE_BYTES"] == str(GIB) and gpu1.env["LOCALQ_WORKER_POOLS"] == "batch"
     assert gpu1.env["LOCALQ_MODELS_DIR"] == str(models_dir.resolve())
@@ -319,7 +320,7 @@ def test_localq_worker_passes_an_inherited_cache_budget_on(launched, monkeypatch
     monkeypatch.setenv("LOCALQ_SIMULATE_GPUS", "1:4GiB")
     monkeypatch.setenv("LOCALQ_MODEL_CACHE_BYTES", "1234")
     assert main(["worker"]) == 0
-    assert [child.spec.memory_budget for child in launched[0].children] == [1234, 1234]
+    assert [spec.memory_budget for spec in launched[0].specs] == [1234, 1234]
     monkeypatch.setenv("LOCALQ_MODEL_CACHE_BYTES", "lots")
     assert main(["worker"]) == 2  # refused before any worker starts
     assert "LOCALQ_MODEL_CACHE_BYTES" in capsys.readouterr().err
@@ -338,10 +339,10 @@ def test_a_malformed_worker_setting_stops_localq_worker_before_any_worker_starts
 def test_localq_worker_defaults(launched, monkeypatch):
     monkeypatch.setenv("LOCALQ_SIMULATE_GPUS", "1")
     assert main(["worker"]) == 0
-    assert [child.spec.device for child in launched[0].children] == ["gpu", "cpu"]  # --gpus all --cpu 1
+    assert [spec.device for spec in launched[0].specs] == ["gpu", "cpu"]  # --gpus all --cpu 1
     monkeypatch.setenv("LOCALQ_SIMULATE_GPUS", "0")
     assert main(["worker"]) == 0  # no GPUs found: the CPU worker alone
-    assert [child.spec.name.split("@")[0] for child in launched[1].children] == ["cpu0"]
+    assert [child.name for child in launched[1].children] == ["cpu0"]
     assert main(["worker", "--gpus", "none", "--cpu", "3"]) == 0
     assert len(launched[2].children) == 3
 
