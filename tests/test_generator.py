@@ -14,8 +14,9 @@ from marshmallow import ValidationError
 
 from schemas import runtime
 from schemas.errors import first_error
-from schemas.generate import OUTPUT_PATH, default_spec_path, load_document, render
+from schemas.generate import OUTPUT_PATH, load_document, render
 from schemas.overlay import OverlayError, apply_overlay
+from tests.upstream import require_spec
 
 
 @pytest.fixture
@@ -256,26 +257,19 @@ def test_overlay_update_remove_and_unmatched_target():
         apply_overlay(spec, {"overlay": "1.0.0", "actions": [{"target": "$.missing", "update": {}}]})
 
 
-needs_spec = pytest.mark.skipif(
-    not default_spec_path().exists(),
-    reason=f"upstream spec not found at {default_spec_path()} (set LOCALQ_OPENAPI_SPEC); cannot regenerate",
-)
-
-
-@needs_spec
 def test_regenerating_from_the_upstream_spec_is_byte_identical():
+    require_spec()
     first = render(load_document())
     assert first == render(load_document()), "generator output is not deterministic"
     assert first == Path(OUTPUT_PATH).read_text(), "schemas/generated.py is stale: run `python -m schemas.generate`"
 
 
-@needs_spec
 def test_every_upstream_operation_is_in_the_table():
     import json
 
     from schemas.generated import OPERATIONS
 
-    spec = json.loads(default_spec_path().read_text())
+    spec = json.loads(require_spec().read_text())
     upstream = {(m.upper(), p) for p, item in spec["paths"].items() for m in item if m in ("get", "post", "delete")}
     table = {(op["method"], op["path"] + ("?" + "&".join(f"{k}={v}" for k, v in op["query"].items())
                                          if op["query"] else "")) for op in OPERATIONS if not op["localq"]}

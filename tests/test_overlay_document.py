@@ -5,15 +5,14 @@ same rules: targets are jsonpath-ng (`jsonpath_ng.ext`) expressions that must ea
 least one node; `remove: true` deletes the selected nodes; `update` is merged into them (objects
 recursively, scalars replaced, lists appended to).
 
-The upstream document is not part of the repository; the tests that need it are skipped when it
-is missing. Its location comes from LOCALQ_OPENAPI_SPEC, else <repo>/../shared/openai-openapi/.
+The upstream document is not part of the repository (`tests.upstream` finds it): the tests that
+need it skip when it is missing, and fail under CI.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,11 +22,10 @@ import yaml
 from jsonpath_ng import Fields, Index, Root
 from jsonpath_ng.ext import parse as jsonpath_parse
 
+from tests.upstream import require_spec
+
 REPO = Path(__file__).resolve().parents[1]
 OVERLAY_PATH = REPO / "schemas" / "overlay.yaml"
-SPEC_PATH = Path(
-    os.environ.get("LOCALQ_OPENAPI_SPEC") or REPO.parent / "shared" / "openai-openapi" / "openapi.json"
-)
 
 EXT_PROP = "x-localai-extensions"
 MARKER = "x-localq-extensions-property"
@@ -211,12 +209,7 @@ def overlay() -> dict:
 
 @pytest.fixture(scope="module")
 def spec() -> dict:
-    if not SPEC_PATH.is_file():
-        pytest.skip(
-            f"upstream OpenAPI document not found at {SPEC_PATH}; "
-            "set LOCALQ_OPENAPI_SPEC to its openapi.json to run this test"
-        )
-    with SPEC_PATH.open(encoding="utf-8") as handle:
+    with require_spec().open(encoding="utf-8") as handle:
         return json.load(handle)
 
 
