@@ -1,5 +1,6 @@
-"""Shared fixtures (an app over the default model configs, a scratch models folder, a real Redis)
-and the test tiers: every test is marked `unit` or `integration`, the heaviest also `slow`.
+"""Shared fixtures (an app over the default model configs, a scratch models folder, a real Redis,
+one running localq shared by the session) and the test tiers: every test is marked `unit` or
+`integration`, the heaviest also `slow`.
 
 `make test-fast` runs `-m unit`: tests that start no Redis, service, worker or model process.
 """
@@ -70,6 +71,25 @@ def redis_db(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One running localq (embedded Redis, one CPU worker, the API, the default models) for every
+    integration test that needs no special settings: starting one per module cost most of the suite's
+    time. Started by the first test that asks for it, stopped at the end of the session. Tests that
+    use it must not depend on what other modules did on it (compare deltas, filter by their own ids)
+    and must leave it as they found it (no killed processes, no queued work left behind)."""
+    import subprocess
+    import sys
+
+    from ops.stack import REPO
+    from tests.service import running_service
+
+    subprocess.run([sys.executable, "-m", "ops.cli", "models", "prepare"], cwd=REPO, check=True)  # image models
+    tmp = tmp_path_factory.mktemp("stack")
+    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as service:
+        yield service
 
 
 # A test is `integration` when it, or any fixture it depends on, starts a real process: Redis, the

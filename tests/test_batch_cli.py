@@ -1,4 +1,5 @@
-"""`localq batch` end to end: the CLI as a subprocess -> openai SDK -> a real service (Redis, CPU worker, API)."""
+"""`localq batch` end to end: the CLI as a subprocess -> openai SDK -> a real service (Redis, CPU worker, API),
+the session's shared one (other modules' batches are listed too)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.service import running_service
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHAT_MODEL = "gpt-4o-mini"
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("batchcli")
-    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
-        yield svc
+def service(stack):
+    """The session's shared service (conftest's `stack`)."""
+    return stack
 
 
 @pytest.fixture(scope="module")

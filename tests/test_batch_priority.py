@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from tests import sse
-from tests.service import running_service, wait_until
+from tests.service import wait_until
 
 LINES = 500
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
@@ -24,10 +24,9 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say he
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("priority")
-    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
-        yield svc
+def service(stack):
+    """The session's shared service (conftest's `stack`)."""
+    return stack
 
 
 def time_to_first_token(base_url: str) -> float:
@@ -52,14 +51,26 @@ def test_interactive_time_to_first_token_while_a_500_line_batch_runs(service):
     batch_file = client.files.create(file=("load.jsonl", lines.encode()), purpose="batch")
     batch = client.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 120, "the batch to run")
-    loaded = []
-    for _ in range(7):
-        loaded.append(time_to_first_token(service.base_url))
-        time.sleep(0.05)
-    under_load = statistics.median(loaded)
-    progress = client.batches.retrieve(batch.id).request_counts.completed
-    print(f"time to first token: idle p50 {idle * 1000:.1f} ms, during the batch p50 {under_load * 1000:.1f} ms "
-          f"({under_load / idle:.2f}x); batch lines done meanwhile: {progress}/{LINES}")
-    assert progress < LINES, "the batch finished before the measurement: it did not measure anything"
-    client.batches.cancel(batch.id)
+    try:
+        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 120, "the batch to run")
+        loaded = []
+        for _ in range(7):
+            loaded.append(time_to_first_token(service.base_url))
+            time.sleep(0.05)
+        under_load = statistics.median(loaded)
+        progress = client.batches.retrieve(batch.id).request_counts.completed
+        print(f"time to first token: idle p50 {idle * 1000:.1f} ms, during the batch p50 {under_load * 1000:.1f} ms "
+              f"({under_load / idle:.2f}x); batch lines done meanwhile: {progress}/{LINES}")
+        assert progress < LINES, "the batch finished before the measurement: it did not measure anything"
+    finally:
+        ended = cancel_and_wait(client, batch.id)
+    assert ended.status == "cancelled", ended
+
+
+def cancel_and_wait(client: OpenAI, batch_id: str):
+    """Cancel the batch and wait for it to end, so that none of its lines is left on the shared
+    service's queue for the next test (a cancelled batch ends once its queued lines were dropped)."""
+    client.batches.cancel(batch_id)
+    final = ("completed", "failed", "expired", "cancelled")
+    return wait_until(lambda: (b := client.batches.retrieve(batch_id)).status in final and b, 120,
+                      "the cancelled batch to end")

@@ -16,7 +16,6 @@ import pytest
 import redis
 
 from tests import sse
-from tests.service import running_service
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
         "temperature": 0}
@@ -26,9 +25,9 @@ ANSWER_WITHIN = 20.0
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    with running_service(tmp_path_factory.mktemp("svc")) as svc:
-        yield svc
+def service(stack):
+    """The session's shared service (conftest's `stack`)."""
+    return stack
 
 
 @pytest.fixture(scope="module")

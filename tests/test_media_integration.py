@@ -1,6 +1,6 @@
 """Images and audio end to end: the `openai` SDK -> API -> queue -> worker (diffusers, faster-whisper,
 piper) -> Redis -> API, with the default models (a tiny diffusion pipeline built locally by
-`localq models prepare`, Whisper tiny.en and the bundled piper voice).
+`localq models prepare`, Whisper tiny.en and the bundled piper voice), on the session's shared service.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import base64
 import io
 import json
 import re
-import subprocess
-import sys
 import time
 
 import av
@@ -20,19 +18,16 @@ import redis
 from openai import BadRequestError, OpenAI
 from PIL import Image
 
-from ops.stack import REPO
 from tests import sse
-from tests.service import running_service, wait_until
+from tests.service import wait_until
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    subprocess.run([sys.executable, "-m", "ops.cli", "models", "prepare"], cwd=REPO, check=True)
-    tmp = tmp_path_factory.mktemp("media")
-    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
-        yield svc
+def service(stack):
+    """The session's shared service (conftest's `stack`, which prepares the image models)."""
+    return stack
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,8 @@ def client(service):
 
 @pytest.fixture(scope="module")
 def store(service):
-    return redis.Redis.from_url(service.redis.url, decode_responses=True)
+    with redis.Redis.from_url(service.redis.url, decode_responses=True) as client:
+        yield client
 
 
 def words(text: str) -> list[str]:

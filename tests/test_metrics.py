@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -17,11 +17,12 @@ import redis
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.health import monitor_client
 from api.settings import Settings
 from ops.redis_server import free_port
 from store import heartbeats, metrics
 from tasks.routing import queue_keys
-from tests.service import running_service, wait_until
+from tests.service import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_MODEL = "gpt-4o-mini"
@@ -187,12 +188,37 @@ def test_every_configured_models_queue_is_reported(redis_server, store, models_d
     assert scrape(client).value("localq_queue_depth", queue="gpu.1") == 1
 
 
+def within(seconds: float, call):
+    """`call()`'s result, or a failure if it has not returned after `seconds` (a daemon thread, so a
+    hung call neither hangs the test nor the end of the session)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = call()
+        except BaseException as err:  # re-raised in the test's own thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"no answer after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def test_a_scrape_without_redis_still_answers():
     client = make_client({"LOCALQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     client.get("/v1/models")
-    started = time.monotonic()
-    after = scrape(client)
-    assert time.monotonic() - started < 3
+    # a scrape that never answers fails here (60 s: a hang, not a speed target), and the client it
+    # reads Redis with gives up at once rather than waiting out retries (see api.health)
+    after = within(60, lambda: scrape(client))
+    with client.application.app_context():
+        monitor = monitor_client()
+    kwargs = monitor.connection_pool.connection_kwargs
+    assert kwargs["socket_connect_timeout"] and kwargs["socket_timeout"]  # set: never the OS's minutes
+    assert monitor.get_retry().get_retries() == 0
     assert after.value("localq_redis_up") == 0
     assert "localq_queue_depth" not in after.types and "localq_jobs" not in after.types  # unknown, not zero
     assert after.value("localq_http_requests_total", route="/v1/models", method="GET", status="200") >= 1
@@ -234,45 +260,48 @@ def test_the_first_token_is_the_first_delta_with_output():
 # ----- a real job through a real worker ----------------------------------------------------------------
 
 
-def test_a_real_job_moves_the_job_metrics(tmp_path):
-    with running_service(tmp_path) as service:
-        base = service.base_url
-        client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=180, max_retries=0)
-        get = lambda: Scrape(httpx.get(base + "/metrics", timeout=10).text)  # noqa: E731
-        before = get()
+def test_a_real_job_moves_the_job_metrics(stack):
+    """On the session's shared service: every figure is a difference between two scrapes."""
+    base = stack.base_url
+    client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=180, max_retries=0)
+    get = lambda: Scrape(httpx.get(base + "/metrics", timeout=10).text)  # noqa: E731
+    before = get()
 
-        plain = client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=8, temperature=0,
-                                               seed=1)
-        usage = None
-        text = []
-        for chunk in client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=6, stream=True,
-                                                    stream_options={"include_usage": True}, temperature=0, seed=1):
-            text.extend(choice.delta.content or "" for choice in chunk.choices)
-            usage = chunk.usage or usage
-        assert "".join(text) and usage is not None  # the stream went through whole
-        tokenized = httpx.post(base + "/v1/tokenize", json={"model": CHAT_MODEL, "content": "Hello there"}, timeout=60)
-        assert tokenized.status_code == 200
+    plain = client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=8, temperature=0,
+                                           seed=1)
+    usage = None
+    text = []
+    for chunk in client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=6, stream=True,
+                                                stream_options={"include_usage": True}, temperature=0, seed=1):
+        text.extend(choice.delta.content or "" for choice in chunk.choices)
+        usage = chunk.usage or usage
+    assert "".join(text) and usage is not None  # the stream went through whole
+    tokenized = httpx.post(base + "/v1/tokenize", json={"model": CHAT_MODEL, "content": "Hello there"}, timeout=60)
+    assert tokenized.status_code == 200
 
-        # the worker records a job's metrics just after publishing its result: poll briefly
-        labels = {"kind": "chat", "model": CHAT_CONFIG}
-        after = wait_until(
-            lambda: (s := get()) and delta(s, before, "localq_jobs_total", kind="tokenize", outcome="succeeded") == 1
-            and delta(s, before, "localq_jobs_total", kind="chat", outcome="succeeded") == 2 and s,
-            30, "the job metrics")
+    # the worker records a job's metrics just after publishing its result: poll briefly
+    labels = {"kind": "chat", "model": CHAT_CONFIG}
+    after = wait_until(
+        lambda: (s := get()) and delta(s, before, "localq_jobs_total", kind="tokenize", outcome="succeeded") == 1
+        and delta(s, before, "localq_jobs_total", kind="chat", outcome="succeeded") == 2 and s,
+        30, "the job metrics")
 
-        assert delta(after, before, "localq_time_to_first_token_seconds_count", **labels) == 2
-        assert delta(after, before, "localq_job_duration_seconds_count", **labels) == 2
-        assert delta(after, before, "localq_job_duration_seconds_count", kind="tokenize", model=CHAT_CONFIG) == 1
-        assert delta(after, before, "localq_time_to_first_token_seconds_count", kind="tokenize",
-                     model=CHAT_CONFIG) == 0
-        assert delta(after, before, "localq_tokens_generated_total", **labels) == \
-            plain.usage.completion_tokens + usage.completion_tokens
-        ttft_sum = delta(after, before, "localq_time_to_first_token_seconds_sum", **labels)
-        assert 0 < ttft_sum <= delta(after, before, "localq_job_duration_seconds_sum", **labels)
-        assert delta(after, before, "localq_http_requests_total", route="/v1/chat/completions", method="POST",
-                     status="200") == 2
-        assert after.value("localq_workers_alive", device="cpu") == 1
-        assert after.value("localq_queue_depth", queue="cpu") == 0
+    assert delta(after, before, "localq_time_to_first_token_seconds_count", **labels) == 2
+    assert delta(after, before, "localq_job_duration_seconds_count", **labels) == 2
+    assert delta(after, before, "localq_job_duration_seconds_count", kind="tokenize", model=CHAT_CONFIG) == 1
+    assert delta(after, before, "localq_time_to_first_token_seconds_count", kind="tokenize",
+                 model=CHAT_CONFIG) == 0
+    assert delta(after, before, "localq_tokens_generated_total", **labels) == \
+        plain.usage.completion_tokens + usage.completion_tokens
+    ttft_sum = delta(after, before, "localq_time_to_first_token_seconds_sum", **labels)
+    assert 0 < ttft_sum <= delta(after, before, "localq_job_duration_seconds_sum", **labels)
+    assert delta(after, before, "localq_http_requests_total", route="/v1/chat/completions", method="POST",
+                 status="200") == 2
+    assert after.value("localq_workers_alive", device="cpu") == 1  # the shared service runs one
+    # the gauge is what the queue's lists hold (whatever other modules left there)
+    with redis.Redis.from_url(stack.redis.url) as queues:
+        wait_until(lambda: get().value("localq_queue_depth", queue="cpu") == sum(
+            queues.llen(key) for key in queue_keys("cpu")), 30, "the queue depth to match the queue")
 
 
 # ----- several API processes ---------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Every kind of response localq sends validates against its schema in OpenAI's spec.
 
-A real service (embedded Redis, one CPU worker, the API under gunicorn, the tiny default models)
-answers one or two requests per implemented operation; each JSON body, stream chunk and stream
-event is validated with `tests.contract` against the component schema the spec gives it (the
-upstream spec plus localq's overlay, so localq's own jobs, workers and tokenize are included),
-and against the same schema in the document the service serves (`GET /openapi.json`), where it
-has one: that document is stricter (no undocumented properties) and is what clients generate from.
+A real service (the session's shared one: embedded Redis, one CPU worker, the API under gunicorn,
+the tiny default models) answers one or two requests per implemented operation; each JSON body,
+stream chunk and stream event is validated with `tests.contract` against the component schema the
+spec gives it (the upstream spec plus localq's overlay, so localq's own jobs, workers and tokenize
+are included), and against the same schema in the document the service serves (`GET /openapi.json`),
+where it has one: that document is stricter (no undocumented properties) and is what clients
+generate from.
 
 Documented exceptions, where the spec contradicts what OpenAI's API really sends:
 
@@ -24,18 +25,15 @@ import base64
 import io
 import json
 import struct
-import subprocess
-import sys
 
 import httpx
 import pytest
 from PIL import Image
 
 from api.routes import collect_handlers
-from ops.stack import REPO
 from tests import sse
 from tests.contract import Contract, upstream
-from tests.service import running_service, wait_until
+from tests.service import wait_until
 
 CHAT_MODEL = "gpt-4o-mini"
 CHAT = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
@@ -107,11 +105,9 @@ def test_every_implemented_operation_is_checked():
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    subprocess.run([sys.executable, "-m", "ops.cli", "models", "prepare"], cwd=REPO, check=True)
-    tmp = tmp_path_factory.mktemp("conformance")
-    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
-        yield svc
+def service(stack):
+    """The session's shared service (conftest's `stack`, which prepares the image models)."""
+    return stack
 
 
 @pytest.fixture(scope="module")
