@@ -26,7 +26,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 def app(settings):
-    from api import create_app  # here, so registry and CLI tests do not need the whole app
+    from api.app import create_app  # here, so registry and CLI tests do not need the whole app
 
     return create_app(settings)
 

@@ -14,7 +14,7 @@ OTHER_KEY = "sk-localq-test-2"
 
 
 def make_client(**overrides):
-    from api import create_app
+    from api.app import create_app
 
     return create_app(replace(Settings.from_env({}), **overrides)).test_client()
 
@@ -103,7 +103,7 @@ def test_openai_sdk_style_request(locked):
 
 
 def test_keys_file_locks_the_api(tmp_path, monkeypatch):
-    from api import create_app
+    from api.app import create_app
 
     keys_file = tmp_path / "keys"
     keys_file.write_text("# ops team\nsk-from-file\n")

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from api import create_app
+from api.app import create_app
 from api.settings import Settings
 from schemas.generate import default_spec_path
 from schemas.generated import OPERATIONS

@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from api import create_app
+from api.app import create_app
 from api.settings import Settings
 from ops.redis_server import RedisServer
 from store.filestore import (

@@ -44,7 +44,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 from werkzeug.datastructures import MultiDict
 
-from api import create_app
+from api.app import create_app
 from api.settings import Settings
 from schemas.codegen import in_scope
 from schemas.generated import OPERATIONS, SCHEMAS, TYPES

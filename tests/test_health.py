@@ -22,7 +22,7 @@ def store(redis_db):
 
 
 def make_client(env: dict):
-    from api import create_app
+    from api.app import create_app
 
     return create_app(Settings.from_env(env)).test_client()
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from api import create_app
+from api.app import create_app
 from api.settings import Settings
 from schemas.errors import Invalid
 from schemas.json_bounds import MAX_DEPTH, check_bounds

@@ -95,7 +95,7 @@ def test_settings_reach_the_app(app, settings):
 
 
 def test_bad_model_config_stops_start_up(models_dir, write_model):
-    from api import create_app
+    from api.app import create_app
 
     write_model("chat.yaml", {"name": "chat", "threads": "many"})
     with pytest.raises(ModelConfigError, match="chat.yaml: threads: Not a valid integer"):

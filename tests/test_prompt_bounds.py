@@ -84,7 +84,7 @@ def test_other_problems_keep_their_code():
 
 
 def test_api_refuses_100000_messages_before_queueing(redis_server, redis_db):
-    from api import create_app
+    from api.app import create_app
 
     client = create_app(Settings.from_env({"LOCALQ_REDIS_URL": redis_server.url})).test_client()
     response = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": many(100_000)})

@@ -254,7 +254,7 @@ def test_query_parameters_are_validated(client):
 
 
 def test_oversized_body_is_413(tmp_path):
-    from api import create_app
+    from api.app import create_app
     from api.settings import Settings
 
     app = create_app(Settings(max_request_bytes=1024))
@@ -263,7 +263,7 @@ def test_oversized_body_is_413(tmp_path):
 
 
 def test_unknown_fields_can_be_ignored_and_logged(caplog):
-    from api import create_app
+    from api.app import create_app
     from api.settings import Settings
 
     client = create_app(Settings(unknown_fields="ignore")).test_client()

@@ -13,7 +13,7 @@ from tests.upstream import require_spec
 
 @pytest.fixture(scope="module")
 def served():
-    from api import create_app
+    from api.app import create_app
     from api.settings import Settings
 
     response = create_app(Settings.from_env({})).test_client().get("/openapi.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from api import create_app
+from api.app import create_app
 from api.metrics import prepare_multiprocess_dir
 from api.settings import Settings
 from ops.api_server import GunicornServer, gunicorn_options, raise_open_files_limit
