@@ -45,13 +45,16 @@ run: $(VENV)
 	$(VENV)/bin/localq up
 
 # The layering contracts first ([tool.importlinter] in pyproject.toml): a violation fails the build.
+# Then the suite on TEST_PROCESSES pytest-xdist processes, each test module kept on one (its
+# module-scoped service with it): most tests wait on real Redis, worker and API processes.
+TEST_PROCESSES ?= 2
 test: $(VENV)
 	$(VENV)/bin/lint-imports
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # The unit tier only (markers set in tests/conftest.py): no Redis, service, worker or model; under a minute.
 test-fast: $(VENV)
-	$(PYTHON) -m pytest -q -m unit
+	$(PYTHON) -m pytest -q -m unit -n $(TEST_PROCESSES)
 
 generate: $(VENV)
 	$(PYTHON) -m schemas.generate

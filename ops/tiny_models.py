@@ -44,7 +44,8 @@ def prepare_tiny_diffusion(path: Path | str, *, force: bool = False) -> bool:
     """Build the tiny pipeline into the folder `path`; False when it was already there.
 
     The folder is assembled next to `path` and renamed into place, so an interrupted build
-    never leaves a half-written pipeline behind. `force` rebuilds an existing one.
+    never leaves a half-written pipeline behind, and one built by another process meanwhile is kept
+    (never deleted under a worker loading it). `force` rebuilds an existing one.
     """
     path = Path(path)
     if is_prepared(path) and not force:
@@ -53,9 +54,15 @@ def prepare_tiny_diffusion(path: Path | str, *, force: bool = False) -> bool:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         build_tiny_diffusion(staging)
-        if path.exists():
+        if path.exists() and (force or not is_prepared(path)):
             shutil.rmtree(path)
-        staging.rename(path)
+        try:
+            staging.rename(path)
+        except OSError:
+            if not is_prepared(path):
+                raise
+            shutil.rmtree(staging)  # another process (a parallel test worker) put one in place first
+            return False
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

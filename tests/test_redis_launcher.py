@@ -95,11 +95,11 @@ def test_stop_outlasts_a_server_that_does_not_answer_shutdown(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     process = server.process
     os.kill(process.pid, signal.SIGSTOP)
-    # Let it go on after the 2 s SHUTDOWN timeout: it then runs the SHUTDOWN it was sent.
+    # Let it go on after the 2 s SHUTDOWN timeout and the 1 s wait: the SIGTERM that follows ends it.
     resume = threading.Timer(3.0, os.kill, (process.pid, signal.SIGCONT))
     resume.start()
     try:
-        server.stop()
+        server.stop(timeout=1.0)
     finally:
         resume.cancel()
         if process.poll() is None:
