@@ -98,7 +98,7 @@ STARTS_A_PROCESS = ("running_service(", "RedisServer(", "ServiceProcesses(", "Po
 # Modules whose tests load real models (llama.cpp, sentence-transformers, diffusers, whisper,
 # piper), run schemathesis against the app, or spawn Python interpreters: seconds a test.
 INTEGRATION_MODULES = {
-    "test_fuzz", "test_layering", "test_prompt_bounds", "test_tiny_models",
+    "test_batching_engine", "test_fuzz", "test_layering", "test_prompt_bounds", "test_tiny_models",
     "test_workers_audio", "test_workers_embeddings", "test_workers_images", "test_workers_llama",
 }
 # The heaviest modules, measured with `pytest --durations=0` (see README, "Tests").

@@ -1,0 +1,1 @@
+"""Continuous batching for the llama-cpp backend: one context, many sequences decoded together."""

@@ -1,0 +1,82 @@
+"""A sequence's sampler: llama.cpp's sampler chain, built from localq's resolved sampling parameters.
+
+The stages and their order are those `Llama.generate` builds (penalties; then greedy at
+temperature 0, mirostat, or top-k, typical, top-p, min-p, temperature and a seeded draw), so a
+request samples the same way whether it runs alone or in a batch. Logit bias, banned tokens and
+grammars are applied to the logits before the chain (the engine's `processors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llama_cpp
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
+MIROSTAT_M = 100
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # -1: the whole context
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int = RANDOM_SEED
+
+    @classmethod
+    def from_params(cls, params: dict, seed: int) -> Sampling:
+        """From `workers.sampling.resolve`'s parameters and a 32-bit seed."""
+        names = [name for name in cls.__dataclass_fields__ if name not in ("seed", "temperature")]
+        values = {name: params[name] for name in names if params.get(name) is not None}
+        return cls(temperature=params.get("temperature", cls.temperature), seed=seed % RANDOM_SEED, **values)
+
+
+class SamplerChain:
+    """One llama.cpp sampler chain (it owns its stages); `close()` frees it."""
+
+    def __init__(self, sampling: Sampling, n_vocab: int, context: int = 0):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if not chain:
+            raise RuntimeError("llama.cpp could not create a sampler chain")
+        self._chain = chain
+        last_n = context if sampling.repeat_last_n == -1 else sampling.repeat_last_n
+        self._add(llama_cpp.llama_sampler_init_penalties(
+            n_vocab, last_n, sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty))
+        temperature, seed = sampling.temperature, sampling.seed
+        if temperature < 0:
+            self._add(llama_cpp.llama_sampler_init_dist(seed))
+        elif temperature == 0:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+        elif sampling.mirostat_mode == 1:
+            self._add(llama_cpp.llama_sampler_init_mirostat(
+                n_vocab, seed, sampling.mirostat_tau, sampling.mirostat_eta, MIROSTAT_M))
+        elif sampling.mirostat_mode == 2:
+            self._add(llama_cpp.llama_sampler_init_mirostat_v2(seed, sampling.mirostat_tau, sampling.mirostat_eta))
+        else:
+            self._add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            self._add(llama_cpp.llama_sampler_init_typical(sampling.typical_p, 1))
+            self._add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            self._add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+            self._add(llama_cpp.llama_sampler_init_temp(temperature))
+            self._add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def _add(self, stage) -> None:
+        llama_cpp.llama_sampler_chain_add(self._chain, stage)
+
+    def sample(self, ctx, index: int) -> int:
+        """Sample from the logits of batch position `index` (and accept the token)."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+
+    def close(self) -> None:
+        if self._chain:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
