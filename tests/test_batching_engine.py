@@ -152,3 +152,34 @@ def test_max_tokens_logprobs_and_processors(llm, engine):
     first = tokens[0].logprob
     assert len(first.top) == 3 and first.top[0][0] == banned  # the raw logits still rank it first
     assert first.logprob <= first.top[0][1] and all(lp <= 0 for _, lp in first.top)
+
+
+def test_siblings_share_the_prompt_read_once(llm, engine):
+    question = prompt(llm, "List five animals that live in the ocean, with one fact each.")
+    leader = Sequence(question, GREEDY, 24)
+    siblings = [Sequence(question, GREEDY, 24, after=leader) for _ in range(3)]
+    for sequence in (leader, *siblings):
+        engine.submit(sequence)
+    answers = [collect(sequence)[0] for sequence in (leader, *siblings)]
+    assert answers[1:] == [answers[0]] * 3  # greedy: the same answer, from the same cache
+    assert leader.cached_tokens == 0
+    assert [sibling.cached_tokens for sibling in siblings] == [len(question) - 1] * 3
+
+
+def test_a_prefix_held_by_a_busy_slot_is_copied_not_read_again(llm, engine):
+    system = "You are a helpful assistant who answers in exactly one short sentence. " * 4
+    first = prompt(llm, system + "What is the sun?")
+    busy = engine.submit(Sequence(first, GREEDY, 200))
+    stream = busy.stream()
+    next(stream)  # the first slot holds its prompt and is still generating
+    second = prompt(llm, system + "What is the moon?")
+    other = engine.submit(Sequence(second, GREEDY, 8))
+    copied = collect(other)[0]
+    assert other.cached_tokens >= len(prompt(llm, system)) - 4  # the shared system text, from the busy slot
+    busy.cancel()
+    list(stream)
+    fresh = BatchEngine(llm._model.model, context_per_sequence=CONTEXT, parallel=1, threads=2)
+    try:
+        assert collect(fresh.submit(Sequence(second, GREEDY, 8)))[0] == copied
+    finally:
+        fresh.close()

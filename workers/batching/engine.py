@@ -76,6 +76,7 @@ class Sequence:
         processors: Tokens[Callable[[np.ndarray], None]] = (),
         on_token: Callable[[int], None] | None = None,
         top_logprobs: int | None = None,
+        after: Sequence | None = None,
     ):
         if not prompt:
             raise ValueError("a sequence needs at least one prompt token")
@@ -85,6 +86,7 @@ class Sequence:
         self.processors = list(processors)
         self.on_token = on_token
         self.top_logprobs = top_logprobs
+        self.after = after  # a sibling with the same prompt: admitted once that one has read it
         self.cached_tokens = 0  # prompt tokens found in the slot's cache, not read again
         self.generated = 0
         self.finish: Finished | None = None
@@ -338,12 +340,16 @@ class BatchEngine:
             self._end(sequence, Finished("cancelled"))
 
     def _admit(self) -> None:
+        """Give free slots to waiting sequences, in order; a sequence waiting on another
+        (`after`, a sibling of an n > 1 request) is admitted once that one has read its prompt."""
         while True:
             free = [slot for slot in self.slots if slot.sequence is None]
             with self._wake:
-                if not free or not self._waiting:
+                ready = next((s for s in self._waiting if not _reading(s.after)), None) if free else None
+                if ready is None:
                     return
-                sequence = self._waiting.popleft()
+                self._waiting.remove(ready)
+            sequence = ready
             try:
                 sequence.chain = SamplerChain(sequence.sampling, self.n_vocab, self.context_per_sequence)
             except Exception as exc:  # noqa: BLE001 - its reader must hear of it, not wait forever
@@ -351,16 +357,34 @@ class BatchEngine:
                 self._end(sequence, Finished("error", f"cannot build the sampler: {exc}"))
                 continue
             slot = max(free, key=lambda candidate: _common_prefix(candidate.cached, sequence.prompt))
-            keep = min(_common_prefix(slot.cached, sequence.prompt), len(sequence.prompt) - 1)
-            if keep == 0 or not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-                keep = 0
-            del slot.cached[keep:]
+            keep = self._reuse(slot, sequence.prompt)
             sequence.n_past = sequence.cached_tokens = keep
             if keep == len(sequence.prompt) - 1:
                 sequence.pending = sequence.prompt[-1]  # nothing left to read but the last token
             sequence._admitted = self.steps, slot.seq_id
             slot.sequence = sequence
+
+    def _reuse(self, slot: Slot, prompt: list[int]) -> int:
+        """Leave in `slot`'s cache the longest prefix of `prompt` any slot holds (never the last
+        token, whose logits are needed); how many tokens that is.
+
+        Another slot's prefix is taken by copying its whole KV stream, then cutting it: llama.cpp
+        copies between streams only whole (a partial `llama_memory_seq_cp` aborts the process)."""
+        limit = len(prompt) - 1
+        own = min(_common_prefix(slot.cached, prompt), limit)
+        source = max(self.slots, key=lambda candidate: _common_prefix(candidate.cached, prompt))
+        best = min(_common_prefix(source.cached, prompt), limit)
+        memory, target = self.memory, slot.seq_id
+        if best > own and source is not slot:
+            llama_cpp.llama_memory_seq_rm(memory, target, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, source.seq_id, target, -1, -1)
+            slot.cached = list(source.cached)
+            own = best
+        if own == 0 or not llama_cpp.llama_memory_seq_rm(memory, target, own, -1):
+            llama_cpp.llama_memory_seq_rm(memory, target, -1, -1)
+            own = 0
+        del slot.cached[own:]
+        return own
 
     def _free(self, slot: Slot, finish: Finished, *, forget: bool = False) -> None:
         sequence, slot.sequence = slot.sequence, None
@@ -376,6 +400,13 @@ class BatchEngine:
             sequence.chain.close()
             sequence.chain = None
         sequence._deliver(finish)
+
+
+def _reading(sequence: Sequence | None) -> bool:
+    """Whether `sequence` is still waiting for a slot or reading its prompt."""
+    if sequence is None or sequence.finish is not None:
+        return False
+    return sequence.generated == 0 and sequence.pending is None
 
 
 def _common_prefix(cached: list[int], prompt: list[int]) -> int:
