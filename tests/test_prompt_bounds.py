@@ -263,29 +263,36 @@ def greedy(config, **request) -> dict:
     return sampling.resolve("chat", {"temperature": 0, **request}, config)
 
 
-def test_cancelled_during_prompt_evaluation(backend, config, spy_on):
-    prompt = backend.tokenize("The sea is wide and deep. " * 120, add_special=False)  # about 840 tokens
-    assert backend.llm.n_batch < len(prompt) < 2 * backend.llm.n_batch
-    backend.llm.reset()
-    evals = spy_on(backend.llm, "eval").calls
-    cancelled = lambda: len(evals) >= 1  # noqa: E731 - once the first batch is evaluated
-    generation = backend.start(prompt, greedy(config), param="prompt").choice(1, cancelled)
+def long_prompt(backend) -> list[int]:
+    prompt = backend.tokenize("The sea is wide and deep. " * 280, add_special=False)  # about 1,960 tokens
+    assert 6 * backend.engine.prefill_chunk < len(prompt) < backend.n_ctx
+    return prompt
+
+
+def after_one_engine_step(backend):
+    """A cancel check that turns true once the engine has run a step (read a first chunk)."""
+    start = backend.engine.steps
+    return lambda: backend.engine.steps > start
+
+
+def test_cancelled_during_prompt_evaluation(backend, config):
+    prompt = long_prompt(backend)
+    generation = backend.start(prompt, greedy(config), param="prompt").choice(1, after_one_engine_step(backend))
     pieces = list(generation)
     assert generation.finish_reason == "cancelled"
     assert pieces == [] and generation.completion_tokens == 0
-    assert [len(call[0]) for call in evals] == [backend.llm.n_batch]
+    read = len(backend.engine.slots[0].cached)
+    assert 0 < read < len(prompt) - 1  # it stopped part way through the prompt
 
 
-def test_evaluated_prefix_is_reused_after_a_cancel(backend, config, spy_on):
-    prompt = backend.tokenize("The sea is wide and deep. " * 120, add_special=False)
-    backend.llm.reset()
-    first = spy_on(backend.llm, "eval").calls
-    list(backend.start(prompt, greedy(config), param="prompt").choice(1, lambda: len(first) >= 1))
-    evals = spy_on(backend.llm, "eval").calls
+def test_evaluated_prefix_is_reused_after_a_cancel(backend, config):
+    prompt = long_prompt(backend)
+    list(backend.start(prompt, greedy(config), param="prompt").choice(1, after_one_engine_step(backend)))
+    kept = len(backend.engine.slots[0].cached)
+    assert kept >= backend.engine.prefill_chunk
     generation = backend.start(prompt, greedy(config, max_tokens=2), param="prompt").choice(1, lambda: False)
     assert "".join(piece.text for piece in generation) and generation.completion_tokens == 2
-    evaluated = sum(len(call[0]) for call in evals)
-    assert evaluated == len(prompt) - backend.llm.n_batch + 1  # the first batch was kept; plus 1 new token
+    assert generation.cached_tokens == kept  # what the cancelled one read was not read again
 
 
 # ---------------------------------------------------------------------------------------------

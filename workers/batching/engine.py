@@ -63,7 +63,7 @@ class Sequence:
     """One generation: its prompt, how it samples, and the tokens the engine produced for it.
 
     `processors` change a logits row in place before sampling (logit bias, banned tokens, a
-    grammar's mask); `on_token(id)` is told each sampled token (a grammar's state). Generation
+    grammar's mask); `on_token(id)` is told each sampled token but the end one (a grammar's state). Generation
     ends at an end-of-generation token (not delivered), after `max_tokens`, or on `cancel()`.
     """
 
@@ -109,11 +109,11 @@ class Sequence:
         """Tokens as they come, then one `Finished`; `cancelled()` is asked while waiting and
         cancels the sequence when it turns true."""
         while True:
+            if not self.cancelled and cancelled():
+                self.cancel()
             try:
                 item = self._out.get(timeout=WAIT_POLL)
             except queue.Empty:
-                if cancelled():
-                    self.cancel()
                 continue
             yield item
             if isinstance(item, Finished):
@@ -315,11 +315,11 @@ class BatchEngine:
         for processor in sequence.processors:
             processor(row)
         token = sequence.chain.sample(self.ctx, index)
-        if sequence.on_token is not None:
-            sequence.on_token(token)
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             self._free(slot, Finished("stop"))
             return
+        if sequence.on_token is not None:  # not for the end token: a grammar may refuse it (and abort)
+            sequence.on_token(token)
         info = _logprobs(raw, token, sequence.top_logprobs) if raw is not None else None
         sequence.generated += 1
         sequence._deliver(Token(token, info))
