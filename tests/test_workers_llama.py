@@ -455,3 +455,15 @@ def test_llama_embeddings(run):
     assert floats["usage"]["prompt_tokens"] == floats["usage"]["total_tokens"] > 0
     _, short = run("embedding", {"input": "hello", "dimensions": 64}, model="smollm2-embeddings")
     assert len(short["data"][0]["embedding"]) == 64
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(run):
+    system = {"role": "system", "content": "You answer in one word. " + "Be brief. " * 20}
+    first = run("chat", {"messages": [system, {"role": "user", "content": "Name a fruit."}], "max_tokens": 2})[1]
+    again = run("chat", {"messages": [system, {"role": "user", "content": "Name a fruit."}], "max_tokens": 2})[1]
+    other = run("chat", {"messages": [system, {"role": "user", "content": "Name a tree."}], "max_tokens": 2})[1]
+    prompt_tokens = again["usage"]["prompt_tokens"]
+    # the whole prompt but its last token came from the cache; a new question reuses the system part
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": prompt_tokens - 1}
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt_tokens - 1
+    assert 30 < other["usage"]["prompt_tokens_details"]["cached_tokens"] < other["usage"]["prompt_tokens"] - 1

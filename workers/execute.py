@@ -83,7 +83,7 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
         "system_fingerprint": backend.fingerprint,
     }, _include_usage(request))
     want_logprobs = params["logprobs"]
-    choices, completion_tokens = [], 0
+    choices, completion_tokens, cached_tokens = [], 0, 0
     for index in range(request.get("n") or 1):
         stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}])
@@ -102,13 +102,15 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
             return
         stream.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": generation.finish_reason}])
         completion_tokens += generation.completion_tokens
+        if index == 0:  # the prompt counts once, however many choices read it
+            cached_tokens = generation.cached_tokens
         choices.append({
             "index": index,
             "message": {"role": "assistant", "content": generation.text, "refusal": None, "annotations": []},
             "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
             "finish_reason": generation.finish_reason,
         })
-    usage = _usage(len(run.prompt_tokens), completion_tokens)
+    usage = _usage(len(run.prompt_tokens), completion_tokens, cached_tokens)
     stream.usage(usage)
     emit("result", {**stream.base, "object": "chat.completion", "choices": choices, "usage": usage})
 
@@ -152,7 +154,7 @@ def _completion(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancel
         "system_fingerprint": backend.fingerprint,
     }, _include_usage(request))
     want_logprobs = params["logprobs"] is not None
-    choices, prompt_tokens, completion_tokens = [], 0, 0
+    choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
     for position, (run, prompt_text) in enumerate(prompts):
         prompt_tokens += len(run.prompt_tokens)
         base_offset = len(prompt_text)
@@ -176,13 +178,15 @@ def _completion(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancel
                 return
             stream.chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": generation.finish_reason}])
             completion_tokens += generation.completion_tokens
+            if j == 0:  # each prompt counts once, however many choices read it
+                cached_tokens += generation.cached_tokens
             choices.append({
                 "text": text,
                 "index": index,
                 "logprobs": logprobs if want_logprobs else None,
                 "finish_reason": generation.finish_reason,
             })
-    usage = _usage(prompt_tokens, completion_tokens)
+    usage = _usage(prompt_tokens, completion_tokens, cached_tokens)
     stream.usage(usage)
     emit("result", {**stream.base, "object": "text_completion", "choices": choices, "usage": usage})
 
@@ -354,11 +358,13 @@ def _include_usage(request: dict) -> bool:
     return bool((request.get("stream_options") or {}).get("include_usage"))
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; `cached_tokens`: prompt tokens the engine found in its cache (not read again)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
