@@ -369,8 +369,7 @@ class Generation:
         if backend.engine is None:
             raise JobError(400, "This model is configured for embeddings only.", param="model")
         seed = secrets.randbelow(_RANDOM_SEED) if self._seed is None else self._seed % _RANDOM_SEED
-        last_n = params.get("repeat_last_n", 64)
-        sampling = Sampling.from_params({**params, "repeat_last_n": backend.n_ctx if last_n == -1 else last_n}, seed)
+        sampling = Sampling.from_params(params, seed)  # repeat_last_n -1: the engine's context per sequence
         grammar = _Grammar(backend, run.grammar) if run.grammar is not None else None
         processors = [*run.processors, grammar.mask] if grammar else list(run.processors)
         sequence = Sequence(prompt, sampling, limit, processors=[_row(p) for p in processors],
@@ -378,6 +377,7 @@ class Generation:
         try:
             yield from self._read(backend, backend.engine.submit(sequence))
         finally:
+            self.cached_tokens = sequence.cached_tokens  # known once the engine admitted it
             if sequence.finish is None:  # the reader left early: end it, and wait until the engine let go
                 sequence.cancel()
                 backend.engine.poke()
@@ -393,7 +393,6 @@ class Generation:
         text, emitted, pending = "", 0, []
         finish, cut = "length", None
         for item in sequence.stream(self._cancelled):
-            self.cached_tokens = sequence.cached_tokens
             if isinstance(item, Finished):
                 if item.reason == "cancelled":
                     self.finish_reason = "cancelled"
