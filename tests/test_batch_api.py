@@ -21,6 +21,7 @@ import redis
 from openai import BadRequestError, NotFoundError, OpenAI
 
 from store.metrics import JOBS_KEY
+from tasks.sweeper import LOCK_KEY as SWEEP_LOCK
 from tests.service import wait_until
 
 CHAT_MODEL = "gpt-4o-mini"
@@ -231,6 +232,16 @@ def test_cancel_a_running_batch(client, store):
 
 
 def test_lines_past_the_window_expire(client, service, store):
+    # The lines themselves must notice the window: hold the sweep's lock so that the periodic sweep
+    # cannot expire the batch first while it still waits to be validated (then it has no lines).
+    store.set(SWEEP_LOCK, "test_lines_past_the_window_expire", px=120_000)
+    try:
+        _lines_past_the_window_expire(client, store)
+    finally:
+        store.delete(SWEEP_LOCK)
+
+
+def _lines_past_the_window_expire(client, store):
     # keep the worker busy so that the batch's lines run after the window was moved into the past
     busy = threading.Thread(target=lambda: client.chat.completions.create(
         model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a long essay about rivers."}],
