@@ -18,7 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ops.redis_server import RedisServerError
+from tasks.routing import queue_for
 from workers.registry import ModelRegistry
+from workers.slots import worker_slots
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CELERY_APP = "tasks.celery_app:app"
@@ -52,6 +54,19 @@ def worker_argv(
         "--without-gossip", "--without-mingle",
         "--loglevel", loglevel.upper(),
     ]
+
+
+def served_slots(queues, configs) -> int:
+    """Job slots of a worker consuming `queues` (`workers.slots`): from the models routed there."""
+    wanted = set(queues)
+    return worker_slots(config for config in configs if queue_for(config) in wanted)
+
+
+def celery_pool(slots: int) -> tuple[str, int]:
+    """Celery's pool and concurrency for a worker with `slots` job slots: one prefork process for
+    one slot (a job that crashes its process takes no other job with it); for more, a thread per
+    slot in one process, so that the jobs share the loaded models and the batching engine."""
+    return ("threads", slots) if slots > 1 else ("prefork", 1)
 
 
 def _shown(path: Path) -> str:

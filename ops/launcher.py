@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ops.gpus import Gpu, format_size
-from ops.common import worker_argv
+from ops.common import celery_pool, served_slots, worker_argv
 from ops.supervisor import RESTART, Program, Supervisor
 from tasks.routing import queue_for, worker_queues
 from tasks.settings import QueueSettings
@@ -90,6 +90,7 @@ class WorkerSpec:
     gpu: Gpu | None = None
     memory_budget: int | None = None
     budget_source: str = ""
+    slots: int = 1  # jobs it runs at once (`workers.slots`)
 
     @property
     def label(self) -> str:
@@ -105,7 +106,8 @@ class WorkerSpec:
         else:
             where = "CPU"
         budget = f"{format_size(self.memory_budget)} ({self.budget_source})" if self.memory_budget else "no limit"
-        return f"{self.name}: {where}; model budget {budget}; queues {', '.join(self.queues)}"
+        return (f"{self.name}: {where}; model budget {budget}; queues {', '.join(self.queues)}; "
+                f"{self.slots} job slot{'s' if self.slots != 1 else ''}")
 
 
 def plan_workers(
@@ -143,7 +145,7 @@ def plan_workers(
         if budget:
             env["LOCALQ_MODEL_CACHE_BYTES"] = str(budget)
         queues = worker_queues("gpu", gpu_index=gpu.index, pools=pools, node_name=name, configs=configs)
-        specs.append(WorkerSpec(name, "gpu", tuple(queues), env, gpu, budget, source))
+        specs.append(WorkerSpec(name, "gpu", tuple(queues), env, gpu, budget, source, served_slots(queues, configs)))
     if cpu_workers:
         if total_memory is None and cpu_memory_budget is None and inherited is None:
             total_memory = _total_memory()
@@ -156,7 +158,7 @@ def plan_workers(
         if budget:
             env["LOCALQ_MODEL_CACHE_BYTES"] = str(budget)
         queues = worker_queues("cpu", pools=pools, node_name=name, configs=configs)
-        specs.append(WorkerSpec(name, "cpu", tuple(queues), env, None, budget, source))
+        specs.append(WorkerSpec(name, "cpu", tuple(queues), env, None, budget, source, served_slots(queues, configs)))
     return specs
 
 
@@ -188,8 +190,9 @@ def unserved_queues(specs: Sequence[WorkerSpec], configs: Iterable) -> dict[str,
 
 
 def child_argv(spec: WorkerSpec, loglevel: str = "warning") -> list[str]:
-    """The Celery command line of one worker: prefork, one job at a time, prefetch 1."""
-    return worker_argv(",".join(spec.queues), concurrency=1, name=spec.name, pool="prefork", loglevel=loglevel)
+    """The Celery command line of one worker: as many jobs at once as it has slots, prefetch 1 each."""
+    pool, concurrency = celery_pool(spec.slots)
+    return worker_argv(",".join(spec.queues), concurrency=concurrency, name=spec.name, pool=pool, loglevel=loglevel)
 
 
 def child_environment(spec: WorkerSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import httpx
 
-from ops.common import worker_argv
+from ops.common import celery_pool, served_slots, worker_argv
 from ops.redis_server import free_port
 from ops.supervisor import LEAVE, Program, Supervisor
+from tasks.settings import QueueSettings
+from workers.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS, API = "workers", "api"
@@ -67,8 +69,12 @@ class ServiceProcesses:
         found = [child.process for child in self.processes.children if child.name == API]
         return found[0] if found else None
 
-    def start_worker(self, name: str = "cpu", queues: str = "cpu") -> subprocess.Popen:
-        argv = worker_argv(queues, name=f"{name}@%h")
+    def start_worker(self, name: str = "cpu", queues: str = "cpu", slots: int | None = None) -> subprocess.Popen:
+        """A worker with `slots` job slots (default: as `localq worker` decides, from the models served)."""
+        if slots is None:
+            slots = served_slots(queues.split(","), ModelRegistry.load(QueueSettings.from_env(self.env).models_dir).list())
+        pool, concurrency = celery_pool(slots)
+        argv = worker_argv(queues, concurrency, name=f"{name}@%h", pool=pool)
         program = Program(name, argv, self.env, LEAVE, group=WORKERS, log=self.log_dir / f"worker-{name}.log")
         return self.processes.add(program).process
 

@@ -39,7 +39,7 @@ from store.files import publish_outputs, url_maker
 from store.filestore import FileNotFound, FileStore
 from store.metrics import completion_tokens, record_jobs
 from tasks.batch_input import check_lines
-from tasks.cancel_check import CancelCheck
+from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
 from tasks.routing import FINALIZE_TASK, LINES_TASK, PRIORITIES, START_TASK, queue_for
 from tasks.runtime import model_runtime, runtime
@@ -216,7 +216,8 @@ def run_lines(self, batch_id: str, items: list) -> None:
         return
     try:
         if not _given_up(runtime(), self.request, batch_id, items):
-            _run_lines(runtime(), store, record, batch_id, items)
+            _run_lines(runtime(), store, record, batch_id, items,
+                       soft_deadline(self.request, runtime().settings.job_timeout))
     finally:
         _maybe_finalize(batch_id)
 
@@ -242,7 +243,7 @@ def _given_up(rt, request, batch_id: str, items: list) -> bool:
     return True
 
 
-def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) -> None:
+def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, deadline: float | None = None) -> None:
     done = rt.redis.hmget(results_key(batch_id), [custom_id for _, custom_id, _ in items])
     pending = [item for item, outcome in zip(items, done, strict=True) if outcome is None]  # a redelivery
     if not pending:
@@ -259,7 +260,7 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
     kind = KINDS[record["endpoint"]]
     jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
              "created": int(time.time()), "base_url": record.get("base_url")} for line, _, body in pending]
-    is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL)
+    is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL, deadline)
 
     registry, cache = model_runtime()
     began = time.monotonic()
@@ -273,6 +274,8 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list) 
     except Exception as err:
         log.exception("batch %s: lines %s failed", batch_id, [line for line, _, _ in pending])
         results = [err] * len(jobs)
+    if is_cancelled.timed_out:  # lines stopped at the soft time limit failed; they were not cancelled
+        results = [SoftTimeLimitExceeded() if result is None else result for result in results]
     outcomes = []
     for (line, custom_id, _), job, result in zip(pending, jobs, results, strict=True):
         if result is None:  # stopped by a cancel while it ran

@@ -11,9 +11,9 @@ The rule, in one place (the README draws it):
     worker.<node name>      one worker alone (its own queue)
 
 A job goes to its model's queue, except that when several live workers consume that queue and
-one of them already holds the model and is idle, the job goes to that worker's own queue: GPUs
-do not all load every model, and a model is loaded a second time only when its holders are
-busy and another worker is free.
+one of them already holds the model and has a free job slot, the job goes to that worker's own
+queue (the one with the most free slots): GPUs do not all load every model, and a model is
+loaded a second time only when its holders are busy and another worker is free.
 """
 
 from __future__ import annotations
@@ -89,7 +89,16 @@ def choose_queue(config, workers: Iterable[dict]) -> str:
     serving = [w for w in workers if shared in w.get("queues", ())]
     if len(serving) < 2:
         return shared
-    idle_holders = sorted(w["id"] for w in serving
-                          if config.name in w.get("loaded_models", ()) and not w.get("current_job")
-                          and own_queue(w["id"]) in w["queues"])  # a plain `-Q` worker has no own queue
-    return own_queue(idle_holders[0]) if idle_holders else shared
+    holders = [w for w in serving if config.name in w.get("loaded_models", ()) and free_slots(w) > 0
+               and own_queue(w["id"]) in w["queues"]]  # a plain `-Q` worker has no own queue
+    if not holders:
+        return shared
+    return own_queue(min(holders, key=lambda w: (-free_slots(w), w["id"]))["id"])
+
+
+def free_slots(worker: dict) -> int:
+    """Job slots a worker's heartbeat says are free (a heartbeat without `slots`: one slot,
+    busy while it has a `current_job`)."""
+    slots = worker.get("slots") or 1
+    busy = worker.get("slots_busy", 1 if worker.get("current_job") else 0)
+    return max(0, int(slots) - int(busy or 0))

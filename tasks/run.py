@@ -20,7 +20,7 @@ from store import dead_letters
 from store.files import fetch_uploads, publish_outputs, url_maker
 from store.jobs import FINAL_STATUSES
 from store.metrics import FirstToken, completion_tokens, record_job
-from tasks.cancel_check import CancelCheck
+from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
 from tasks.publisher import BackgroundPublisher
 from tasks.routing import RUN_TASK as TASK_NAME
@@ -132,7 +132,8 @@ def run_job(self, job: dict) -> None:
 
     registry, cache = model_runtime()
     first_token = FirstToken(publisher.emit, started)
-    is_cancelled = CancelCheck(lambda: rt.jobs.cancel_requested(job_id), CANCEL_POLL)
+    is_cancelled = CancelCheck(lambda: rt.jobs.cancel_requested(job_id), CANCEL_POLL,
+                               soft_deadline(self.request, rt.settings.job_timeout, started))
 
     outcome, error = "succeeded", None
     try:
@@ -146,6 +147,8 @@ def run_job(self, job: dict) -> None:
         outcome, error = "failed", errors.server_error().payload()
     finally:
         published = _close(publisher, job_id)
+    if error is None and is_cancelled.timed_out:  # stopped at its soft time limit (threads pool)
+        outcome, error = "failed", errors.job_timeout().payload()
     if error is None and not published:
         outcome, error = "failed", errors.output_lost().payload()
     elif error is None and not is_cancelled.cancelled and publisher.result is None:

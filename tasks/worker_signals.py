@@ -33,16 +33,23 @@ from celery import signals
 from store.heartbeats import Heartbeat
 from tasks.orphans import registry_resolver, rescue
 from tasks.runtime import model_runtime, runtime, worker_settings
+from tasks.watchdog import HardLimitWatchdog
 
 log = logging.getLogger(__name__)
 
 MIN_HEARTBEAT_INTERVAL = 0.1
-RECENT_TAGS = 32  # delivery tags remembered per node: prefetch 1 keeps at most a couple in flight
-_state: dict = {"heartbeat": None, "job": None, "jobs_done": 0, "started_at": int(time.time())}
+RECENT_TAGS = 32  # delivery tags remembered per job slot: prefetch 1 keeps about one in flight per slot
+_state: dict = {"heartbeat": None, "jobs": {}, "hard_limits": {}, "slots": 1, "jobs_done": 0,
+               "started_at": int(time.time())}
 
 
 def inflight_key(node_name: str) -> str:
     return f"localq:worker:{node_name}:deliveries"
+
+
+def worker_hard_limit() -> float:
+    """The hard time limit of a job sent without one of its own."""
+    return runtime().settings.hard_limit
 
 
 def heartbeat_interval() -> float:
@@ -57,7 +64,10 @@ def describe() -> dict:
     queues = [q for q in environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
     device = environ.get("LOCALQ_WORKER_DEVICE") or ("gpu" if "gpu" in queues else "cpu")
     gpu_index = environ.get("LOCALQ_GPU_INDEX")
-    job = _state["job"]
+    running = list(_state["jobs"].values())
+    job = running[0] if running else None
+    engines = {name: backend.engine.stats() for name, backend in cache.backends().items()
+               if getattr(backend, "engine", None) is not None}
     return {
         "id": environ.get("LOCALQ_WORKER_NAME") or f"worker@{socket.gethostname()}",
         "hostname": socket.gethostname(),
@@ -74,6 +84,10 @@ def describe() -> dict:
         "evictions": cache.evictions,
         "current_job": job["id"] if job else None,
         "current_job_model": job["model"] if job else None,
+        "slots": _state["slots"],
+        "slots_busy": len(running),
+        "running_jobs": running,
+        "engines": engines,
         "jobs_done": _state["jobs_done"],
         "started_at": _state["started_at"],
     }
@@ -98,7 +112,7 @@ def _remember_delivery(sender=None, request=None, **_) -> None:
         pipe = runtime().redis.pipeline(transaction=False)
         key = inflight_key(os.environ.get("LOCALQ_WORKER_NAME", ""))
         pipe.lpush(key, tag)
-        pipe.ltrim(key, 0, RECENT_TAGS - 1)
+        pipe.ltrim(key, 0, RECENT_TAGS * _state["slots"] - 1)
         pipe.execute()
     except Exception:
         log.warning("delivery tag not remembered", exc_info=True)
@@ -107,9 +121,14 @@ def _remember_delivery(sender=None, request=None, **_) -> None:
 @signals.worker_ready.connect
 def _heartbeat_without_pool_processes(sender=None, **_) -> None:
     """With the solo or threads pool, jobs run in this process: it publishes the heartbeat."""
-    pool = str(getattr(getattr(sender, "controller", None), "pool_cls", "")).lower()
+    controller = getattr(sender, "controller", None)
+    pool = str(getattr(controller, "pool_cls", "")).lower()
     if "solo" in pool or "thread" in pool:
+        _state["slots"] = max(1, int(getattr(controller, "concurrency", 1) or 1))
         _start_pool_process()
+        watchdog = HardLimitWatchdog(lambda: dict(_state["hard_limits"]))
+        _state["watchdog"] = watchdog
+        watchdog.start()
 
 
 @signals.worker_ready.connect
@@ -181,14 +200,17 @@ def _job_started(task_id=None, task=None, args=None, **_) -> None:
         current = {"id": f"{args[0]}:{args[1][0][1]}", "model": body.get("model")}
     else:
         current = {"id": task_id, "model": None}
-    _state["job"] = current
+    _state["jobs"][task_id] = current
+    limits = getattr(getattr(task, "request", None), "timelimit", None) or (None, None)
+    _state["hard_limits"][task_id] = time.monotonic() + float(limits[0] or worker_hard_limit())
     if _state["heartbeat"] is not None:
         _state["heartbeat"].poke()
 
 
 @signals.task_postrun.connect
-def _job_ended(**_) -> None:
-    _state["job"] = None
+def _job_ended(task_id=None, **_) -> None:
+    _state["jobs"].pop(task_id, None)
+    _state["hard_limits"].pop(task_id, None)
     _state["jobs_done"] += 1
     if _state["heartbeat"] is not None:
         _state["heartbeat"].poke()

@@ -23,13 +23,16 @@ class Service(ServiceProcesses):
 
 
 @contextmanager
-def running_service(tmp: Path, extra_env: dict | None = None, workers: tuple[str, ...] = ("cpu",)):
+def running_service(tmp: Path, extra_env: dict | None = None, workers: tuple[str, ...] = ("cpu",),
+                    slots: int | None = None):
+    """Redis, the API and `workers` (each consuming the queue of its name), with `slots` job
+    slots each (default: as `localq worker` decides from the model configs)."""
     with RedisServer(tmp / "redis") as redis_server:
         env = {**os.environ, "LOCALQ_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         service = Service(env=env, log_dir=tmp / "logs", redis=redis_server)
         try:
             for name in workers:
-                service.start_worker(name, name)
+                service.start_worker(name, name, slots)
             service.start_api()
             yield service
         finally:

@@ -23,6 +23,7 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from store.metrics import JOBS_KEY
 from tasks.sweeper import LOCK_KEY as SWEEP_LOCK
 from tests.service import wait_until
+from workers.config import DEFAULT_PARALLEL
 
 CHAT_MODEL = "gpt-4o-mini"
 EMBED_MODEL = "text-embedding-3-small"
@@ -242,16 +243,18 @@ def test_lines_past_the_window_expire(client, service, store):
 
 
 def _lines_past_the_window_expire(client, store):
-    # keep the worker busy so that the batch's lines run after the window was moved into the past
-    busy = threading.Thread(target=lambda: client.chat.completions.create(
+    # keep every slot of the worker busy so that the batch's lines run after the window was moved into the past
+    busy = [threading.Thread(target=lambda: client.chat.completions.create(
         model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a long essay about rivers."}],
-        max_tokens=200, temperature=0))
-    busy.start()
+        max_tokens=200, temperature=0)) for _ in range(DEFAULT_PARALLEL["cpu"])]
+    for thread in busy:
+        thread.start()
     time.sleep(0.3)
     source = upload(client, [chat_line(f"x-{i}", "hi", max_tokens=2) for i in range(2)])
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
     store.hset(f"localq:batch:{batch.id}", "expires_at", int(time.time()) - 1)
-    busy.join()
+    for thread in busy:
+        thread.join()
     done = wait_final(client, batch.id)
     assert done.status == "expired" and done.expired_at
     assert done.request_counts.failed == 2 and done.output_file_id is None

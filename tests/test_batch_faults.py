@@ -18,7 +18,8 @@ LINES = 80
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}) as svc:
+    # one slot: a prefork worker, whose pool process the test kills
+    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}, slots=1) as svc:
         yield svc
 
 

@@ -38,7 +38,7 @@ MAX_DELIVERIES = 2
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dead-letters")
     env = {"LOCALQ_MAX_DELIVERIES": str(MAX_DELIVERIES), "LOCALQ_FILES_DIR": str(tmp / "files")}
-    with running_service(tmp, env) as svc:
+    with running_service(tmp, env, slots=1) as svc:  # prefork: these tests kill its pool process
         yield svc
 
 

@@ -362,7 +362,10 @@ def test_queues_given_still_execs_one_celery_worker(monkeypatch, capsys):
     monkeypatch.setattr(worker_command.os, "execv", lambda path, argv: calls.append(argv))
     monkeypatch.setenv("LOCALQ_MODELS_DIR", str(REPO_ROOT / "models"))
     assert main(["worker", "--queues", "cpu", "--name", "cpu@%h"]) == 0  # what `localq up` runs
-    assert calls[-1] == worker_argv("cpu", 1, "cpu@%h")
+    # the default chat model batches 4 sequences: four job slots, as threads sharing the model
+    assert calls[-1] == worker_argv("cpu", 4, "cpu@%h", "threads")
+    assert main(["worker", "--queues", "cpu", "-c", "1"]) == 0  # one job at a time: prefork
+    assert calls[-1] == worker_argv("cpu", 1, None)
     assert main(["worker", "-Q", "gpu", "-P", "solo"]) == 0
     assert calls[-1] == worker_argv("gpu", 1, None, "solo")
     # `--pool solo` named Celery's pool before --pool named worker pools: still understood

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 from dataclasses import replace
@@ -309,9 +308,10 @@ def service(tmp_path_factory):
 
     models = tmp_path_factory.mktemp("models")
     shipped = DEFAULT_MODELS_DIR / "smollm2-135m-instruct.yaml"
-    shutil.copy(shipped, models / shipped.name)
-    long_context = yaml.safe_load(shipped.read_text())
-    long_context.update(name=LONG_MODEL, aliases=[], context_size=16384)
+    # one slot: a job sent after the abandoned one runs only once that one has let go of the worker
+    chat = {**yaml.safe_load(shipped.read_text()), "parallel": 1}
+    (models / shipped.name).write_text(yaml.safe_dump(chat))
+    long_context = {**chat, "name": LONG_MODEL, "aliases": [], "context_size": 16384}
     (models / "long.yaml").write_text(yaml.safe_dump(long_context))
     with running_service(tmp_path_factory.mktemp("svc"), {"LOCALQ_MODELS_DIR": str(models)}) as svc:
         for model in (LONG_MODEL, CHAT_MODEL):  # both loaded: the jobs below go straight to their prompts

@@ -31,7 +31,9 @@ GREEDY = {"temperature": 0, "seed": 7}
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with running_service(tmp_path_factory.mktemp("svc"), {"LOCALQ_RESUME_GRACE": "2"}) as svc:
+    # one slot: a prefork worker, whose pool process these tests kill (a worker with several slots,
+    # killed whole, is tests/test_slot_redelivery.py's)
+    with running_service(tmp_path_factory.mktemp("svc"), {"LOCALQ_RESUME_GRACE": "2"}, slots=1) as svc:
         warm = OpenAI(base_url=svc.base_url + "/v1", api_key="unused", timeout=180, max_retries=0)
         warm.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=1)
         yield svc

@@ -73,3 +73,15 @@ def test_a_worker_without_its_own_queue_is_never_sent_a_job_directly():
     plain = {"id": "up@h", "queues": ["cpu"], "loaded_models": ["embed"], "current_job": None}
     launched = beat("cpu0@h", ["cpu"])
     assert choose_queue(model, [plain, launched]) == "cpu"
+
+
+def test_a_holder_with_free_slots_gets_the_job_the_freest_first():
+    """A batching worker is not idle while it runs a job, yet it takes more while it has free slots."""
+    model = config("chat", "gpu")
+    busy = {**beat("gpu0@h", ["gpu"], loaded=["chat"], job="j1"), "slots": 4, "slots_busy": 4}
+    some = {**beat("gpu1@h", ["gpu"], loaded=["chat"], job="j2"), "slots": 4, "slots_busy": 3}
+    fewer = {**beat("gpu2@h", ["gpu"], loaded=["chat"], job="j3"), "slots": 4, "slots_busy": 1}
+    assert choose_queue(model, [busy, some]) == "worker.gpu1@h"
+    assert choose_queue(model, [busy, some, fewer]) == "worker.gpu2@h"
+    full = {**some, "slots_busy": 4}
+    assert choose_queue(model, [busy, full]) == "gpu"

@@ -30,6 +30,7 @@ from ops.stack import wait_until
 REPO = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
 MODEL = "pinned-chat"
+SLOTS = 2  # the pinned model's `parallel`: gpu1 runs two jobs at once (a threads pool of 2)
 JOBS = 4
 MESSAGES = [{"role": "user", "content": "Tell me a long story about the sea."}]
 
@@ -73,7 +74,7 @@ def pool(tmp_path_factory):
     models = tmp / "models"
     models.mkdir()
     chat = yaml.safe_load((REPO / "models" / "smollm2-135m-instruct.yaml").read_text())
-    chat.update(name=MODEL, device="gpu", gpus=[1], aliases=[])
+    chat.update(name=MODEL, device="gpu", gpus=[1], aliases=[], parallel=SLOTS)
     (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(chat))
     with RedisServer(tmp / "redis") as server:
         env = {**os.environ, "LOCALQ_REDIS_URL": server.url, "LOCALQ_SIMULATE_GPUS": "2:2GiB",
@@ -134,7 +135,10 @@ def test_one_worker_process_per_device(pool, celery_app):
         assert env["LOCALQ_WORKER_DEVICE"] == name[:3]
         assert env.get("LOCALQ_SIMULATED_GPU") == ("1" if name.startswith("gpu") else None)
         assert int(env["LOCALQ_MODEL_CACHE_BYTES"]) > 0
-        assert option(process, "--concurrency") == "1" and option(process, "--pool") == "prefork"
+        if name == f"gpu1@{HOST}":  # the only worker serving a text model: a slot per sequence it batches
+            assert option(process, "--concurrency") == str(SLOTS) and option(process, "--pool") == "threads"
+        else:
+            assert option(process, "--concurrency") == "1" and option(process, "--pool") == "prefork"
     assert option(workers[f"gpu1@{HOST}"], "--queues").split(",") == ["gpu", "gpu.1", f"worker.gpu1@{HOST}"]
     assert option(workers[f"cpu0@{HOST}"], "--queues").split(",") == ["cpu", f"worker.cpu0@{HOST}"]
     assert len({process.pid for process in workers.values()}) == 3
@@ -197,8 +201,8 @@ def test_sigterm_drains_running_jobs_and_keeps_queued_ones(pool, celery_app, mon
     def status(job_id):
         return rt.jobs.get(job_id)["status"]
 
-    running = wait_until(lambda: [j for j in jobs if status(j) == "running"], 60,
-                         f"a job to start (launcher log:\n{pool.log_text()})")
+    running = wait_until(lambda: len(r := [j for j in jobs if status(j) == "running"]) == SLOTS and r, 60,
+                         f"a job in each slot (launcher log:\n{pool.log_text()})")
     workers = pool.workers()
     pool.launcher.send_signal(signal.SIGTERM)
     assert pool.launcher.wait(90) == 0, pool.log_text()
@@ -210,6 +214,7 @@ def test_sigterm_drains_running_jobs_and_keeps_queued_ones(pool, celery_app, mon
     assert set(statuses.values()) <= {"succeeded", "queued"}, statuses
     assert waiting, f"every job ran before the stop; nothing left to check: {statuses}"
     # every job not run is still on its queue in Redis, and nothing is held unacknowledged
+    assert len(waiting) == JOBS - SLOTS  # a worker holds no more messages than it has slots
     assert sum(rt.redis.llen(key) for key in dispatch.queue_keys(queue)) == len(waiting)
     assert rt.redis.hlen("unacked") == 0
     assert not any(process.is_running() for process in workers.values())

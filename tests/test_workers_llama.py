@@ -182,6 +182,25 @@ def test_n_choices_stream_in_turn_with_successive_seeds(run):
     assert second_alone["usage"]["prompt_tokens"] == result["usage"]["prompt_tokens"]
 
 
+def test_n_choices_decode_together_from_one_read_of_the_prompt(run, cache, registry):
+    """n > 1: the siblings run in the engine at once (one decode step serves them all) and start
+    from the prompt the first one read (prefix reuse), yet each is what it would be alone."""
+    engine = cache.get(registry.resolve(CHAT_MODEL)).engine
+    question = [{"role": "user", "content": "Tell me about rivers and " + "the sea " * 20}]
+    steps, read, cached = engine.steps, engine.prompt_tokens, engine.cached_tokens
+    result = run("chat", {"messages": question, "n": 3, "max_tokens": 12, "temperature": 0,
+                          "x-localai-extensions": {"ignore_eos": True}})[1]
+    prompt = result["usage"]["prompt_tokens"]
+    assert result["usage"]["completion_tokens"] == 36
+    assert engine.prompt_tokens - read == 3 * prompt
+    assert engine.cached_tokens - cached >= 2 * (prompt - 1)  # the siblings read no prompt of their own
+    assert engine.steps - steps < 2 * 12  # one after the other, 36 decode steps at least
+    texts = {choice["message"]["content"] for choice in result["choices"]}
+    alone = run("chat", {"messages": question, "max_tokens": 12, "temperature": 0,
+                         "x-localai-extensions": {"ignore_eos": True}})[1]
+    assert texts == {alone["choices"][0]["message"]["content"]}
+
+
 def test_include_usage(run):
     deltas, result = chat(run, max_tokens=5, stream=True, stream_options={"include_usage": True})
     *chunks, final = deltas

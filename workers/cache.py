@@ -1,4 +1,10 @@
-"""Loaded models of one worker process: each loaded once, least recently used evicted first."""
+"""Loaded models of one worker process: each loaded once, least recently used evicted first.
+
+A worker with several job slots (`workers.slots`) runs jobs in threads that share these models, so
+a job holds its model through `lease`: a leased model is never evicted under a running job, and at
+most `backend.concurrent_jobs` jobs use one backend at once (1 unless the backend says more: the
+llama-cpp backend batches `parallel` sequences; pipelines such as diffusers' are not thread-safe).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,19 @@ class _Entry:
     config: ModelConfig
     backend: Any
     size: int
+    users: int = 0  # jobs holding a lease on it now
+    retired: bool = False  # evicted while in use: closed when its last user leaves
+    gate: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = threading.BoundedSemaphore(max(1, int(getattr(self.backend, "concurrent_jobs", 1) or 1)))
+
+
+def _close(name: str, backend: Any) -> None:
+    log.info("unloading model %s", name)
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()
 
 
 class ModelCache:
@@ -76,29 +96,50 @@ class ModelCache:
     def get(self, config: ModelConfig) -> Any:
         """The loaded backend for `config`, loading it (and evicting others) when needed."""
         with self._lock:
-            entry = self._entries.get(config.name)
-            if entry is not None and entry.config == config:
-                self._entries.move_to_end(config.name)
-                return entry.backend
-            if entry is not None:  # the config changed since it was loaded
-                self.evict(config.name)
-            size = model_size(config)
-            self._make_room(size)
-            log.info("loading model %s (%d bytes)", config.name, size)
-            backend = self._loader(config)
-            self._entries[config.name] = _Entry(config, backend, size)
-            return backend
+            return self._entry(config).backend
+
+    @contextmanager
+    def lease(self, config: ModelConfig) -> Iterator[Any]:
+        """`get`, held for one job: not evicted meanwhile; waits while the backend already runs
+        as many jobs as it can at once."""
+        with self._lock:
+            entry = self._entry(config)
+            entry.users += 1
+        try:
+            with entry.gate:
+                yield entry.backend
+        finally:
+            with self._lock:
+                entry.users -= 1
+                closing = entry.retired and entry.users == 0
+            if closing:
+                _close(entry.config.name, entry.backend)
+
+    def _entry(self, config: ModelConfig) -> _Entry:
+        """(Under the lock.) The entry for `config`, loaded now if it is not."""
+        entry = self._entries.get(config.name)
+        if entry is not None and entry.config == config:
+            self._entries.move_to_end(config.name)
+            return entry
+        if entry is not None:  # the config changed since it was loaded
+            self.evict(config.name)
+        size = model_size(config)
+        self._make_room(size)
+        log.info("loading model %s (%d bytes)", config.name, size)
+        entry = _Entry(config, self._loader(config), size)
+        self._entries[config.name] = entry
+        return entry
 
     def evict(self, name: str) -> bool:
-        """Unload model `name`; False when it was not loaded."""
+        """Unload model `name` (once the jobs using it are done); False when it was not loaded."""
         with self._lock:
             entry = self._entries.pop(name, None)
+            if entry is not None and entry.users:
+                entry.retired = True
+                return True
         if entry is None:
             return False
-        log.info("unloading model %s", name)
-        close = getattr(entry.backend, "close", None)
-        if callable(close):
-            close()
+        _close(name, entry.backend)
         return True
 
     def clear(self) -> None:
@@ -111,6 +152,11 @@ class ModelCache:
         with self._lock:
             return list(self._entries)
 
+    def backends(self) -> dict[str, Any]:
+        """The loaded backends by model name (for reports such as a worker's heartbeat)."""
+        with self._lock:
+            return {name: entry.backend for name, entry in self._entries.items()}
+
     @property
     def used_bytes(self) -> int:
         """Sum of the loaded models' sizes."""
@@ -122,9 +168,14 @@ class ModelCache:
             return name in self._entries
 
     def _make_room(self, size: int) -> None:
+        """Evict the least recently used models until `size` more bytes fit; a model a job is
+        using stays (the budget is then exceeded until that job ends)."""
         while self._entries and self._over_budget(size):
-            oldest = next(iter(self._entries))
-            self.evict(oldest)
+            idle = [name for name, entry in self._entries.items() if not entry.users]
+            if not idle:
+                log.warning("model budget exceeded: every loaded model is in use by a running job")
+                return
+            self.evict(idle[0])
             self.evictions += 1
 
     def _over_budget(self, incoming: int) -> bool:

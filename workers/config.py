@@ -26,6 +26,11 @@ PACKAGE_SCHEME = "package://"
 
 #: A text model's context size (tokens) when its config sets none.
 DEFAULT_CONTEXT_SIZE = 2048
+#: Sequences a text-generation model runs at once when its config sets no `parallel`: on a CPU
+#: four already use most of what batching gains (the cores are the limit); a GPU keeps gaining
+#: well past that. Each sequence has its own `context_size` of KV cache.
+DEFAULT_PARALLEL = {"cpu": 4, "gpu": 8}
+MAX_PARALLEL = 256
 
 
 class StrictFloat(fields.Float):
@@ -70,6 +75,10 @@ class ModelConfigSchema(Schema):
     parameters = fields.Nested(ParametersSchema, load_default=dict)
     context_size = _integer(validate=validate.Range(min=1))
     threads = _integer(validate=validate.Range(min=1))
+    # text generation: sequences decoded together by the batching engine (default DEFAULT_PARALLEL)
+    parallel = _integer(validate=validate.Range(min=1, max=MAX_PARALLEL))
+    # load the model when a worker serving it starts, so that its first request does not wait
+    preload = fields.Boolean(load_default=False)
     gpu_layers = _integer()
     f16 = fields.Boolean()
     mmap = fields.Boolean()
@@ -122,6 +131,8 @@ class ModelConfig:
     parameters: dict[str, Any] = field(default_factory=dict)
     context_size: int | None = None
     threads: int | None = None
+    parallel: int | None = None
+    preload: bool = False
     gpu_layers: int | None = None
     f16: bool | None = None
     mmap: bool | None = None
@@ -144,6 +155,11 @@ class ModelConfig:
     def context_tokens(self) -> int:
         """The context size a text model runs with: prompts must be shorter than this."""
         return self.context_size or DEFAULT_CONTEXT_SIZE
+
+    @property
+    def default_parallel(self) -> int:
+        """`parallel`, or the device's default (`DEFAULT_PARALLEL`)."""
+        return self.parallel or DEFAULT_PARALLEL[self.device]
 
     @property
     def names(self) -> tuple[str, ...]:

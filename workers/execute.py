@@ -18,6 +18,7 @@ import base64
 import struct
 import zlib
 from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from schemas.openai_errors import invalid, model_not_found
@@ -57,10 +58,10 @@ def execute(
         raise invalid(param, message, problem.code)
     if cancelled():
         return
-    backend = cache.get(config)
-    if cancelled():  # the client may have left while the model loaded
-        return
-    handler(job, config, backend, emit, cancelled)
+    with cache.lease(config) as backend:  # the model stays loaded, and its share of jobs is kept
+        if cancelled():  # the client may have left while the model loaded or while it waited its turn
+            return
+        handler(job, config, backend, emit, cancelled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,35 +85,55 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
     }, _include_usage(request))
     want_logprobs = params["logprobs"]
     choices, completion_tokens, cached_tokens = [], 0, 0
-    for index in range(request.get("n") or 1):
-        stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                       "finish_reason": None}])
-        generation = run.choice(_seed(params["seed"], job, index), cancelled)
-        content: list[dict] = []
-        for piece in generation:
-            entries = [_chat_logprob(info) for info in piece.logprobs] if want_logprobs else []
-            content.extend(entries)
-            stream.chunk([{
-                "index": index,
-                "delta": {"content": piece.text},
-                "logprobs": {"content": entries, "refusal": None} if want_logprobs else None,
-                "finish_reason": None,
-            }])
-        if generation.finish_reason == "cancelled":
-            return
-        stream.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": generation.finish_reason}])
-        completion_tokens += generation.completion_tokens
-        if index == 0:  # the prompt counts once, however many choices read it
-            cached_tokens = generation.cached_tokens
-        choices.append({
-            "index": index,
-            "message": {"role": "assistant", "content": generation.text, "refusal": None, "annotations": []},
-            "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
-            "finish_reason": generation.finish_reason,
-        })
+    with _generations(run, [_seed(params["seed"], job, index) for index in range(request.get("n") or 1)],
+                      cancelled) as generations:
+        for index, generation in enumerate(generations):
+            if not _chat_choice(stream, index, generation, want_logprobs, choices):
+                return
+            completion_tokens += generation.completion_tokens
+            if index == 0:  # the prompt counts once, however many choices read it
+                cached_tokens = generation.cached_tokens
     usage = _usage(len(run.prompt_tokens), completion_tokens, cached_tokens)
     stream.usage(usage)
     emit("result", {**stream.base, "object": "chat.completion", "choices": choices, "usage": usage})
+
+
+@contextmanager
+def _generations(run, seeds: list, cancelled: Cancelled):
+    """The answers of one prompt, decoded together; read in order of index, so the stream's chunks
+    come in the same order on every delivery of the job (a redelivery skips those already sent)."""
+    generations = run.choices(seeds, cancelled)
+    try:
+        yield generations
+    finally:
+        for generation in generations:
+            generation.abandon()
+
+
+def _chat_choice(stream, index: int, generation, want_logprobs, choices: list) -> bool:
+    """Stream one chat answer and add it to `choices`; False if the job was cancelled meanwhile."""
+    stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                   "finish_reason": None}])
+    content: list[dict] = []
+    for piece in generation:
+        entries = [_chat_logprob(info) for info in piece.logprobs] if want_logprobs else []
+        content.extend(entries)
+        stream.chunk([{
+            "index": index,
+            "delta": {"content": piece.text},
+            "logprobs": {"content": entries, "refusal": None} if want_logprobs else None,
+            "finish_reason": None,
+        }])
+    if generation.finish_reason == "cancelled":
+        return False
+    stream.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": generation.finish_reason}])
+    choices.append({
+        "index": index,
+        "message": {"role": "assistant", "content": generation.text, "refusal": None, "annotations": []},
+        "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
+        "finish_reason": generation.finish_reason,
+    })
+    return True
 
 
 def _chat_logprob(info) -> dict:
@@ -155,40 +176,50 @@ def _completion(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancel
     }, _include_usage(request))
     want_logprobs = params["logprobs"] is not None
     choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
-    for position, (run, prompt_text) in enumerate(prompts):
-        prompt_tokens += len(run.prompt_tokens)
-        base_offset = len(prompt_text)
-        for j in range(n):
-            index = position * n + j
-            text = ""
-            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            if echo and prompt_text:
-                text = prompt_text
-                stream.chunk([{"text": prompt_text, "index": index, "logprobs": None, "finish_reason": None}])
-            generation = run.choice(_seed(params["seed"], job, j), cancelled)
-            for piece in generation:
-                chunk_logprobs = _completion_logprobs(piece.logprobs, base_offset) if want_logprobs else None
-                if chunk_logprobs:
-                    for key, values in chunk_logprobs.items():
-                        logprobs[key].extend(values)
-                text += piece.text
-                stream.chunk([{"text": piece.text, "index": index, "logprobs": chunk_logprobs,
-                               "finish_reason": None}])
-            if generation.finish_reason == "cancelled":
-                return
-            stream.chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": generation.finish_reason}])
-            completion_tokens += generation.completion_tokens
-            if j == 0:  # each prompt counts once, however many choices read it
-                cached_tokens += generation.cached_tokens
-            choices.append({
-                "text": text,
-                "index": index,
-                "logprobs": logprobs if want_logprobs else None,
-                "finish_reason": generation.finish_reason,
-            })
+    with ExitStack() as started:  # every prompt's answers decode together; they are read in order
+        answers = [started.enter_context(_generations(run, [_seed(params["seed"], job, j) for j in range(n)],
+                                                      cancelled)) for run, _ in prompts]
+        for position, ((run, prompt_text), generations) in enumerate(zip(prompts, answers, strict=True)):
+            prompt_tokens += len(run.prompt_tokens)
+            for j, generation in enumerate(generations):
+                if not _completion_choice(stream, position * n + j, generation, prompt_text, echo, want_logprobs,
+                                          choices):
+                    return
+                completion_tokens += generation.completion_tokens
+                if j == 0:  # each prompt counts once, however many choices read it
+                    cached_tokens += generation.cached_tokens
     usage = _usage(prompt_tokens, completion_tokens, cached_tokens)
     stream.usage(usage)
     emit("result", {**stream.base, "object": "text_completion", "choices": choices, "usage": usage})
+
+
+def _completion_choice(stream, index: int, generation, prompt_text: str, echo: bool, want_logprobs: bool,
+                       choices: list) -> bool:
+    """Stream one completion and add it to `choices`; False if the job was cancelled meanwhile."""
+    base_offset = len(prompt_text)
+    text = ""
+    logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if echo and prompt_text:
+        text = prompt_text
+        stream.chunk([{"text": prompt_text, "index": index, "logprobs": None, "finish_reason": None}])
+    for piece in generation:
+        chunk_logprobs = _completion_logprobs(piece.logprobs, base_offset) if want_logprobs else None
+        if chunk_logprobs:
+            for key, values in chunk_logprobs.items():
+                logprobs[key].extend(values)
+        text += piece.text
+        stream.chunk([{"text": piece.text, "index": index, "logprobs": chunk_logprobs,
+                       "finish_reason": None}])
+    if generation.finish_reason == "cancelled":
+        return False
+    stream.chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": generation.finish_reason}])
+    choices.append({
+        "text": text,
+        "index": index,
+        "logprobs": logprobs if want_logprobs else None,
+        "finish_reason": generation.finish_reason,
+    })
+    return True
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -283,7 +314,8 @@ def execute_embeddings(
         inputs_of = [_embedding_inputs(jobs[i]["request"]) for i in members]
         flat = [item for inputs in inputs_of for item in inputs]
         try:
-            outcome = cache.get(registry.resolve(name)).embed(flat, dimensions=dimensions, cancelled=cancelled)
+            with cache.lease(registry.resolve(name)) as backend:
+                outcome = backend.embed(flat, dimensions=dimensions, cancelled=cancelled)
         except JobError:
             for i in members:
                 outcomes[i] = run_job(jobs[i], cancelled, registry, cache)

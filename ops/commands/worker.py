@@ -14,7 +14,8 @@ from rich.console import Console
 from api.settings import Settings
 from ops import gpus as gpu_discovery
 from ops import launcher
-from ops.common import CELERY_APP, CELERY_POOLS, _child_env, worker_argv
+from ops.common import CELERY_APP, CELERY_POOLS, _child_env, served_slots, worker_argv
+from ops.common import celery_pool as pool_for_slots
 from tasks.worker_settings import WorkerSettings
 from workers.registry import ModelRegistry
 
@@ -23,11 +24,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """`localq worker`: with -Q/--queues one Celery worker (exec), otherwise the launcher."""
     worker = WorkerSettings.from_env()  # a worker's own settings: a typo stops it here, before it starts
     if args.queues is not None:
-        return exec_worker(args)
+        return exec_worker(args, settings)
     return run_launcher(args, settings, worker)
 
 
-def exec_worker(args: argparse.Namespace) -> int:
+def exec_worker(args: argparse.Namespace, settings: Settings | None = None) -> int:
     """Become the Celery worker (exec), so its signal handling applies unchanged.
 
     Celery's own command line runs in this very process (same pid): SIGTERM is a warm shutdown
@@ -52,11 +53,16 @@ def exec_worker(args: argparse.Namespace) -> int:
             f"{', '.join(launcher_only)} start the launcher, and -Q/--queues runs one worker without it: "
             "leave out -Q (or, for one worker, name its queues with -Q, e.g. cpu.pool.NAME)"
         )
-    argv = worker_argv(args.queues, args.concurrency or 1, args.name, celery_pool or "prefork", args.loglevel)
-    if importlib.util.find_spec(CELERY_APP.partition(":")[0]) is None:
-        raise ValueError(f"the Celery app module {CELERY_APP.partition(':')[0]} is not installed")
     if args.models_dir:
         os.environ["LOCALQ_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    concurrency = args.concurrency
+    if concurrency is None and celery_pool is None:  # as many jobs at once as the models served allow
+        models_dir = Path(args.models_dir) if args.models_dir else (settings.models_dir if settings else None)
+        configs = ModelRegistry.load(models_dir).list() if models_dir else ()
+        celery_pool, concurrency = pool_for_slots(served_slots(args.queues.split(","), configs))
+    argv = worker_argv(args.queues, concurrency or 1, args.name, celery_pool or "prefork", args.loglevel)
+    if importlib.util.find_spec(CELERY_APP.partition(":")[0]) is None:
+        raise ValueError(f"the Celery app module {CELERY_APP.partition(':')[0]} is not installed")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

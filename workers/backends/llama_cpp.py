@@ -48,6 +48,8 @@ from workers.fingerprint import fingerprint
 
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed" value
 _NEVER = -1e30  # a logit no other candidate loses to
+_TOKENIZER_CONTEXT = 256  # the Llama object's context when the engine generates (it only tokenizes)
+_BATCH_TOKENS = 512  # tokens one engine step decodes at most (llama-cpp-python's default n_batch)
 
 
 @dataclass
@@ -73,9 +75,12 @@ class LlamaCppBackend:
 
     def __init__(self, config: ModelConfig):
         path = config.locate_model()
+        generates = not config.embeddings
         kwargs: dict[str, Any] = {
             "model_path": str(path),
-            "n_ctx": config.context_tokens,
+            # a generating model decodes in the engine's context; its Llama object only tokenizes,
+            # so its own KV cache is kept to the minimum instead of a second full-size one
+            "n_ctx": _TOKENIZER_CONTEXT if generates else config.context_tokens,
             "n_gpu_layers": devices.gpu_layers(config),  # 0 on the CPU and on a simulated GPU
             "embedding": bool(config.embeddings),
             "verbose": False,
@@ -88,7 +93,7 @@ class LlamaCppBackend:
         self.llm = Llama(**kwargs)
         # llama.cpp may round the context up; the configured size is the one clients are told
         # (and the one the API checks requests against).
-        self.n_ctx = min(self.llm.n_ctx(), config.context_tokens)
+        self.n_ctx = config.context_tokens if generates else min(self.llm.n_ctx(), config.context_tokens)
         self.n_vocab = self.llm.n_vocab()
         self._vocab = self.llm._model.vocab
         self._lock = threading.RLock()
@@ -99,9 +104,12 @@ class LlamaCppBackend:
         # Generation runs on the batching engine (its own context, one KV stream per slot); the
         # Llama object keeps tokenizing and embedding.
         self.engine: BatchEngine | None = None
-        if not config.embeddings:
-            self.engine = BatchEngine(self.llm._model.model, context_per_sequence=self.n_ctx, parallel=1,
-                                      n_batch=self.llm.n_batch, threads=config.threads)
+        self.concurrent_jobs = 1  # jobs the worker may run on this model at once (`workers.cache`)
+        if generates:
+            self.engine = BatchEngine(self.llm._model.model, context_per_sequence=self.n_ctx,
+                                      parallel=config.default_parallel, n_batch=_BATCH_TOKENS,
+                                      threads=config.threads)
+            self.concurrent_jobs = config.default_parallel
 
     def close(self) -> None:
         if self.engine is not None:
@@ -337,6 +345,17 @@ class Run:
     def choice(self, seed: int | None, cancelled: Callable[[], bool]) -> Generation:
         return Generation(self, seed, cancelled)
 
+    def choices(self, seeds: list[int | None], cancelled: Callable[[], bool]) -> list[Generation]:
+        """One answer per seed, all submitted to the engine now so that they decode together (the
+        first reads the prompt; the others start from its cache once it has). Read them in order:
+        the tokens of those not read yet wait for their reader. `abandon()` each when done."""
+        generations: list[Generation] = []
+        for seed in seeds:
+            generation = Generation(self, seed, cancelled)
+            generation.submit(after=generations[0] if generations else None)
+            generations.append(generation)
+        return generations
+
 
 class Generation:
     """One answer, produced while it is iterated: yields `Piece`s.
@@ -354,37 +373,56 @@ class Generation:
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens the engine found in its cache
         self.text = ""
+        self._sequence: Sequence | None = None
+        self._grammar: _Grammar | None = None
+        self._submitted = False
 
-    def __iter__(self) -> Iterator[Piece]:
-        yield from self._generate(self._run.backend)
-
-    def _generate(self, backend: LlamaCppBackend) -> Iterator[Piece]:
-        run, params = self._run, self._run.params
-        prompt = run.prompt_tokens
-        room = backend.n_ctx - len(prompt)
+    def submit(self, after: Generation | None = None) -> None:
+        """Hand the sequence to the engine (iterating does it when not done before); `after`: a
+        sibling on the same prompt whose cache this one starts from."""
+        if self._submitted:
+            return
+        self._submitted = True
+        run, params, backend = self._run, self._run.params, self._run.backend
+        room = backend.n_ctx - len(run.prompt_tokens)
         limit = room if params.get("max_tokens") is None else min(params["max_tokens"], room)
         if limit <= 0:
-            self.finish_reason = "length"
             return
         if backend.engine is None:
             raise JobError(400, "This model is configured for embeddings only.", param="model")
         seed = secrets.randbelow(_RANDOM_SEED) if self._seed is None else self._seed % _RANDOM_SEED
         sampling = Sampling.from_params(params, seed)  # repeat_last_n -1: the engine's context per sequence
-        grammar = _Grammar(backend, run.grammar) if run.grammar is not None else None
-        processors = [*run.processors, grammar.mask] if grammar else list(run.processors)
-        sequence = Sequence(prompt, sampling, limit, processors=[_row(p) for p in processors],
-                            on_token=grammar.accept if grammar else None, top_logprobs=run.top_logprobs)
+        self._grammar = _Grammar(backend, run.grammar) if run.grammar is not None else None
+        processors = [*run.processors, self._grammar.mask] if self._grammar else list(run.processors)
+        self._sequence = Sequence(run.prompt_tokens, sampling, limit, processors=[_row(p) for p in processors],
+                                  on_token=self._grammar.accept if self._grammar else None,
+                                  top_logprobs=run.top_logprobs, after=after._sequence if after else None)
+        backend.engine.submit(self._sequence)
+
+    def __iter__(self) -> Iterator[Piece]:
+        self.submit()
+        if self._sequence is None:  # no room for a single token
+            self.finish_reason = "length"
+            return
         try:
-            yield from self._read(backend, backend.engine.submit(sequence))
+            yield from self._read(self._run.backend, self._sequence)
         finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """End the sequence if it still runs (its reader left, or never came), wait until the
+        engine let go of it, and free its grammar."""
+        sequence = self._sequence
+        if sequence is not None:
             self.cached_tokens = sequence.cached_tokens  # known once the engine admitted it
-            if sequence.finish is None:  # the reader left early: end it, and wait until the engine let go
+            if sequence.finish is None:
                 sequence.cancel()
-                backend.engine.poke()
+                self._run.backend.engine.poke()
                 for _ in sequence.stream():
                     pass
-            if grammar is not None:
-                grammar.close()
+        if self._grammar is not None:
+            self._grammar.close()
+            self._grammar = None
 
     def _read(self, backend: LlamaCppBackend, sequence: Sequence) -> Iterator[Piece]:
         stops: list[str] = self._run.params.get("stop") or []

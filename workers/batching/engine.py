@@ -22,6 +22,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence as Tokens
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 256
 WAIT_POLL = 0.1  # seconds between cancel checks of a reader waiting for a token
+RATE_WINDOW = 5.0  # seconds over which `stats()` reports tokens per second
 
 
 @dataclass
@@ -176,6 +178,10 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._closed = False
         self.steps = 0  # llama_decode calls so far (for tests and metrics)
+        self.prompt_tokens = 0  # prompt tokens of the sequences admitted so far
+        self.cached_tokens = 0  # of those, found in a slot's cache (not read again)
+        self.generated_tokens = 0  # tokens sampled so far
+        self._rate = _Rate(RATE_WINDOW)
         self._thread = threading.Thread(target=self._run, name="llama-batch-engine", daemon=True)
         self._thread.start()
 
@@ -203,6 +209,13 @@ class BatchEngine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def stats(self) -> dict:
+        """What a worker's heartbeat reports of this engine (`tasks.worker_signals`)."""
+        return {"parallel": self.parallel, "running": self.busy_slots, "waiting": self.waiting,
+                "steps": self.steps, "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "generated_tokens": self.generated_tokens,
+                "tokens_per_second": round(self._rate.per_second(self.generated_tokens), 1)}
 
     def close(self) -> None:
         with self._wake:
@@ -322,6 +335,7 @@ class BatchEngine:
             sequence.on_token(token)
         info = _logprobs(raw, token, sequence.top_logprobs) if raw is not None else None
         sequence.generated += 1
+        self.generated_tokens += 1
         sequence._deliver(Token(token, info))
         if sequence.generated >= sequence.max_tokens or sequence.n_past >= self.context_per_sequence:
             self._free(slot, Finished("length"))
@@ -359,6 +373,8 @@ class BatchEngine:
             slot = max(free, key=lambda candidate: _common_prefix(candidate.cached, sequence.prompt))
             keep = self._reuse(slot, sequence.prompt)
             sequence.n_past = sequence.cached_tokens = keep
+            self.prompt_tokens += len(sequence.prompt)
+            self.cached_tokens += keep
             if keep == len(sequence.prompt) - 1:
                 sequence.pending = sequence.prompt[-1]  # nothing left to read but the last token
             sequence._admitted = self.steps, slot.seq_id
@@ -400,6 +416,22 @@ class BatchEngine:
             sequence.chain.close()
             sequence.chain = None
         sequence._deliver(finish)
+
+
+class _Rate:
+    """A counter's rate over about the last `window` seconds, from readings taken when asked."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self._readings: deque[tuple[float, int]] = deque()
+
+    def per_second(self, count: int) -> float:
+        now = time.monotonic()
+        self._readings.append((now, count))
+        while len(self._readings) > 2 and now - self._readings[1][0] >= self.window:
+            self._readings.popleft()
+        start, first = self._readings[0]
+        return (count - first) / (now - start) if now - start > 0 else 0.0
 
 
 def _reading(sequence: Sequence | None) -> bool:
