@@ -15,12 +15,14 @@ Two sources, one scrape:
 - The cluster, read from Redis at scrape time (so every API process reports the same numbers):
   `localq_queue_depth{queue}` (jobs waiting, all priorities: the device queues `cpu` and `gpu`,
   every configured model's queue and every queue a live worker consumes),
-  `localq_workers_alive{device}` (`cpu` and `gpu` always present), `localq_jobs_total{kind,
-  outcome}`, `localq_job_duration_seconds{kind, model}`, `localq_time_to_first_token_seconds{kind,
-  model}`, `localq_tokens_generated_total{kind, model}` (see `store.metrics` for what each
-  measures), `localq_dead_letters_total{reason}` (job messages the workers set aside: see
-  `store.dead_letters`), and `localq_redis_up` (0 when Redis did not answer: the cluster metrics are then
-  left out of the scrape rather than reported as zeros).
+  `localq_workers_alive{device}` (`cpu` and `gpu` always present), each live worker's job slots
+  (`localq_worker_slots{worker}`, `localq_worker_slots_busy{worker}`) and its batching engines'
+  sequences, speed and token counts (`localq_engine_*{worker, model}`: see `worker_slot_metrics`),
+  `localq_jobs_total{kind, outcome}`, `localq_job_duration_seconds{kind, model}`,
+  `localq_time_to_first_token_seconds{kind, model}`, `localq_tokens_generated_total{kind, model}`
+  (see `store.metrics` for what each measures), `localq_dead_letters_total{reason}` (job messages
+  the workers set aside: see `store.dead_letters`), and `localq_redis_up` (0 when Redis did not
+  answer: the cluster metrics are then left out of the scrape rather than reported as zeros).
 
 `/metrics` asks for no API key, like most Prometheus targets: it shows model names, counts and
 timings, never a request's content. Keep it off the public network (or behind the proxy's
@@ -45,6 +47,7 @@ from flask import Flask, Response, current_app, request
 from api.health import monitor_client
 from store.heartbeats import live_workers
 from store.metrics import parse_job_metrics, queue_reads
+from store.worker_slots import with_slots
 from tasks.routing import DEVICES, queue_for, queue_keys
 
 log = logging.getLogger(__name__)
@@ -251,6 +254,7 @@ class ClusterCollector:
         for device, count in sorted(per_device.items()):
             alive.add_metric([device], count)
         yield alive
+        yield from worker_slot_metrics([with_slots(worker) for worker in workers])
 
         jobs = parse_job_metrics(replies[position:])
         total = CounterMetricFamily("localq_jobs", "Jobs finished, by kind and final status.",
@@ -284,3 +288,46 @@ class ClusterCollector:
                 family.add_metric([kind, model], [(floatToGoString(b), n) for b, n in histogram.buckets],
                                   histogram.sum)
             yield family
+
+
+ENGINE_GAUGES = (
+    ("localq_engine_running_sequences", "running",
+     "Sequences a batching engine is decoding now (prompt or output)."),
+    ("localq_engine_waiting_sequences", "waiting",
+     "Sequences submitted to a batching engine, not yet given a slot."),
+    ("localq_engine_tokens_per_second", "tokens_per_second",
+     "Tokens a batching engine generated per second over the last few seconds."),
+)
+ENGINE_COUNTERS = (
+    ("localq_engine_generated_tokens", "generated_tokens",
+     "Tokens a batching engine generated since its model loaded."),
+    ("localq_engine_prompt_tokens", "prompt_tokens",
+     "Prompt tokens of the sequences a batching engine admitted since its model loaded."),
+    ("localq_engine_cached_tokens", "cached_tokens",
+     "Of those prompt tokens, the ones found in the engine's prefix cache."),
+    ("localq_engine_steps", "steps", "Batches a batching engine decoded since its model loaded."),
+)
+
+
+def worker_slot_metrics(workers: list[dict]):
+    """Job slots per worker and the batching engines per worker and model, from heartbeats read
+    through `store.worker_slots.with_slots`. The engine counters restart at 0 when a model is
+    loaded again (Prometheus' rate() treats that as a counter reset)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    slots = GaugeMetricFamily("localq_worker_slots", "Jobs a worker runs at once.", labels=["worker"])
+    busy = GaugeMetricFamily("localq_worker_slots_busy", "Jobs a worker is running now.", labels=["worker"])
+    for worker in workers:
+        slots.add_metric([str(worker["id"])], worker["slots"])
+        busy.add_metric([str(worker["id"])], worker["slots_busy"])
+    yield slots
+    yield busy
+    engines = [(str(worker["id"]), model, stats)
+               for worker in workers for model, stats in sorted(worker["engines"].items())]
+    for family, (name, key, doc) in [*((GaugeMetricFamily, g) for g in ENGINE_GAUGES),
+                                     *((CounterMetricFamily, c) for c in ENGINE_COUNTERS)]:
+        metric = family(name, doc, labels=["worker", "model"])
+        for worker_id, model, stats in engines:
+            metric.add_metric([worker_id, model], stats[key])
+        yield metric
+

@@ -988,7 +988,7 @@ object_schema('LocalqWorker', {
     'memory_budget_bytes': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Memory the worker may fill with loaded models, in bytes (their size on disk); 0 when it has no limit.'}),
     'memory_used_bytes': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Memory its loaded models currently take, in bytes.'}),
     'loaded_models': ListOf(Str(), required=True, metadata={'description': 'Models currently held in memory by the worker.'}),
-    'current_job': Str(required=True, allow_none=True, metadata={'description': 'Id of the job it is running; null when idle.'}),
+    'current_job': Str(required=True, allow_none=True, metadata={'description': 'Id of the job it is running (the first, when it runs several); null when idle.'}),
     'last_heartbeat': Int(required=True, metadata={'description': "Unix time, in seconds, of the worker's latest heartbeat."}),
     'pid': Int(metadata={'description': "Process id of the pool process that runs the worker's jobs."}),
     'gpu_index': Int(allow_none=True, metadata={'description': 'The GPU a GPU worker runs on (its physical index); null for CPU workers.'}),
@@ -996,13 +996,31 @@ object_schema('LocalqWorker', {
     'simulated': Bool(metadata={'description': 'True for a simulated GPU worker (tests and local experiments), which runs models on the CPU.'}),
     'pools': ListOf(Str(), metadata={'description': 'Named pools the worker joined (`localq worker --pool NAME`).'}),
     'evictions': Int(validate=[Range(min=0, max=None)], metadata={'description': 'Models unloaded so far to stay within the memory budget.'}),
-    'current_job_model': Str(allow_none=True, metadata={'description': 'Model of the job it is running; null when idle.'}),
+    'current_job_model': Str(allow_none=True, metadata={'description': 'Model of `current_job`; null when idle.'}),
+    'slots': Int(required=True, validate=[Range(min=1, max=None)], metadata={'description': 'Jobs the worker runs at once (1 for a worker that runs one at a time).'}),
+    'slots_busy': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Jobs it is running now.'}),
+    'running_jobs': ListOf(nested('LocalqWorkerRunningJob'), required=True, metadata={'description': 'The jobs it is running now; empty when idle.'}),
+    'engines': MapOf(nested('LocalqWorkerEngine'), required=True, metadata={'description': 'The batching engine of each loaded text model that decodes several sequences together, by model name; empty when it has none.'}),
     'jobs_done': Int(validate=[Range(min=0, max=None)], metadata={'description': "Jobs finished by the worker's current pool process."}),
     'started_at': Int(metadata={'description': "Unix time, in seconds, at which the worker's pool process started."}),
+}, unknown='raise')
+object_schema('LocalqWorkerEngine', {
+    'parallel': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Sequences it decodes at once (its slots).'}),
+    'running': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Sequences reading their prompt or generating now.'}),
+    'waiting': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Sequences submitted but not yet given a slot.'}),
+    'steps': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Batches decoded since the model was loaded.'}),
+    'prompt_tokens': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Prompt tokens of the sequences admitted since the model was loaded.'}),
+    'cached_tokens': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Of those, tokens found in its prefix cache rather than read again.'}),
+    'generated_tokens': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Tokens generated since the model was loaded.'}),
+    'tokens_per_second': Num(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Tokens generated per second over the last few seconds.'}),
 }, unknown='raise')
 object_schema('LocalqWorkerList', {
     'object': Str(required=True, validate=[OneOf(['list'])]),
     'data': ListOf(nested('LocalqWorker'), required=True),
+}, unknown='raise')
+object_schema('LocalqWorkerRunningJob', {
+    'id': Str(required=True, metadata={'description': 'Job identifier.'}),
+    'model': Str(required=True, allow_none=True, metadata={'description': 'Model the job runs on; null when it has none.'}),
 }, unknown='raise')
 object_schema('Model', {
     'id': Str(required=True),

@@ -450,6 +450,18 @@ def test_localq_response_shapes(merged):
         "loaded_models": ["llama"],
         "current_job": None,
         "last_heartbeat": 1,
+        "slots": 1,
+        "slots_busy": 0,
+        "running_jobs": [],
+        "engines": {},
     }
-    assert not list(workers.iter_errors({"object": "list", "data": [worker]}))
+    engine = {"parallel": 4, "running": 1, "waiting": 0, "steps": 9, "prompt_tokens": 30, "cached_tokens": 12,
+              "generated_tokens": 8, "tokens_per_second": 2.5}
+    busy = {**worker, "current_job": "j1", "slots": 4, "slots_busy": 1,
+            "running_jobs": [{"id": "j1", "model": "llama"}], "engines": {"llama": engine}}
+    assert not list(workers.iter_errors({"object": "list", "data": [worker, busy]}))
     assert list(workers.iter_errors({"object": "list", "data": [{**worker, "device": "tpu"}]}))
+    assert list(workers.iter_errors({"object": "list", "data": [{**worker, "slots": 0}]}))
+    odd_engine = {"llama": {**engine, "waiting": -1}}
+    assert list(workers.iter_errors({"object": "list", "data": [{**busy, "engines": odd_engine}]}))
+    assert list(workers.iter_errors({"object": "list", "data": [{**busy, "running_jobs": [{"model": "llama"}]}]}))
