@@ -17,6 +17,7 @@ A second signal hurries the child being stopped (SIGQUIT, then SIGKILL 10 s late
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -39,6 +40,7 @@ from tasks.worker_settings import WorkerSettings
 from workers.registry import ModelRegistry
 
 WORKER_PING_TIMEOUT = 30.0
+PRELOAD_TIMEOUT = 300.0  # the worker's `preload` models, loading after it answers pings
 UP_WORKER_NAME = "cpu@%h"
 WORKER, API = "cpu", "API"  # the supervised programs' names
 # After asking the API to stop (SIGTERM), how long before SIGKILL; after a second Ctrl-C (SIGQUIT) too.
@@ -216,13 +218,34 @@ def _wait_for_api(stack: Stack, url: str, timeout: float) -> None:
 
 
 def _wait_for_worker(stack: Stack, name: str) -> str:
-    """Ping the worker through the broker; a word for the summary."""
+    """Ping the worker through the broker, then wait for its `preload` models; a word for the summary."""
     deadline = time.monotonic() + WORKER_PING_TIMEOUT
-    while time.monotonic() < deadline:
+    while not ping_worker(name):
         stack.check()
-        if ping_worker(name):
-            return "ready"
-    return "started, not answering pings yet"
+        if time.monotonic() > deadline:
+            return "started, not answering pings yet"
+    deadline = time.monotonic() + PRELOAD_TIMEOUT
+    while not worker_preloaded(name):
+        stack.check()
+        if time.monotonic() > deadline:
+            return "ready, still loading its models"
+        time.sleep(0.2)
+    return "ready"
+
+
+def worker_preloaded(name: str) -> bool:
+    """True when the worker's heartbeat says its `preload` models are loaded."""
+    try:
+        from celery.utils.nodenames import host_format
+
+        from store.heartbeats import worker_key
+        from tasks.runtime import connect
+        from tasks.settings import QueueSettings
+
+        raw = connect(QueueSettings.from_env()).redis.get(worker_key(host_format(name)))
+        return bool(raw) and bool(json.loads(raw).get("preloaded"))
+    except Exception:  # noqa: BLE001 - no heartbeat yet
+        return False
 
 
 def ping_worker(name: str, timeout: float = 1.0) -> bool:

@@ -13,9 +13,11 @@ request answers 503 soon when Redis is gone.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -33,6 +35,33 @@ from workers.registry import ModelRegistry
 # Backoff 0.1, 0.2, 0.4, 0.8 s, then 1 s per try: about 37 s of Redis being away before a command fails.
 RIDE_OVER_BACKOFF = {"base": 0.05, "cap": 1.0}
 RIDE_OVER_RETRIES = 40
+
+
+T = TypeVar("T")
+
+
+class once(Generic[T]):  # noqa: N801 - used as a decorator, like functools.cache
+    """A no-argument function's value, built on the first call and shared after: unlike
+    functools.cache, two threads calling it first at once (a worker's job slots, its heartbeat
+    and its preload) get one value, never two (two model caches would load every model twice)."""
+
+    def __init__(self, build: Callable[[], T]):
+        self._build = build
+        self._lock = threading.Lock()
+        self._value: list[T] = []
+        self.__doc__ = build.__doc__
+        self.__name__ = build.__name__
+
+    def __call__(self) -> T:
+        if not self._value:
+            with self._lock:
+                if not self._value:
+                    self._value.append(self._build())
+        return self._value[0]
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._value.clear()
 
 
 @dataclass(frozen=True)
@@ -65,13 +94,13 @@ def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
     return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))
 
 
-@cache
+@once
 def runtime() -> Runtime:
     """This worker process's settings and connections (they ride over a Redis restart)."""
     return connect(QueueSettings.from_env(), ride_over=True)
 
 
-@cache
+@once
 def worker_settings() -> WorkerSettings:
     """This worker process's own settings (model cache, heartbeat), read once."""
     return WorkerSettings.from_env()
@@ -82,7 +111,7 @@ def models_dir() -> Path:
     return QueueSettings.from_env().models_dir
 
 
-@cache
+@once
 def model_runtime():
     """The worker's model registry and model cache (built on first use: only workers need them)."""
     own = worker_settings()

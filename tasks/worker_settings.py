@@ -18,7 +18,7 @@ from tasks.settings import optional_positive_int, positive_int, positive_number
 @dataclass(frozen=True)
 class WorkerSettings:
     # models a worker process keeps loaded (least recently used evicted first)
-    max_loaded_models: int = 4
+    max_loaded_models: int = 8  # the byte budget (model_cache_bytes) is the real bound; the default models all fit
     # bytes the loaded models' files may take (None: no limit); the launcher sets one per worker
     model_cache_bytes: int | None = None
     # seconds between a worker's heartbeats (`store.heartbeats`)

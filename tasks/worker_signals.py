@@ -10,6 +10,10 @@
   holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and at once when a job starts or ends.
 * Its own queue handed back when it stops (`tasks.orphans`): jobs dispatch sent to it while it
   was idle go to their models' queues instead of waiting for a worker of the same name.
+* Preloading: the models whose configs say `preload: true` and whose queue this worker consumes
+  are loaded when its pool process starts (in a thread: the worker answers pings and heartbeats
+  meanwhile; a job for a model still loading waits for that load, as it would have loaded it
+  anyway). The heartbeat's `preloaded` turns true when they are all in (`localq up` waits for it).
 * Prompt redelivery after a crash: the main process remembers the delivery tags it received.
   When a worker's main process is killed, its messages stay in kombu's `unacked` hash until the
   visibility timeout (longer than the longest job). Its successor, started under the same node
@@ -26,21 +30,24 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 
 from celery import signals
 
 from store.heartbeats import Heartbeat
 from tasks.orphans import registry_resolver, rescue
+from tasks.routing import queue_for
 from tasks.runtime import model_runtime, runtime, worker_settings
 from tasks.watchdog import HardLimitWatchdog
+from workers.slots import sequences
 
 log = logging.getLogger(__name__)
 
 MIN_HEARTBEAT_INTERVAL = 0.1
 RECENT_TAGS = 32  # delivery tags remembered per job slot: prefetch 1 keeps about one in flight per slot
 _state: dict = {"heartbeat": None, "jobs": {}, "hard_limits": {}, "slots": 1, "jobs_done": 0,
-               "started_at": int(time.time())}
+               "started_at": int(time.time()), "preloaded": False}
 
 
 def inflight_key(node_name: str) -> str:
@@ -88,6 +95,7 @@ def describe() -> dict:
         "slots_busy": len(running),
         "running_jobs": running,
         "engines": engines,
+        "preloaded": _state["preloaded"],
         "jobs_done": _state["jobs_done"],
         "started_at": _state["started_at"],
     }
@@ -180,6 +188,35 @@ def _start_pool_process(**_) -> None:
     heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval())
     _state["heartbeat"] = heartbeat
     heartbeat.start()
+    threading.Thread(target=_preload, name="preload-models", daemon=True).start()
+
+
+def preload_configs(configs, queues) -> list:
+    """The configs with `preload: true` whose queue is among `queues`: batching text models first
+    (their first requests are the ones people wait on), then by name."""
+    served = set(queues)
+    chosen = [config for config in configs if config.preload and queue_for(config) in served]
+    return sorted(chosen, key=lambda config: (sequences(config) == 1, config.name))
+
+
+def _preload() -> None:
+    """Load this worker's `preload` models; a model that fails to load is logged and left to load
+    (and fail its job with the reason) on demand."""
+    registry, cache = model_runtime()
+    queues = [q for q in os.environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
+    for config in preload_configs(registry.list(), queues):
+        started = time.monotonic()
+        try:
+            if not cache.has_room(config):  # preloading never evicts another preloaded model
+                log.warning("model %s not preloaded: the worker's model cache is full", config.name)
+                continue
+            cache.get(config)
+            log.info("preloaded model %s in %.1f s", config.name, time.monotonic() - started)
+        except Exception:
+            log.warning("could not preload model %s; it loads on its first job instead", config.name, exc_info=True)
+    _state["preloaded"] = True
+    if _state["heartbeat"] is not None:
+        _state["heartbeat"].poke()
 
 
 @signals.worker_process_shutdown.connect

@@ -294,6 +294,7 @@ from tests.test_cli import API_STANDIN, WORKER_STANDIN
 up.worker_command = lambda: [sys.executable, "-c", WORKER_STANDIN]
 up.api_command = lambda args, settings: [sys.executable, "-c", API_STANDIN, str(settings.port)]
 up.ping_worker = lambda name, timeout=1.0: True
+up.worker_preloaded = lambda name: True
 sys.exit(cli.main(sys.argv[1:]))
 '''
 
@@ -452,6 +453,17 @@ def test_up_end_to_end(tmp_path):
         out.wait_for("localq ready on", timeout=120)
         summary = "".join(out.lines)
         assert "queue cpu" in summary and ": ready" in summary, summary
+        # ready means the `preload` models are in: loaded before any request asked for them
+        import re
+
+        import redis
+
+        from store.heartbeats import live_workers
+
+        with redis.Redis.from_url(re.search(r"redis://[\w.:/]+", summary).group(0), decode_responses=True) as store:
+            (beat,) = live_workers(store)
+        assert beat["preloaded"] and {"smollm2-135m-instruct", "all-minilm-l6-v2"} <= set(beat["loaded_models"])
+        assert beat["jobs_done"] == 0
         base = f"http://127.0.0.1:{port}"
         assert _get_json(f"{base}/healthz") == {"status": "ok"}
         assert "gpt-4o-mini" in {model["id"] for model in _get_json(f"{base}/v1/models")["data"]}

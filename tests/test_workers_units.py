@@ -466,6 +466,70 @@ def test_cache_evicts_by_bytes_before_loading(sized):
     assert cache.loaded() == ["d"]
 
 
+def test_a_model_in_use_is_not_evicted_until_its_job_ends(sized):
+    cache = ModelCache(max_models=1, loader=FakeBackend)
+    a, b = sized("a", 1), sized("b", 1)
+    with cache.lease(a) as backend_a:
+        backend_b = cache.get(b)  # over the count: but a job is using a
+        assert cache.loaded() == ["a", "b"] and not backend_a.closed
+        assert cache.evict("a") and not backend_a.closed  # unloaded once its job is done
+        assert cache.loaded() == ["b"]
+    assert backend_a.closed and not backend_b.closed
+
+
+def test_a_backend_runs_at_most_its_concurrent_jobs(sized):
+    import threading
+
+    class TwoAtOnce(FakeBackend):
+        concurrent_jobs = 2
+
+    cache = ModelCache(loader=TwoAtOnce)
+    a = sized("a", 1)
+    inside, release = [], threading.Event()
+
+    def job(number):
+        with cache.lease(a):
+            inside.append(number)
+            release.wait(30)
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for _ in range(300):
+        if len(inside) == 2:
+            break
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)
+    assert len(inside) == 2  # the third waits for a free turn
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(inside) == [0, 1, 2]
+
+
+def test_jobs_on_a_loaded_model_go_on_while_another_loads(sized):
+    import threading
+
+    started, finish = threading.Event(), threading.Event()
+
+    def loader(config):
+        if config.name == "slow":
+            started.set()
+            finish.wait(30)
+        return FakeBackend(config)
+
+    cache = ModelCache(loader=loader)
+    fast = cache.get(sized("fast", 1))
+    loading = threading.Thread(target=cache.get, args=(sized("slow", 1),))
+    loading.start()
+    assert started.wait(30)
+    with cache.lease(sized("fast", 1)) as backend:  # not held up by the load in progress
+        assert backend is fast
+    finish.set()
+    loading.join(30)
+    assert cache.loaded() == ["fast", "slow"]
+
+
 def test_cache_loads_an_oversized_model_alone(sized):
     cache = ModelCache(max_bytes=10, loader=FakeBackend)
     cache.get(sized("a", 5))
@@ -550,3 +614,33 @@ def test_fingerprint_follows_the_model_file_settings_and_backend(tmp_path):
     stat = model.stat()
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file was replaced
     assert fingerprint(config, model, "v1") != first
+
+
+def test_preloading_never_evicts_a_model(sized):
+    cache = ModelCache(max_models=2, loader=FakeBackend)
+    a, b, c = sized("a", 1), sized("b", 1), sized("c", 1)
+    assert cache.has_room(a)
+    cache.get(a)
+    cache.get(b)
+    assert cache.has_room(a) and not cache.has_room(c)  # loaded already / would evict one
+    budget = ModelCache(max_bytes=10, loader=FakeBackend)
+    budget.get(sized("d", 6))
+    assert budget.has_room(sized("e", 4)) and not budget.has_room(sized("f", 5))
+
+
+def test_a_worker_preloads_the_models_it_serves_batching_ones_first():
+    from tasks.worker_signals import preload_configs
+    from workers.slots import sequences, worker_slots
+
+    chat = make_config(name="zchat", preload=True)
+    embed = make_config(name="embed", backend="sentence-transformers", preload=True)
+    pinned = make_config(name="pinned", device="gpu", gpus=(1,), preload=True)
+    lazy = make_config(name="lazy")
+    chosen = preload_configs([embed, lazy, pinned, chat], ["cpu", "worker.cpu0@h"])
+    assert [config.name for config in chosen] == ["zchat", "embed"]
+    assert [config.name for config in preload_configs([pinned], ["gpu", "gpu.1"])] == ["pinned"]
+    # job slots: a text model batches `parallel` sequences (default 4 on CPU, 8 on GPU); others one
+    assert (sequences(chat), sequences(embed), sequences(pinned)) == (4, 1, 8)
+    assert sequences(make_config(name="p", parallel=2)) == 2
+    assert sequences(make_config(name="e", embeddings=True)) == 1
+    assert worker_slots([embed, chat]) == 4 and worker_slots([embed]) == 1 and worker_slots([]) == 1

@@ -91,20 +91,19 @@ class ModelCache:
         self._loader = loader or _default_loader
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.RLock()
+        self._loading: dict[str, threading.Lock] = {}  # one per model name: a model loads once at a time
+        self._reserved = 0  # bytes of the models loading now
         self.evictions = 0  # models unloaded to make room for another
 
     def get(self, config: ModelConfig) -> Any:
         """The loaded backend for `config`, loading it (and evicting others) when needed."""
-        with self._lock:
-            return self._entry(config).backend
+        return self._entry(config).backend
 
     @contextmanager
     def lease(self, config: ModelConfig) -> Iterator[Any]:
         """`get`, held for one job: not evicted meanwhile; waits while the backend already runs
         as many jobs as it can at once."""
-        with self._lock:
-            entry = self._entry(config)
-            entry.users += 1
+        entry = self._entry(config, hold=True)
         try:
             with entry.gate:
                 yield entry.backend
@@ -115,19 +114,44 @@ class ModelCache:
             if closing:
                 _close(entry.config.name, entry.backend)
 
-    def _entry(self, config: ModelConfig) -> _Entry:
-        """(Under the lock.) The entry for `config`, loaded now if it is not."""
+    def _entry(self, config: ModelConfig, *, hold: bool = False) -> _Entry:
+        """The entry for `config`, loaded now if it is not (`hold`: counted as in use before the
+        lock is let go). A model loads outside the cache's lock: jobs on loaded models go on
+        meanwhile; two jobs wanting the same model wait for one load."""
+        name = config.name
+        with self._lock:
+            found = self._current(config, hold)
+            if found is not None:
+                return found
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:
+            with self._lock:
+                found = self._current(config, hold)
+                if found is not None:
+                    return found
+                if name in self._entries:  # the config changed since it was loaded
+                    self.evict(name)
+                size = model_size(config)
+                self._make_room(size)
+                self._reserved += size
+            try:
+                log.info("loading model %s (%d bytes)", name, size)
+                backend = self._loader(config)
+            finally:
+                with self._lock:
+                    self._reserved -= size
+            with self._lock:
+                entry = _Entry(config, backend, size, users=int(hold))
+                self._entries[name] = entry
+                return entry
+
+    def _current(self, config: ModelConfig, hold: bool) -> _Entry | None:
+        """(Under the lock.) The loaded entry for exactly this config, marked as just used."""
         entry = self._entries.get(config.name)
-        if entry is not None and entry.config == config:
-            self._entries.move_to_end(config.name)
-            return entry
-        if entry is not None:  # the config changed since it was loaded
-            self.evict(config.name)
-        size = model_size(config)
-        self._make_room(size)
-        log.info("loading model %s (%d bytes)", config.name, size)
-        entry = _Entry(config, self._loader(config), size)
-        self._entries[config.name] = entry
+        if entry is None or entry.config != config:
+            return None
+        self._entries.move_to_end(config.name)
+        entry.users += int(hold)
         return entry
 
     def evict(self, name: str) -> bool:
@@ -151,6 +175,12 @@ class ModelCache:
         """Names of the loaded models, least recently used first."""
         with self._lock:
             return list(self._entries)
+
+    def has_room(self, config: ModelConfig) -> bool:
+        """Whether `config`'s model is loaded, or would load without evicting another."""
+        with self._lock:
+            entry = self._entries.get(config.name)
+            return (entry is not None and entry.config == config) or not self._over_budget(model_size(config))
 
     def backends(self) -> dict[str, Any]:
         """The loaded backends by model name (for reports such as a worker's heartbeat)."""
@@ -181,4 +211,4 @@ class ModelCache:
     def _over_budget(self, incoming: int) -> bool:
         if self.max_models is not None and len(self._entries) + 1 > self.max_models:
             return True
-        return self.max_bytes is not None and self.used_bytes + incoming > self.max_bytes
+        return self.max_bytes is not None and self.used_bytes + self._reserved + incoming > self.max_bytes
