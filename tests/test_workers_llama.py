@@ -254,6 +254,41 @@ def test_json_schema_response_format(run):
     assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 30
 
 
+def test_jobs_run_at_once_share_the_engine_and_each_gives_what_it_gives_alone(run, cache, registry):
+    """What a worker with several slots does: jobs in threads on one backend. A grammar-constrained
+    job beside free ones keeps to its schema, and at temperature 0 each gives its answer alone."""
+    import threading
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}},
+              "required": ["name"], "additionalProperties": False}
+    requests = [
+        {"messages": [{"role": "user", "content": "Invent a cat."}], "temperature": 0, "max_tokens": 40,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}}},
+        *({"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "temperature": 0, "max_tokens": 24,
+           EXT: {"ignore_eos": True}} for topic in ("rivers", "mountains", "the sea")),
+    ]
+    alone = [run("chat", request)[1]["choices"][0]["message"]["content"] for request in requests]
+    engine = cache.get(registry.resolve(CHAT_MODEL)).engine
+    together: list = [None] * len(requests)
+    busiest = []
+
+    def job(index):
+        together[index] = run("chat", requests[index])[1]["choices"][0]["message"]["content"]
+
+    steps = engine.steps
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        busiest.append(engine.busy_slots)
+        threading.Event().wait(0.005)
+    for thread in threads:
+        thread.join(120)
+    assert together == alone
+    assert set(json.loads(together[0])) == {"name"}
+    assert max(busiest) > 1 and engine.steps - steps < 100  # one after the other: 40 + 3 * 24 decode steps at least
+
+
 def test_grammar_extension(run):
     request = {"messages": [{"role": "user", "content": "Is water wet?"}],
                EXT: {"grammar": 'root ::= "yes" | "no"'}, "max_tokens": 5}
