@@ -521,3 +521,13 @@ def test_a_repeated_prompt_reports_its_cached_tokens(run):
     assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": prompt_tokens - 1}
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt_tokens - 1
     assert 30 < other["usage"]["prompt_tokens_details"]["cached_tokens"] < other["usage"]["prompt_tokens"] - 1
+
+
+def test_the_model_budget_counts_the_engines_kv_cache(cache, registry):
+    config = registry.resolve(CHAT_MODEL)
+    backend = cache.get(config)
+    weights = config.locate_model().stat().st_size
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64; 4 slots of 2048 tokens, 16-bit keys and values
+    assert backend.engine.kv_bytes == 4 * 2048 * 30 * 2 * 192 * 2
+    assert backend.memory_bytes == weights + backend.engine.kv_bytes
+    assert cache.used_bytes >= backend.memory_bytes

@@ -644,3 +644,21 @@ def test_a_worker_preloads_the_models_it_serves_batching_ones_first():
     assert sequences(make_config(name="p", parallel=2)) == 2
     assert sequences(make_config(name="e", embeddings=True)) == 1
     assert worker_slots([embed, chat]) == 4 and worker_slots([embed]) == 1 and worker_slots([]) == 1
+
+
+def test_a_backend_that_knows_its_memory_is_counted_by_it(sized):
+    """A text model takes its weights and its engine's KV cache: the budget counts what it says."""
+
+    class WithCaches(FakeBackend):
+        def __init__(self, config):
+            super().__init__(config)
+            self.memory_bytes = 60 if config.name == "chat" else None
+
+    cache = ModelCache(max_bytes=100, loader=WithCaches)
+    small = cache.get(sized("small", 30))
+    cache.get(sized("chat", 10))  # 10 on disk fit beside 30; once loaded it says 60: still fits
+    assert cache.used_bytes == 90 and cache.loaded() == ["small", "chat"]
+    cache.get(sized("other", 5))  # 95 + 5: fits
+    big = sized("big", 20)
+    cache.get(big)  # room for 20 more: small (least recently used) goes
+    assert small.closed and cache.loaded() == ["chat", "other", "big"]

@@ -141,8 +141,11 @@ class ModelCache:
                 with self._lock:
                     self._reserved -= size
             with self._lock:
-                entry = _Entry(config, backend, size, users=int(hold))
+                # a backend that knows what it takes once loaded (weights and caches) says so
+                entry = _Entry(config, backend, int(getattr(backend, "memory_bytes", None) or size), users=int(hold))
                 self._entries[name] = entry
+                if entry.size > size:
+                    self._make_room(0, keep=name)
                 return entry
 
     def _current(self, config: ModelConfig, hold: bool) -> _Entry | None:
@@ -197,18 +200,19 @@ class ModelCache:
         with self._lock:
             return name in self._entries
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int, keep: str | None = None) -> None:
         """Evict the least recently used models until `size` more bytes fit; a model a job is
-        using stays (the budget is then exceeded until that job ends)."""
-        while self._entries and self._over_budget(size):
-            idle = [name for name, entry in self._entries.items() if not entry.users]
+        using stays (the budget is then exceeded until that job ends), and so does `keep`."""
+        while self._entries and self._over_budget(size, extra=0 if keep is None else -1):
+            idle = [name for name, entry in self._entries.items() if not entry.users and name != keep]
             if not idle:
-                log.warning("model budget exceeded: every loaded model is in use by a running job")
+                log.warning("model budget exceeded: the models left are in use by running jobs (or just loaded)")
                 return
             self.evict(idle[0])
             self.evictions += 1
 
-    def _over_budget(self, incoming: int) -> bool:
-        if self.max_models is not None and len(self._entries) + 1 > self.max_models:
+    def _over_budget(self, incoming: int, extra: int = 0) -> bool:
+        """Whether one more model (`extra` -1: none, it is in already) of `incoming` bytes would not fit."""
+        if self.max_models is not None and len(self._entries) + 1 + extra > self.max_models:
             return True
         return self.max_bytes is not None and self.used_bytes + self._reserved + incoming > self.max_bytes

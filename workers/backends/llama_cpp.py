@@ -110,6 +110,8 @@ class LlamaCppBackend:
                                       parallel=config.default_parallel, n_batch=_BATCH_TOKENS,
                                       threads=config.threads)
             self.concurrent_jobs = config.default_parallel
+        # what the worker's model budget counts (`workers.cache`): the weights and the engine's KV cache
+        self.memory_bytes = path.stat().st_size + (self.engine.kv_bytes if self.engine else 0) if path.is_file() else None
 
     def close(self) -> None:
         if self.engine is not None:

@@ -210,6 +210,15 @@ class BatchEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_bytes(self) -> int:
+        """About what the engine's KV cache takes: a key and a value row (16-bit) per layer for
+        every token of every slot's context. Counted in the worker's model budget."""
+        model = llama_cpp.llama_get_model(self.ctx)
+        heads = max(1, llama_cpp.llama_model_n_head(model))
+        row = llama_cpp.llama_model_n_embd(model) // heads * llama_cpp.llama_model_n_head_kv(model)
+        return int(llama_cpp.llama_n_ctx(self.ctx)) * llama_cpp.llama_model_n_layer(model) * 2 * row * 2
+
     def stats(self) -> dict:
         """What a worker's heartbeat reports of this engine (`tasks.worker_signals`)."""
         return {"parallel": self.parallel, "running": self.busy_slots, "waiting": self.waiting,
