@@ -14,9 +14,10 @@ queue), `--gpu-memory-budget SIZE` (default 90% of each GPU's memory), `--cpu-me
 warning). A `LOCALQ_MODEL_CACHE_BYTES` already set in the environment is the budget of every
 worker for which no flag gives one. Sizes are bytes or `8GiB`, `512M`, ... (`ops.gpus.parse_size`).
 
-Every worker is `python -m celery -A tasks.celery_app:app worker --pool prefork --concurrency 1
+Every worker is `python -m celery -A tasks.celery_app:app worker --pool P --concurrency N
 --prefetch-multiplier 1 --without-gossip --without-mingle --queues Q --hostname NAME --loglevel L`
-(`ops.common.worker_argv`), named `gpu<i>@<host>` (i: the GPU's index) or `cpu<k>@<host>` (k from 0),
+(`ops.common.worker_argv`), N being its job slots (`workers.slots`: the most sequences one of the
+text models it serves batches) and P `threads` for more than one slot, else `prefork`, named `gpu<i>@<host>` (i: the GPU's index) or `cpu<k>@<host>` (k from 0),
 the host being `socket.gethostname()`, spelled out (no `%h`: the name is part of a queue name).
 Its queues are `tasks.routing.worker_queues(...)` for its device, GPU, pools and name, given the
 model configs of the models dir. Its environment, set before it starts, adds:
@@ -40,7 +41,7 @@ redelivered. Each worker's output is relayed to the launcher's stderr, every lin
 worker's short name (`gpu0 | ...`).
 
 Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGHUP send SIGTERM to every worker: Celery's warm
-shutdown, where running jobs finish, and with late acks and prefetch 1 nothing still queued is
+shutdown, where running jobs finish, and with late acks and prefetch 1 per slot nothing still queued is
 taken, so nothing is lost. After `QueueSettings.drain_timeout` (LOCALQ_JOB_TIMEOUT + 30 s, when
 every job has hit its hard time limit) stragglers get SIGKILL. A second signal hurries the stop:
 SIGQUIT (Celery's cold shutdown: running jobs are put back on their queues by late acks), then

@@ -3,7 +3,9 @@
 Why each setting (see Celery's "Optimizing" and "Tasks: acks_late" guides):
 - late acks + reject on worker lost: a job whose worker dies is put back on the queue, not lost;
   `tasks.run` counts deliveries so a job that kills every worker ends as failed instead of looping;
-- prefetch multiplier 1: a worker holds only the job it runs, so a long job does not sit on others;
+- prefetch multiplier 1: a worker holds only the jobs it runs (one per job slot: Celery's threads
+  pool with one thread per sequence its text models batch, `workers.slots`, else one prefork
+  process), so a long job does not sit on others;
 - the broker's visibility timeout is longer than the longest allowed job, so a running job is not
   handed to a second worker while the first is still on it;
 - JSON only, soft and hard time limits, no result backend (results travel on the job event log);
