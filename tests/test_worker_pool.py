@@ -203,6 +203,9 @@ def test_sigterm_drains_running_jobs_and_keeps_queued_ones(pool, celery_app, mon
 
     running = wait_until(lambda: len(r := [j for j in jobs if status(j) == "running"]) == SLOTS and r, 60,
                          f"a job in each slot (launcher log:\n{pool.log_text()})")
+    # a worker with 2 free slots holds 2 messages, no more: the other jobs wait in Redis for any worker
+    assert rt.redis.hlen("unacked") == SLOTS
+    assert sum(rt.redis.llen(key) for key in dispatch.queue_keys(queue)) == JOBS - SLOTS
     workers = pool.workers()
     pool.launcher.send_signal(signal.SIGTERM)
     assert pool.launcher.wait(90) == 0, pool.log_text()
