@@ -41,7 +41,7 @@ from store.events import EventLog
 from store.jobs import JobStore
 from tasks.batch_run import give_up_lines
 from tasks.routing import LINES_TASK, RUN_TASK
-from tasks.run import give_up
+from tasks.run import give_up, too_deep
 from tasks.runtime import Runtime
 from tasks.settings import QueueSettings
 from tasks.sweeper import sweep_client
@@ -113,8 +113,7 @@ def set_aside(settings: QueueSettings, *, reason: str, task: str, queue: str | N
 
 def client_error(exc: BaseException) -> dict:
     """The error event a waiting client gets (an `OpenAIError.payload()`)."""
-    too_deep = any(isinstance(e, RecursionError) for e in _chain(exc))
-    return (errors.request_too_deep() if too_deep else errors.job_undeliverable()).payload()
+    return (errors.request_too_deep() if too_deep(exc) else errors.job_undeliverable()).payload()
 
 
 def describe(exc: BaseException) -> str:

@@ -91,8 +91,31 @@ def _close(publisher: BackgroundPublisher, job_id: str) -> bool:
     return True
 
 
+def too_deep(exc: BaseException | None) -> bool:
+    """Whether a RecursionError caused `exc`: the request's nesting, which fails the same way every time."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, RecursionError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 @app.task(name=TASK_NAME, bind=True)
 def run_job(self, job: dict) -> None:
+    """Run one job; anything that escapes its steps fails the job (a `request_too_deep` 400 for a
+    request nested too deep to walk), never leaves its client waiting, and never stops the worker."""
+    try:
+        _run_job(self, job)
+    except Exception as exc:  # noqa: BLE001 - the job's own failure, reported to its client
+        job_id = job.get("id") if isinstance(job, dict) else None
+        log.error("job %s could not run", job_id, exc_info=not too_deep(exc))
+        if job_id:
+            payload = (errors.request_too_deep() if too_deep(exc) else errors.server_error()).payload()
+            give_up(runtime(), job_id, payload)
+
+
+def _run_job(self, job: dict) -> None:
     started = time.monotonic()
     rt = runtime()
     job_id = job["id"]

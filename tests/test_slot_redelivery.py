@@ -132,3 +132,30 @@ def test_killed_worker_with_four_sequences_has_each_redelivered_once(service):
     assert f"(pid {worker.pid}) was killed by SIGKILL" in text
     assert "put back 4 message(s)" in text
     assert httpx.get(base_url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_job_too_deep_to_walk_fails_alone_on_a_worker_with_slots(service):
+    """A threads worker hands no message to another process (nothing is pickled), so a request
+    nested too deep reaches the job itself: it fails with a 400, and the worker serves on."""
+    from tasks.celery_app import make_app
+    from tasks.runtime import connect
+    from tasks.settings import QueueSettings
+    from tests.test_dead_letters import final_record, poisoned_chat, send_job
+
+    launcher, base_url, server, _ = service
+    worker = wait_until(lambda: worker_process(launcher), 60, "the worker")
+    settings = QueueSettings.from_env({"LOCALQ_REDIS_URL": server.url})
+    app, rt = make_app(settings), connect(settings)
+    try:
+        request = poisoned_chat(700)
+        request["messages"][0]["content"] = {"deep": request.pop("response_format")}  # walked on arrival
+        job_id = send_job(rt, app, request)
+        record = final_record(rt, job_id)
+        assert record["status"] == "failed"
+        error = rt.events.all(job_id)[-1].data
+        assert error["status"] == 400 and error["error"]["code"] == "request_too_deep"
+        client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+        assert client.chat.completions.create(messages=ask(0), **{**REQUEST, "max_tokens": 2}).choices
+        assert worker_process(launcher).pid == worker.pid  # the same worker served it
+    finally:
+        app.close()
