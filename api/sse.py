@@ -57,21 +57,39 @@ def sse_response(body: Iterator[str], job_id: str) -> Response:
     return Response(body, mimetype="text/event-stream", headers=headers)
 
 
-def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None,
-             patience: float = 0.0) -> Iterator[Event | None]:
-    """The job's events after `after`; None for keep-alive ticks; a synthetic error past the deadline.
+def followed_reads(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None,
+                   patience: float = 0.0) -> Iterator[list[Event] | None]:
+    """The job's events after `after`, as each read returns them; None for keep-alive ticks; a
+    synthetic error past the deadline.
 
     Rides over Redis being away for `patience` seconds, then raises the Redis error.
     """
-    for event in rt.events.follow(job_id, after, block_ms=max(1, int(keepalive * 1000)), ride_over=patience):
-        if event is None and deadline is not None and time.time() > deadline + 1.0:
+    for events in rt.events.follow_reads(job_id, after, block_ms=max(1, int(keepalive * 1000)), ride_over=patience):
+        if events is None and deadline is not None and time.time() > deadline + 1.0:
             ride_over(lambda: rt.jobs.request_cancel(job_id), patience)
-            yield Event("", "error", json.dumps(errors.deadline_passed().payload()))
+            yield [Event("", "error", json.dumps(errors.deadline_passed().payload()))]
             return
-        yield event
+        yield events
+
+
+def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None,
+             patience: float = 0.0) -> Iterator[Event | None]:
+    """`followed_reads`, one event at a time."""
+    for events in followed_reads(rt, job_id, after=after, keepalive=keepalive, deadline=deadline, patience=patience):
+        if events is None:
+            yield None
+        else:
+            yield from events
 
 
 Renderer = Callable[[Event], Iterable[str | bytes]]
+
+
+def rendered(render: Renderer, events: Iterable[Event]) -> str | bytes:
+    """What the client reads for these events, as one piece: one write to its socket, not one per
+    event (each event's frame is the same as alone)."""
+    pieces = [piece for event in events for piece in render(event)]
+    return pieces[0][:0].join(pieces) if pieces else ""
 
 
 def peer_closed(sock) -> bool:
@@ -108,28 +126,29 @@ def relay(rt: Runtime, job_id: str, render: Renderer, *, after: str = "0-0", kee
         attached = True
         if keepalive_frame:
             yield keepalive_frame  # sends the headers (and the job id) at once, even while the job waits
-        for event in followed(rt, job_id, after=after, keepalive=min(keepalive, CLIENT_CHECK), deadline=deadline,
-                              patience=patience):
+        for events in followed_reads(rt, job_id, after=after, keepalive=min(keepalive, CLIENT_CHECK),
+                                     deadline=deadline, patience=patience):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + CLIENT_CHECK
                 if peer_closed(sock):
                     return
-            if event is None:
+            if events is None:
                 if keepalive_frame and time.monotonic() - last_write >= keepalive:
                     last_write = time.monotonic()
                     yield keepalive_frame
                 continue
-            finished = finished or event.terminal
-            for piece in render(event):
+            finished = finished or events[-1].terminal
+            chunk = rendered(render, events)
+            if chunk:
                 last_write = time.monotonic()
-                yield piece
+                yield chunk
     except TRANSIENT as err:
         lost = True
         log.warning("job %s: stream ended, the job queue was unreachable for %g s: %s", job_id, patience, err)
-        told = list(render(Event("", "error", json.dumps(errors.queue_lost(job_id).payload()))))
+        told = rendered(render, [Event("", "error", json.dumps(errors.queue_lost(job_id).payload()))])
         if not told:
             raise  # a body with no place for an error (raw audio): a cut connection is the only word left
-        yield from told
+        yield told
     finally:
         if attached:
             detached(rt, job_id, cancel=not (finished or lost), grace=grace, patience=patience,

@@ -162,7 +162,18 @@ class EventLog:
 
     def follow(self, job_id: str, after: str = "0-0", block_ms: int = 1000,
                ride_over: float = 0.0) -> Iterator[Event | None]:
-        """Every event after `after` as it arrives, until a terminal one; None each quiet `block_ms`.
+        """Every event after `after` as it arrives, until a terminal one; None each quiet `block_ms`
+        (see `follow_reads`)."""
+        for events in self.follow_reads(job_id, after, block_ms, ride_over):
+            if events is None:
+                yield None
+            else:
+                yield from events
+
+    def follow_reads(self, job_id: str, after: str = "0-0", block_ms: int = 1000,
+                     ride_over: float = 0.0) -> Iterator[list[Event] | None]:
+        """The events after `after` as each read returns them (so a relay writes them at once), up to
+        a terminal one; None each quiet `block_ms`.
 
         Reads that fail while Redis is away are tried again (a None between tries) for up to
         `ride_over` seconds from the first failed one; then the last error is raised. `block_ms` must stay below
@@ -184,11 +195,12 @@ class EventLog:
             if not batch:
                 yield None
                 continue
-            for event in batch:
-                after = event.id
-                yield event
+            for i, event in enumerate(batch):
                 if event.terminal:
+                    yield batch[:i + 1]
                     return
+            after = batch[-1].id
+            yield batch
 
 
 def _text(value) -> str:
