@@ -113,7 +113,16 @@ class GunicornServer(BaseApplication):
             self.cfg.set("control_socket_disable", True)
 
     def load(self):
-        return self._factory()
+        app = self._factory()
+        gevent.spawn(_prepare_sending)  # once this worker's loop runs: /healthz never waits for Redis
+        return app
+
+
+def _prepare_sending() -> None:
+    """Celery's producer, built before the first job needs it (`tasks.dispatch.prepare`)."""
+    from tasks.dispatch import prepare
+
+    prepare()
 
 
 def server_error(exc: BaseException) -> APIError | None:

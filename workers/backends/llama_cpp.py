@@ -108,10 +108,24 @@ class LlamaCppBackend:
         if generates:
             self.engine = BatchEngine(self.llm._model.model, context_per_sequence=self.n_ctx,
                                       parallel=config.default_parallel, n_batch=_BATCH_TOKENS,
-                                      threads=config.threads)
+                                      # llama-cpp-python's choice when the config sets none: half
+                                      # the cores for one row, all of them for a batch
+                                      threads=self.llm.n_threads, threads_batch=self.llm.n_threads_batch)
             self.concurrent_jobs = config.default_parallel
         # what the worker's model budget counts (`workers.cache`): the weights and the engine's KV cache
         self.memory_bytes = path.stat().st_size + (self.engine.kv_bytes if self.engine else 0) if path.is_file() else None
+        if self.engine is not None:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay at load what the first request would: llama.cpp's first decodes (a prompt chunk, one
+        row, two rows) cost several times a later one, and the chat template's first render."""
+        prompt = self.chat_prompt([{"role": "user", "content": "Hello"}])
+        greedy = Sampling.from_params({"temperature": 0}, 0)
+        sequences = [self.engine.submit(Sequence(prompt, greedy, 2)) for _ in range(2)]
+        for sequence in sequences:
+            for _ in sequence.stream():
+                pass
 
     def close(self) -> None:
         if self.engine is not None:

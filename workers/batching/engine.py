@@ -148,6 +148,7 @@ class BatchEngine:
         n_batch: int = 512,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         threads: int | None = None,
+        threads_batch: int | None = None,
         offload_kqv: bool = True,
     ):
         if parallel < 1:
@@ -160,8 +161,12 @@ class BatchEngine:
         # only its own cells, so its numbers do not depend on what other slots hold.
         params.kv_unified = False
         params.offload_kqv = offload_kqv
+        # llama.cpp's own default is 4 threads whatever the machine: on 2 cores they spin against
+        # everything else the worker does. `threads` decode one row, `threads_batch` several.
         if threads:
             params.n_threads = params.n_threads_batch = threads
+        if threads_batch:
+            params.n_threads_batch = threads_batch
         self.ctx = llama_cpp.llama_init_from_model(model, params)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context for the batching engine")
