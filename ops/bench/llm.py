@@ -13,6 +13,9 @@ second of each, the ratios to in-process, and the p50/p99 round trip of a trivia
 Run it by hand (it takes a few minutes):
 
     .venv/bin/python -m ops.bench.llm --tokens 128 --runs 5
+
+Concurrent streams, batches, llama.cpp's own server and the first request after `localq up`:
+ops/bench/concurrency.py.
 """
 
 from __future__ import annotations
@@ -88,27 +91,29 @@ class InProcess:
 
 
 class OverHttp:
-    """An OpenAI-compatible server, streamed over HTTP with httpx."""
+    """An OpenAI-compatible server, streamed over HTTP with httpx. Tokens are counted from `usage`
+    where the server sends it (`stream_options.include_usage`): one event may carry several tokens."""
 
     def __init__(self, base_url: str, model: str, bias: dict, tokens: int):
         self.url = base_url + "/v1/chat/completions"
         self.client = httpx.Client(timeout=300)
         self.body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0, "seed": 7,
-                     "logit_bias": bias, "stream": True}
+                     "logit_bias": bias, "stream": True, "stream_options": {"include_usage": True}}
 
     def generate(self) -> tuple[float, float, int]:
         start = time.perf_counter()
-        first, tokens = None, 0
+        first, tokens, usage = None, 0, None
         with self.client.stream("POST", self.url, json=self.body) as response:
             response.raise_for_status()
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     first = first or time.perf_counter()
                     tokens += 1
-        return first - start, time.perf_counter() - start, tokens
+        return first - start, time.perf_counter() - start, usage["completion_tokens"] if usage else tokens
 
 
 def interleaved(systems: dict, runs: int) -> dict:
