@@ -999,6 +999,7 @@ object_schema('LocalqWorker', {
     'current_job_model': Str(allow_none=True, metadata={'description': 'Model of `current_job`; null when idle.'}),
     'slots': Int(required=True, validate=[Range(min=1, max=None)], metadata={'description': 'Jobs the worker runs at once (1 for a worker that runs one at a time).'}),
     'slots_busy': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Jobs it is running now.'}),
+    'preloaded': Bool(metadata={'description': 'Whether the models its configs mark `preload` are loaded (loading goes on after the worker starts).'}),
     'running_jobs': ListOf(nested('LocalqWorkerRunningJob'), required=True, metadata={'description': 'The jobs it is running now; empty when idle.'}),
     'engines': MapOf(nested('LocalqWorkerEngine'), required=True, metadata={'description': 'The batching engine of each loaded text model that decodes several sequences together, by model name; empty when it has none.'}),
     'jobs_done': Int(validate=[Range(min=0, max=None)], metadata={'description': "Jobs finished by the worker's current pool process."}),

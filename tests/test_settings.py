@@ -29,7 +29,7 @@ def test_defaults():
     assert settings.keepalive_interval == 15.0
     assert settings.batch_window is None
     assert settings.queue.models_dir == DEFAULT_MODELS_DIR
-    assert WorkerSettings.from_env({}) == WorkerSettings(max_loaded_models=4, model_cache_bytes=None,
+    assert WorkerSettings.from_env({}) == WorkerSettings(max_loaded_models=8, model_cache_bytes=None,
                                                          heartbeat_interval=2.0)
 
 
