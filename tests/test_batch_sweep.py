@@ -43,7 +43,8 @@ def service(tmp_path_factory):
     (models / f"{GPU_MODEL}.yaml").write_text(yaml.safe_dump(config))
     env = {"LOCALQ_FILES_DIR": str(tmp / "files"), "LOCALQ_MODELS_DIR": str(models),
            "LOCALQ_BATCH_WINDOW": str(WINDOW), "LOCALQ_BATCH_SWEEP_INTERVAL": "0.5", "LOCALQ_RESUME_GRACE": "0"}
-    with running_service(tmp, env) as svc:  # one worker, for the `cpu` queue only
+    # one worker, for the `cpu` queue only, with one job slot: an interactive call can hold it
+    with running_service(tmp, env, slots=1) as svc:
         yield svc
 
 
