@@ -254,6 +254,26 @@ def test_json_schema_response_format(run):
     assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 30
 
 
+def test_one_request_never_holds_more_sequences_than_the_engine_has_slots(run, cache, registry):
+    """n = 8 on a 4-slot engine: its answers go to the engine 4 at a time at most, so other jobs'
+    sequences are admitted between them (a request with n = 128 and many prompts cannot queue
+    thousands of sequences ahead of everyone else)."""
+    import threading
+
+    engine = cache.get(registry.resolve(CHAT_MODEL)).engine
+    assert engine.parallel == 4
+    result, seen = [], []
+    request = {"messages": HELLO, "n": 8, "max_tokens": 6, "temperature": 0, EXT: {"ignore_eos": True}}
+    worker = threading.Thread(target=lambda: result.append(run("chat", request)[1]))
+    worker.start()
+    while worker.is_alive():
+        seen.append(engine.busy_slots + engine.waiting)
+        threading.Event().wait(0.002)
+    worker.join(60)
+    assert len(result[0]["choices"]) == 8 and result[0]["usage"]["completion_tokens"] == 48
+    assert 1 < max(seen) <= 4
+
+
 def test_jobs_run_at_once_share_the_engine_and_each_gives_what_it_gives_alone(run, cache, registry):
     """What a worker with several slots does: jobs in threads on one backend. A grammar-constrained
     job beside free ones keeps to its schema, and at temperature 0 each gives its answer alone."""

@@ -18,7 +18,7 @@ import base64
 import struct
 import zlib
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from schemas.openai_errors import invalid, model_not_found
@@ -85,8 +85,8 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
     }, _include_usage(request))
     want_logprobs = params["logprobs"]
     choices, completion_tokens, cached_tokens = [], 0, 0
-    with _generations(run, [_seed(params["seed"], job, index) for index in range(request.get("n") or 1)],
-                      cancelled) as generations:
+    seeds = [_seed(params["seed"], job, index) for index in range(request.get("n") or 1)]
+    with _generations([(run, seeds)], cancelled, backend.concurrent_jobs) as generations:
         for index, generation in enumerate(generations):
             if not _chat_choice(stream, index, generation, want_logprobs, choices):
                 return
@@ -99,15 +99,25 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
 
 
 @contextmanager
-def _generations(run, seeds: list, cancelled: Cancelled):
-    """The answers of one prompt, decoded together; read in order of index, so the stream's chunks
-    come in the same order on every delivery of the job (a redelivery skips those already sent)."""
-    generations = run.choices(seeds, cancelled)
+def _generations(runs_and_seeds: list, cancelled: Cancelled, window: int):
+    """The answers of one request (each run's, one per seed), in order; each is handed to the
+    engine when at most `window - 1` unread answers come before it, so they decode together, yet
+    one request with many answers never takes more than `window` of the engine's slots at once
+    (other jobs' sequences are admitted between its own). Read in order of index, so the stream's
+    chunks come in the same order on every delivery of the job (a redelivery skips those already sent)."""
+    generations = [generation for run, seeds in runs_and_seeds for generation in run.choices(seeds, cancelled)]
     try:
-        yield generations
+        yield _submitted_ahead(generations, window)
     finally:
         for generation in generations:
             generation.abandon()
+
+
+def _submitted_ahead(generations: list, window: int):
+    for index, generation in enumerate(generations):
+        for ahead in generations[index:index + window]:
+            ahead.submit()  # a no-op for those already submitted
+        yield generation
 
 
 def _chat_choice(stream, index: int, generation, want_logprobs, choices: list) -> bool:
@@ -176,18 +186,16 @@ def _completion(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancel
     }, _include_usage(request))
     want_logprobs = params["logprobs"] is not None
     choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
-    with ExitStack() as started:  # every prompt's answers decode together; they are read in order
-        answers = [started.enter_context(_generations(run, [_seed(params["seed"], job, j) for j in range(n)],
-                                                      cancelled)) for run, _ in prompts]
-        for position, ((run, prompt_text), generations) in enumerate(zip(prompts, answers, strict=True)):
-            prompt_tokens += len(run.prompt_tokens)
-            for j, generation in enumerate(generations):
-                if not _completion_choice(stream, position * n + j, generation, prompt_text, echo, want_logprobs,
-                                          choices):
-                    return
-                completion_tokens += generation.completion_tokens
-                if j == 0:  # each prompt counts once, however many choices read it
-                    cached_tokens += generation.cached_tokens
+    seeds = [_seed(params["seed"], job, j) for j in range(n)]
+    with _generations([(run, seeds) for run, _ in prompts], cancelled, backend.concurrent_jobs) as generations:
+        for index, generation in enumerate(generations):  # every prompt's answers, prompt after prompt
+            run, prompt_text = prompts[index // n]
+            if not _completion_choice(stream, index, generation, prompt_text, echo, want_logprobs, choices):
+                return
+            completion_tokens += generation.completion_tokens
+            if index % n == 0:  # each prompt counts once, however many choices read it
+                prompt_tokens += len(run.prompt_tokens)
+                cached_tokens += generation.cached_tokens
     usage = _usage(prompt_tokens, completion_tokens, cached_tokens)
     stream.usage(usage)
     emit("result", {**stream.base, "object": "text_completion", "choices": choices, "usage": usage})

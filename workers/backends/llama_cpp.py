@@ -362,14 +362,12 @@ class Run:
         return Generation(self, seed, cancelled)
 
     def choices(self, seeds: list[int | None], cancelled: Callable[[], bool]) -> list[Generation]:
-        """One answer per seed, all submitted to the engine now so that they decode together (the
-        first reads the prompt; the others start from its cache once it has). Read them in order:
-        the tokens of those not read yet wait for their reader. `abandon()` each when done."""
+        """One answer per seed, not submitted yet: `submit()` several ahead of reading them so that
+        they decode together (the first reads the prompt; the others start from its cache once it
+        has). The tokens of those not read yet wait for their reader. `abandon()` each when done."""
         generations: list[Generation] = []
         for seed in seeds:
-            generation = Generation(self, seed, cancelled)
-            generation.submit(after=generations[0] if generations else None)
-            generations.append(generation)
+            generations.append(Generation(self, seed, cancelled, after=generations[0] if generations else None))
         return generations
 
 
@@ -381,9 +379,10 @@ class Generation:
     inside a matched stop sequence included) and `text` (the answer, stop sequence cut off).
     """
 
-    def __init__(self, run: Run, seed: int | None, cancelled: Callable[[], bool]):
+    def __init__(self, run: Run, seed: int | None, cancelled: Callable[[], bool], after: Generation | None = None):
         self._run = run
         self._seed = seed
+        self._after = after  # a sibling on the same prompt, submitted before it, whose cache it starts from
         self._cancelled = cancelled
         self.finish_reason: str | None = None
         self.completion_tokens = 0
@@ -393,9 +392,8 @@ class Generation:
         self._grammar: _Grammar | None = None
         self._submitted = False
 
-    def submit(self, after: Generation | None = None) -> None:
-        """Hand the sequence to the engine (iterating does it when not done before); `after`: a
-        sibling on the same prompt whose cache this one starts from."""
+    def submit(self) -> None:
+        """Hand the sequence to the engine (iterating does it when not done before)."""
         if self._submitted:
             return
         self._submitted = True
@@ -412,7 +410,7 @@ class Generation:
         processors = [*run.processors, self._grammar.mask] if self._grammar else list(run.processors)
         self._sequence = Sequence(run.prompt_tokens, sampling, limit, processors=[_row(p) for p in processors],
                                   on_token=self._grammar.accept if self._grammar else None,
-                                  top_logprobs=run.top_logprobs, after=after._sequence if after else None)
+                                  top_logprobs=run.top_logprobs, after=self._after._sequence if self._after else None)
         backend.engine.submit(self._sequence)
 
     def __iter__(self) -> Iterator[Piece]:
