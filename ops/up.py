@@ -17,6 +17,7 @@ A second signal hurries the child being stopped (SIGQUIT, then SIGKILL 10 s late
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -239,13 +240,20 @@ def worker_preloaded(name: str) -> bool:
         from celery.utils.nodenames import host_format
 
         from store.heartbeats import worker_key
-        from tasks.runtime import connect
-        from tasks.settings import QueueSettings
 
-        raw = connect(QueueSettings.from_env()).redis.get(worker_key(host_format(name)))
+        raw = _heartbeat_reader().get(worker_key(host_format(name)))
         return bool(raw) and bool(json.loads(raw).get("preloaded"))
     except Exception:  # noqa: BLE001 - no heartbeat yet
         return False
+
+
+@functools.cache
+def _heartbeat_reader():
+    """One Redis client for the polls above (LOCALQ_REDIS_URL is set once Redis runs)."""
+    from tasks.runtime import connect
+    from tasks.settings import QueueSettings
+
+    return connect(QueueSettings.from_env()).redis
 
 
 def ping_worker(name: str, timeout: float = 1.0) -> bool:

@@ -41,7 +41,7 @@ from store.events import EventLog
 from store.jobs import JobStore
 from tasks.batch_run import give_up_lines
 from tasks.routing import LINES_TASK, RUN_TASK
-from tasks.run import give_up, too_deep
+from tasks.run import causes, give_up, too_deep
 from tasks.runtime import Runtime
 from tasks.settings import QueueSettings
 from tasks.sweeper import sweep_client
@@ -118,15 +118,7 @@ def client_error(exc: BaseException) -> dict:
 
 def describe(exc: BaseException) -> str:
     """The exception and what caused it, for the operator (`DecodeError: ... <- RecursionError: ...`)."""
-    return " <- ".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
-
-
-def _chain(exc: BaseException | None):
-    seen = []
-    while exc is not None and exc not in seen and len(seen) < 5:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
+    return " <- ".join(f"{type(e).__name__}: {e}" for e in causes(exc))
 
 
 def _job_id(task: str, args, body) -> str | None:

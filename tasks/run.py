@@ -91,14 +91,18 @@ def _close(publisher: BackgroundPublisher, job_id: str) -> bool:
     return True
 
 
+def causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and what caused it (at most 5 deep, never looping)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 5:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
 def too_deep(exc: BaseException | None) -> bool:
     """Whether a RecursionError caused `exc`: the request's nesting, which fails the same way every time."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, RecursionError):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return any(isinstance(cause, RecursionError) for cause in causes(exc))
 
 
 @app.task(name=TASK_NAME, bind=True)
