@@ -120,6 +120,8 @@ class GunicornServer(BaseApplication):
 
 def _prepare_sending() -> None:
     """Celery's producer, built before the first job needs it (`tasks.dispatch.prepare`)."""
+    # here: tasks.dispatch builds the Celery app, which reads its broker (LOCALQ_REDIS_URL) when
+    # imported, and `localq up` imports this module before it has started Redis
     from tasks.dispatch import prepare
 
     prepare()

@@ -28,6 +28,7 @@ import urllib.request
 
 from rich.console import Console
 from rich.markup import escape
+from celery.utils.nodenames import host_format
 from rich.table import Table
 
 from api.settings import Settings
@@ -37,6 +38,9 @@ from ops.common import DEFAULT_REDIS_DIR, REPO_ROOT, _child_env, _models_table, 
 from ops.launcher import OWNED_ENV, WorkerSpec, child_environment, configure_logging, worker_program
 from ops.redis_server import RedisServer, RedisServerError, port_is_free
 from ops.supervisor import FATAL, Child, ChildExited, Program, Supervisor
+from store.heartbeats import worker_key
+from tasks.runtime import connect
+from tasks.settings import QueueSettings
 from tasks.worker_settings import WorkerSettings
 from workers.registry import ModelRegistry
 
@@ -237,10 +241,6 @@ def _wait_for_worker(stack: Stack, name: str) -> str:
 def worker_preloaded(name: str) -> bool:
     """True when the worker's heartbeat says its `preload` models are loaded."""
     try:
-        from celery.utils.nodenames import host_format
-
-        from store.heartbeats import worker_key
-
         raw = _heartbeat_reader().get(worker_key(host_format(name)))
         return bool(raw) and bool(json.loads(raw).get("preloaded"))
     except Exception:  # noqa: BLE001 - no heartbeat yet
@@ -250,17 +250,12 @@ def worker_preloaded(name: str) -> bool:
 @functools.cache
 def _heartbeat_reader():
     """One Redis client for the polls above (LOCALQ_REDIS_URL is set once Redis runs)."""
-    from tasks.runtime import connect
-    from tasks.settings import QueueSettings
-
     return connect(QueueSettings.from_env()).redis
 
 
 def ping_worker(name: str, timeout: float = 1.0) -> bool:
     """True when the Celery node `name` (`%h` expanded) answers a control ping."""
     try:
-        from celery.utils.nodenames import host_format
-
         from tasks.celery_app import app  # here: its broker is LOCALQ_REDIS_URL at import, set once Redis runs
 
         node = host_format(name)

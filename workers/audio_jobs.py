@@ -365,8 +365,8 @@ def _same_locale(have: str | None, want: str) -> bool:
 
 
 def _speech(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
-    from workers.audio import StreamEncoder
-    from workers.backends.piper import Settings
+    from workers.audio import StreamEncoder  # heavy: PyAV and NumPy, loaded by speech jobs only
+    from workers.backends.piper import Settings  # piper-tts (the optional `audio` extra)
 
     request = job["request"]
     text = request.get("input") or ""
@@ -510,7 +510,7 @@ def _transcribe(kind: str, job: dict, config: ModelConfig, backend: Any, emit: E
 
 
 def _decoded_upload(upload: Any, backend: Any):
-    from workers.audio import AudioDecodeError, decode
+    from workers.audio import AudioDecodeError, decode  # heavy: PyAV and NumPy, loaded by audio jobs only
 
     if isinstance(upload, UploadedFile):
         data, name = upload.data, upload.filename

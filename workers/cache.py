@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.backends import load  # light: each backend imports its model library when a model loads
 from workers.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ def _file_size(path: Path) -> int:
 
 
 def _default_loader(config: ModelConfig) -> Any:
-    from workers.backends import load
-
     return load(config)
 
 
