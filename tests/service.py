@@ -11,10 +11,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.redis_server import RedisServer
-from ops.stack import ServiceProcesses, wait_until
+import yaml
 
-__all__ = ["Service", "running_service", "wait_until"]
+from ops.redis_server import RedisServer
+from ops.stack import REPO, ServiceProcesses, wait_until
+
+__all__ = ["Service", "only_models", "running_service", "wait_until"]
+
+CHAT, EMBEDDINGS = "smollm2-135m-instruct", "all-minilm-l6-v2"
+
+
+def only_models(folder: Path, *names: str, **changes) -> dict[str, str]:
+    """A models folder holding only the default configs `names` (each updated with `changes`),
+    as settings for `running_service`. For modules whose workers die and start again: each
+    start preloads what its configs name, and the image and audio models cost seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        config = yaml.safe_load((REPO / "models" / f"{name}.yaml").read_text())
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({**config, **changes}))
+    return {"LOCALQ_MODELS_DIR": str(folder)}
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 import redis
 from openai import OpenAI
 
-from tests.service import running_service, wait_until
+from tests.service import CHAT, only_models, running_service, wait_until
 
 LINES = 80
 
@@ -19,7 +19,8 @@ LINES = 80
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     # one slot: a prefork worker, whose pool process the test kills
-    with running_service(tmp, {"LOCALQ_FILES_DIR": str(tmp / "files")}, slots=1) as svc:
+    env = {"LOCALQ_FILES_DIR": str(tmp / "files"), **only_models(tmp / "models", CHAT)}
+    with running_service(tmp, env, slots=1) as svc:
         yield svc
 
 

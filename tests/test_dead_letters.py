@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from tests import sse
-from tests.service import running_service, wait_until
+from tests.service import CHAT, EMBEDDINGS, only_models, running_service, wait_until
 
 MAX_DELIVERIES = 2
 
@@ -37,7 +37,8 @@ MAX_DELIVERIES = 2
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dead-letters")
-    env = {"LOCALQ_MAX_DELIVERIES": str(MAX_DELIVERIES), "LOCALQ_FILES_DIR": str(tmp / "files")}
+    env = {"LOCALQ_MAX_DELIVERIES": str(MAX_DELIVERIES), "LOCALQ_FILES_DIR": str(tmp / "files"),
+           **only_models(tmp / "models", CHAT, EMBEDDINGS)}
     with running_service(tmp, env, slots=1) as svc:  # prefork: these tests kill its pool process
         yield svc
 

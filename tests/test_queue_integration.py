@@ -21,7 +21,7 @@ import redis
 from openai import OpenAI
 
 from tests import sse
-from tests.service import running_service, wait_until
+from tests.service import CHAT, EMBEDDINGS, only_models, running_service, wait_until
 
 CHAT_MODEL = "gpt-4o-mini"
 EMBED_MODEL = "text-embedding-3-small"
@@ -33,7 +33,9 @@ GREEDY = {"temperature": 0, "seed": 7}
 def service(tmp_path_factory):
     # one slot: a prefork worker, whose pool process these tests kill (a worker with several slots,
     # killed whole, is tests/test_slot_redelivery.py's)
-    with running_service(tmp_path_factory.mktemp("svc"), {"LOCALQ_RESUME_GRACE": "2"}, slots=1) as svc:
+    tmp = tmp_path_factory.mktemp("svc")
+    env = {"LOCALQ_RESUME_GRACE": "2", **only_models(tmp / "models", CHAT, EMBEDDINGS)}
+    with running_service(tmp, env, slots=1) as svc:
         warm = OpenAI(base_url=svc.base_url + "/v1", api_key="unused", timeout=180, max_retries=0)
         warm.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=1)
         yield svc

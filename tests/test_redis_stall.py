@@ -19,7 +19,7 @@ import redis
 
 from ops.stack import ServiceProcesses
 from tests import sse
-from tests.service import running_service, wait_until
+from tests.service import CHAT, only_models, running_service, wait_until
 
 LONG = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell a long story about the sea."}],
         "max_tokens": 300, "ignore_eos": True, "temperature": 0, "seed": 7}
@@ -31,7 +31,8 @@ TIMEOUT = httpx.Timeout(120)
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with running_service(tmp_path_factory.mktemp("svc"), {"LOCALQ_RESUME_GRACE": "1"}) as svc:
+    tmp = tmp_path_factory.mktemp("svc")
+    with running_service(tmp, {"LOCALQ_RESUME_GRACE": "1", **only_models(tmp / "models", CHAT)}) as svc:
         warm = httpx.post(svc.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 1}, timeout=180)
         assert warm.status_code == 200, warm.text
         yield svc

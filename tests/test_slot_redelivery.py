@@ -23,16 +23,16 @@ import httpx
 import psutil
 import pytest
 import redis
-import yaml
 from openai import OpenAI
 
 from ops.redis_server import RedisServer
 from ops.stack import ServiceProcesses, wait_until
 from store.events import EventLog
+from tests.service import CHAT, only_models
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = f"cpu0@{socket.gethostname()}"
-MODEL = "smollm2-135m-instruct"
+MODEL = CHAT
 SLOTS = 4
 REQUEST = {"model": MODEL, "max_tokens": 160, "temperature": 0,
            "extra_body": {"x-localai-extensions": {"ignore_eos": True}}}
@@ -45,13 +45,8 @@ def ask(index: int) -> list:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slots")
-    models = tmp / "models"
-    models.mkdir()
-    chat = yaml.safe_load((REPO / "models" / f"{MODEL}.yaml").read_text())
-    chat.update(parallel=SLOTS)
-    (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(chat))
     with RedisServer(tmp / "redis") as server:
-        env = {**os.environ, "LOCALQ_REDIS_URL": server.url, "LOCALQ_MODELS_DIR": str(models),
+        env = {**os.environ, "LOCALQ_REDIS_URL": server.url, **only_models(tmp / "models", MODEL, parallel=SLOTS),
                "LOCALQ_JOB_TIMEOUT": "120", "PYTHONUNBUFFERED": "1"}
         env.pop("LOCALQ_MODEL_CACHE_BYTES", None)
         log = tmp / "launcher.log"

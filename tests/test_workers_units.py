@@ -662,3 +662,15 @@ def test_a_backend_that_knows_its_memory_is_counted_by_it(sized):
     big = sized("big", 20)
     cache.get(big)  # room for 20 more: small (least recently used) goes
     assert small.closed and cache.loaded() == ["chat", "other", "big"]
+
+
+def test_model_loading_sets_a_brief_openmp_spin_unless_the_operator_chose_one():
+    from workers.backends import OPENMP_SPIN_COUNT, brief_openmp_spin
+
+    environ: dict[str, str] = {}
+    brief_openmp_spin(environ)
+    assert environ == {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+    for chosen in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        environ = dict(chosen)
+        brief_openmp_spin(environ)
+        assert environ == chosen
