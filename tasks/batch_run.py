@@ -78,8 +78,10 @@ def send_finalize(batch_id: str, client=None) -> None:
 
 def send_lines(batch_id: str, items: list, queue: str) -> None:
     """One `localq.batch.lines` task for `items` (`[line, custom_id, body]` each, one model)."""
-    app.send_task(LINES_TASK, args=[batch_id, [list(item) for item in items]], queue=queue,
-                  priority=PRIORITIES["batch"])
+    lines = [list(item) for item in items]
+    # argsrepr: logs and Flower show which lines, not a repr of every line's body built per send
+    app.send_task(LINES_TASK, args=[batch_id, lines], queue=queue, priority=PRIORITIES["batch"],
+                  argsrepr=f"[{batch_id!r}, <lines {', '.join(str(line[0]) for line in lines)}>]", kwargsrepr="{}")
 
 
 def _request_id() -> str:

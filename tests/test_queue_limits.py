@@ -5,6 +5,8 @@ The model here is pinned to the `gpu` queue and no GPU worker runs, so jobs stay
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import redis
@@ -60,3 +62,20 @@ def test_full_queue_is_429_with_retry_after(service):
     finally:
         for stream in streams:
             stream.__exit__(None, None, None)
+
+
+def test_a_queued_message_names_its_job_without_the_request_text(service):
+    """Celery's `argsrepr` header (what its logs and Flower show) is the job id: the request text
+    travels once, in the body, and no repr of it is built on every send."""
+    client = redis.Redis.from_url(service.redis.url)
+    client.delete(*queue_keys("gpu"))
+    secret = "a sentence only the message body may hold"
+    with httpx.stream("POST", service.base_url + "/v1/chat/completions", timeout=30,
+                      json={**BODY, "stream": True, "messages": [{"role": "user", "content": secret}]}) as stream:
+        assert stream.status_code == 200
+        job_id = stream.headers["x-localq-job-id"]
+        queued = [json.loads(raw) for key in queue_keys("gpu") for raw in client.lrange(key, 0, -1)]
+        message = next(m for m in queued if m["headers"]["id"] and job_id in m["headers"]["argsrepr"])
+        assert message["headers"]["argsrepr"] == repr([job_id])
+        assert secret not in json.dumps(message["headers"])
+    client.delete(*queue_keys("gpu"))
