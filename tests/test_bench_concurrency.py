@@ -99,7 +99,8 @@ def _round(localq_4: float, peer_4: float, localq_16: float, ttft_4: float, serv
     }
 
 
-ARGS = argparse.Namespace(streams=4, wide_streams=16, tokens=11, parallel=4, warm=5, batch_lines=200, batch_tokens=32)
+ARGS = argparse.Namespace(streams=4, wide_streams=16, tokens=11, parallel=4, warm=5, batch_lines=200, batch_tokens=32,
+                          before="768a339")
 
 
 def _verdicts(text: str) -> list[str]:
@@ -119,6 +120,16 @@ def test_report_fails_each_missed_target():
     # 4 streams: slower than the peer, one first token late; 16: one not served, less than 4 streams
     assert _verdicts(text)[:4] == ["FAIL", "FAIL", "FAIL", "FAIL"]
     assert figures["streams"]["worst_ttft_s"] == 0.7  # the worst of all rounds, not the median
+
+
+def test_the_batch_target_compares_with_the_worker_from_before_batching_when_it_ran():
+    found = _round(120, 110, 125, 0.2)
+    found["batch"]["before batching"] = {"lines_per_s": 1.5, "seconds": 133.3, "completed": 200}
+    text, figures = report(ARGS, {"rounds": [found]})
+    assert figures["batch"]["speedup"] == pytest.approx(2.0)  # 3.0 / 1.5, not 3.0 / 1.0
+    assert figures["batch"]["speedups"]["one at a time"] == pytest.approx(3.0)
+    assert "FAIL  lines/s >= 2.5x today's one at a time (before batching): 2.000x" in text
+    assert "n/a   (for reference) batched vs one at a time: 3.000x" in text
 
 
 def test_report_without_the_peer_says_so():

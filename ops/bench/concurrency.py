@@ -7,8 +7,11 @@ greedy with a fixed seed and the end tokens banned through `logit_bias`, so ever
 - in-process: `Llama.create_chat_completion(stream=True)` in this process (single stream only);
 - localq: embedded Redis, the API under gunicorn and one worker serving the model with `--parallel`
   slots (Celery threads pool, the jobs share the loaded model), streamed over HTTP; plus a second,
-  prefork worker with one slot serving a copy of the model (`parallel: 1`, its own pool queue):
-  "today's one-at-a-time" for the batch figure;
+  prefork worker with one slot serving a copy of the model (`parallel: 1`, its own pool queue);
+- localq before batching: `localq up` run from the source of `--before` (default: the last commit
+  before the batching engine), whose one prefork worker ran one job at a time on llama-cpp-python's
+  `Llama`: the issue's "today's one-at-a-time figure" for the batch, measured in the same run (with
+  `--before ''`, the one-slot worker above stands in for it);
 - llama-server: llama.cpp's C++ server from the `xllamacpp` wheel with `--peer-slots` slots, run by
   ops/bench/llama_server_peer.py in a separate virtualenv (`--peer-python`; skipped, with a note,
   when none is found).
@@ -56,6 +59,7 @@ SERIAL_MODEL = "bench-smollm2-serial"  # the same GGUF, one job at a time (today
 SERIAL_POOL = "serial"
 PEER_MODEL = "peer"
 PEER_CANDIDATES = ("/tmp/peers/bin/python",)
+BEFORE_BATCHING = "768a339"  # the last commit before the batching engine (issue 12): one job at a time
 TARGETS = {"ttft_4_s": 0.5, "vs_peer_4": 1.0, "decode_vs_in_process": 0.95, "added_ttft_ms": 10.0,
            "cold_vs_warm": 2.0, "batch_speedup": 2.5}
 
@@ -262,6 +266,34 @@ def cold_start(models: Path, work: Path, log: Path, bias: dict, tokens: int, war
             "warm_ttft_s": statistics.median(s.ttft for s in after)}
 
 
+def start_before(rev: str, path: Path, threads: int, work: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`localq up` from the source of commit `rev` (git archive), serving the bench model as that
+    commit's worker did: prefork, one job at a time. Returns the process and its base URL."""
+    tree, models = work / "tree", work / "models"
+    tree.mkdir(parents=True)
+    models.mkdir()
+    source = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=source, check=True)
+    (models / "bench.yaml").write_text(yaml.safe_dump({  # no `parallel` or `preload`: that config knew neither
+        "name": MODEL, "backend": "llama-cpp", "context_size": 2048, "threads": threads,
+        "parameters": {"model": str(path)}}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LOCALQ_REDIS_URL"}
+    env.update(LOCALQ_MODELS_DIR=str(models), LOCALQ_FILES_DIR=str(work / "files"), PYTHONUNBUFFERED="1")
+    # `python -m` from the tree's root: its packages come before this checkout's editable install
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "up", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(work / "redis"), "--redis-port", str(free_port())],
+        cwd=tree, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    for line in process.stdout:
+        if "localq ready on" in line:
+            break
+    else:
+        raise RuntimeError(f"localq up of {rev} exited ({process.wait()}); see {log}")
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # drain what it prints later
+    return process, f"http://127.0.0.1:{port}"
+
+
 def rotated(items: dict, turn: int) -> list:
     keys = list(items)
     turn %= len(keys)
@@ -274,7 +306,7 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
     models = write_models(tmp / "models", path, args.threads, args.parallel, serial=args.batch_lines > 0)
     cold_models = write_models(tmp / "models-up", path, args.threads, args.parallel, serial=False)
     rounds: list[dict] = []
-    peer = None
+    peer = before = None
     with RedisServer(tmp / "redis") as redis_server:
         env = {**os.environ, "LOCALQ_REDIS_URL": redis_server.url, "LOCALQ_MODELS_DIR": str(models),
                "LOCALQ_FILES_DIR": str(tmp / "files")}
@@ -289,13 +321,19 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
                 peer, peer_url = start_peer(peer_python, path, args.threads, args.peer_slots, logs / "llama-server.log")
                 systems["llama-server"] = HttpStreams(peer_url, PEER_MODEL, bias, args.tokens)
             systems["localq"] = HttpStreams(stack.base_url, MODEL, bias, args.tokens)
+            batches = {"one at a time": (stack.base_url, SERIAL_MODEL), "batched": (stack.base_url, MODEL)}
+            if args.batch_lines and args.before:
+                before, before_url = start_before(args.before, path, args.threads, tmp / "before",
+                                                  logs / "before-batching.log")
+                batches["before batching"] = (before_url, MODEL)
             local = Local(path, args.threads, bias, args.tokens)
             for system in systems.values():  # warm: load, and every slot once
                 system.stream()
                 system.concurrent(args.streams)
             local.stream()
             if args.batch_lines:
-                run_batch(stack.base_url, SERIAL_MODEL, 4, args.batch_tokens, bias)
+                for base_url, model in batches.values():  # each model loaded before it is timed
+                    run_batch(base_url, model, 4, args.batch_tokens, bias)
             for turn in range(args.rounds):
                 found: dict = {"single": {}, "streams": {}, "wide": {}, "batch": {}}
                 singles = {"in-process": local, **systems}
@@ -309,10 +347,8 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
                 for name, system in rotated(systems, turn):
                     found["wide"][name] = concurrent_figures(system.concurrent(args.wide_streams), args.tokens)
                 if args.batch_lines:
-                    batches = {"one at a time": SERIAL_MODEL, "batched": MODEL}
-                    for name, model in rotated(batches, turn):
-                        found["batch"][name] = run_batch(stack.base_url, model, args.batch_lines, args.batch_tokens,
-                                                         bias)
+                    for name, (base_url, model) in rotated(batches, turn):
+                        found["batch"][name] = run_batch(base_url, model, args.batch_lines, args.batch_tokens, bias)
                 if args.cold:
                     found["cold"] = cold_start(cold_models, tmp / f"up-{turn}", logs / f"up-{turn}.log", bias,
                                                args.tokens, args.warm)
@@ -324,6 +360,8 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
             stack.stop()
             if peer is not None:
                 stop(peer)
+            if before is not None:
+                stop(before, signal.SIGINT)
     return {"rounds": rounds}
 
 
@@ -442,16 +480,20 @@ def single_table(args, rounds: list[dict], servers: list[str], figures: dict) ->
 
 def batch_table(args, rounds: list[dict], figures: dict) -> str:
     """A chat batch: lines/s on the worker with slots against today's one-at-a-time worker."""
-    kinds = {"one at a time": "1 slot, prefork", "batched": f"{args.parallel} slots, threads"}
+    kinds = {"before batching": f"{args.before}, prefork, Llama", "one at a time": "1 slot, prefork",
+             "batched": f"{args.parallel} slots, threads"}
+    kinds = {k: pool for k, pool in kinds.items() if all(k in r["batch"] for r in rounds)}
     rate = {k: median(rounds, "batch", k, "lines_per_s") for k in kinds}
     rows = [[f"localq, {k} ({pool})", fmt(rate[k], "", 2), fmt(median(rounds, "batch", k, "seconds"), " s"),
              f"{min(r['batch'][k]['completed'] for r in rounds)}/{args.batch_lines}"] for k, pool in kinds.items()]
-    speedup = rate["batched"] / rate["one at a time"]
-    figures["batch"] = {"lines_per_s": rate, "speedup": speedup}
+    speedups = {k: rate["batched"] / rate[k] for k in kinds if k != "batched"}
+    today = "before batching" if "before batching" in speedups else "one at a time"
+    figures["batch"] = {"lines_per_s": rate, "speedup": speedups[today], "speedups": speedups}
+    checks = [(f"lines/s >= {TARGETS['batch_speedup']}x today's one at a time ({today})",
+               f"{speedups[today]:.3f}x", speedups[today] >= TARGETS["batch_speedup"])]
+    checks += [(f"(for reference) batched vs {k}", f"{v:.3f}x", None) for k, v in speedups.items() if k != today]
     return table(f"{args.batch_lines}-line chat batch ({args.batch_tokens} tokens a line)",
-                 ["worker", "lines/s", "batch time", "completed (worst round)"], rows,
-                 [(f"lines/s >= {TARGETS['batch_speedup']}x one at a time", f"{speedup:.3f}x",
-                   speedup >= TARGETS["batch_speedup"])])
+                 ["worker", "lines/s", "batch time", "completed (worst round)"], rows, checks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=5, help="warm requests timed after the first one")
     parser.add_argument("--peer-python", help="Python of a virtualenv with xllamacpp (default: looked up)")
     parser.add_argument("--peer-slots", type=int, default=4)
+    parser.add_argument("--before", default=BEFORE_BATCHING,
+                        help="commit whose `localq up` is today's one-at-a-time worker for the batch ('' skips it)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--logs", type=Path, help="keep the logs of localq, `localq up` and llama-server here")
     args = parser.parse_args(argv)
