@@ -10,8 +10,9 @@ greedy with a fixed seed and the end tokens banned through `logit_bias`, so ever
   prefork worker with one slot serving a copy of the model (`parallel: 1`, its own pool queue);
 - localq before batching: `localq up` run from the source of `--before` (default: the last commit
   before the batching engine), whose one prefork worker ran one job at a time on llama-cpp-python's
-  `Llama`: the issue's "today's one-at-a-time figure" for the batch, measured in the same run (with
-  `--before ''`, the one-slot worker above stands in for it);
+  `Llama`: the issue's "today's one-at-a-time figure" for the batch, measured in the same run,
+  started for its batch each round and stopped after it (with `--before ''`, the one-slot worker
+  above stands in for it);
 - llama-server: llama.cpp's C++ server from the `xllamacpp` wheel with `--peer-slots` slots, run by
   ops/bench/llama_server_peer.py in a separate virtualenv (`--peer-python`; skipped, with a note,
   when none is found).
@@ -266,9 +267,9 @@ def cold_start(models: Path, work: Path, log: Path, bias: dict, tokens: int, war
             "warm_ttft_s": statistics.median(s.ttft for s in after)}
 
 
-def start_before(rev: str, path: Path, threads: int, work: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`localq up` from the source of commit `rev` (git archive), serving the bench model as that
-    commit's worker did: prefork, one job at a time. Returns the process and its base URL."""
+def extract_before(rev: str, path: Path, threads: int, work: Path) -> tuple[Path, Path]:
+    """The source of commit `rev` (git archive) and a models folder serving the bench model as that
+    commit's worker did: prefork, one job at a time."""
     tree, models = work / "tree", work / "models"
     tree.mkdir(parents=True)
     models.mkdir()
@@ -277,6 +278,11 @@ def start_before(rev: str, path: Path, threads: int, work: Path, log: Path) -> t
     (models / "bench.yaml").write_text(yaml.safe_dump({  # no `parallel` or `preload`: that config knew neither
         "name": MODEL, "backend": "llama-cpp", "context_size": 2048, "threads": threads,
         "parameters": {"model": str(path)}}))
+    return tree, models
+
+
+def start_before(tree: Path, models: Path, work: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`localq up` from `tree` (its own Redis in `work`); returns the process and its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LOCALQ_REDIS_URL"}
     env.update(LOCALQ_MODELS_DIR=str(models), LOCALQ_FILES_DIR=str(work / "files"), PYTHONUNBUFFERED="1")
@@ -289,9 +295,21 @@ def start_before(rev: str, path: Path, threads: int, work: Path, log: Path) -> t
         if "localq ready on" in line:
             break
     else:
-        raise RuntimeError(f"localq up of {rev} exited ({process.wait()}); see {log}")
+        raise RuntimeError(f"localq up from {tree} exited ({process.wait()}); see {log}")
     threading.Thread(target=process.stdout.read, daemon=True).start()  # drain what it prints later
     return process, f"http://127.0.0.1:{port}"
+
+
+def before_batch(source: tuple[Path, Path], work: Path, log: Path, lines: int, tokens: int, bias: dict) -> dict:
+    """The batch on localq from before batching, started for it and stopped after it, so that it
+    never idles beside the other systems' measurements; its first small batch loads the model."""
+    process, url = start_before(*source, work, log)
+    try:
+        run_batch(url, MODEL, 4, tokens, bias)
+        return run_batch(url, MODEL, lines, tokens, bias)
+    finally:
+        stop(process, signal.SIGINT)
+        process.stdout.close()
 
 
 def rotated(items: dict, turn: int) -> list:
@@ -306,7 +324,7 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
     models = write_models(tmp / "models", path, args.threads, args.parallel, serial=args.batch_lines > 0)
     cold_models = write_models(tmp / "models-up", path, args.threads, args.parallel, serial=False)
     rounds: list[dict] = []
-    peer = before = None
+    peer = None
     with RedisServer(tmp / "redis") as redis_server:
         env = {**os.environ, "LOCALQ_REDIS_URL": redis_server.url, "LOCALQ_MODELS_DIR": str(models),
                "LOCALQ_FILES_DIR": str(tmp / "files")}
@@ -323,17 +341,15 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
             systems["localq"] = HttpStreams(stack.base_url, MODEL, bias, args.tokens)
             batches = {"one at a time": (stack.base_url, SERIAL_MODEL), "batched": (stack.base_url, MODEL)}
             if args.batch_lines and args.before:
-                before, before_url = start_before(args.before, path, args.threads, tmp / "before",
-                                                  logs / "before-batching.log")
-                batches["before batching"] = (before_url, MODEL)
+                batches["before batching"] = extract_before(args.before, path, args.threads, tmp / "before")
             local = Local(path, args.threads, bias, args.tokens)
             for system in systems.values():  # warm: load, and every slot once
                 system.stream()
                 system.concurrent(args.streams)
             local.stream()
             if args.batch_lines:
-                for base_url, model in batches.values():  # each model loaded before it is timed
-                    run_batch(base_url, model, 4, args.batch_tokens, bias)
+                for name in ("one at a time", "batched"):  # each model loaded before it is timed
+                    run_batch(*batches[name], 4, args.batch_tokens, bias)
             for turn in range(args.rounds):
                 found: dict = {"single": {}, "streams": {}, "wide": {}, "batch": {}}
                 singles = {"in-process": local, **systems}
@@ -347,8 +363,13 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
                 for name, system in rotated(systems, turn):
                     found["wide"][name] = concurrent_figures(system.concurrent(args.wide_streams), args.tokens)
                 if args.batch_lines:
-                    for name, (base_url, model) in rotated(batches, turn):
-                        found["batch"][name] = run_batch(base_url, model, args.batch_lines, args.batch_tokens, bias)
+                    for name, target in rotated(batches, turn):
+                        if name == "before batching":
+                            found["batch"][name] = before_batch(
+                                target, tmp / f"before-{turn}", logs / f"before-{turn}.log", args.batch_lines,
+                                args.batch_tokens, bias)
+                        else:
+                            found["batch"][name] = run_batch(*target, args.batch_lines, args.batch_tokens, bias)
                 if args.cold:
                     found["cold"] = cold_start(cold_models, tmp / f"up-{turn}", logs / f"up-{turn}.log", bias,
                                                args.tokens, args.warm)
@@ -360,8 +381,6 @@ def measure(args, path: Path, bias: dict, tmp: Path, peer_python: str | None) ->
             stack.stop()
             if peer is not None:
                 stop(peer)
-            if before is not None:
-                stop(before, signal.SIGINT)
     return {"rounds": rounds}
 
 
