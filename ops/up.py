@@ -26,9 +26,9 @@ import sys
 import time
 import urllib.request
 
+from celery.utils.nodenames import host_format
 from rich.console import Console
 from rich.markup import escape
-from celery.utils.nodenames import host_format
 from rich.table import Table
 
 from api.settings import Settings

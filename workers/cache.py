@@ -42,10 +42,6 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _default_loader(config: ModelConfig) -> Any:
-    return load(config)
-
-
 @dataclass
 class _Entry:
     config: ModelConfig
@@ -87,7 +83,7 @@ class ModelCache:
             raise ValueError("max_bytes must be positive")
         self.max_models = max_models
         self.max_bytes = max_bytes
-        self._loader = loader or _default_loader
+        self._loader = loader or load
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}  # one per model name: a model loads once at a time
