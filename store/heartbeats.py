@@ -48,10 +48,12 @@ def remove(client: redis.Redis, worker_id: str) -> None:
 
 
 def live_workers(client: redis.Redis) -> list[dict]:
-    """The heartbeats of every worker alive now, ordered by id."""
+    """The heartbeats of every worker alive now, ordered by id (two round trips)."""
     now = time.time()
-    ids = client.zrangebyscore(INDEX, now - FORGET_AFTER, "+inf")
-    client.zremrangebyscore(INDEX, "-inf", now - FORGET_AFTER)
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(INDEX, "-inf", now - FORGET_AFTER)
+    pipe.zrangebyscore(INDEX, now - FORGET_AFTER, "+inf")
+    ids = pipe.execute()[1]
     if not ids:
         return []
     beats = [json.loads(raw) for raw in client.mget([worker_key(_text(i)) for i in ids]) if raw]
@@ -59,20 +61,49 @@ def live_workers(client: redis.Redis) -> list[dict]:
 
 
 class CachedWorkers:
-    """`live_workers`, read at most once per `max_age` seconds (for the dispatch path)."""
+    """`live_workers` for the dispatch path: read again at most once per `max_age` seconds, and
+    then in the background, so a request never waits for it.
 
-    def __init__(self, max_age: float = 1.0):
+    A request finding the list older than `max_age` gets it as it is and starts one refresh; only
+    a list older than `stale_limit` (or none yet) is read on the request's own time. The first
+    request after a pause, the common case of a person at a keyboard, paid for the read (three
+    round trips to Redis) before its job was queued. A list a few seconds old is safe: a job sent to a
+    worker that has just gone moves to its model's shared queue (`tasks.orphans`)."""
+
+    def __init__(self, max_age: float = 1.0, stale_limit: float = 10.0):
         self.max_age = max_age
+        self.stale_limit = stale_limit
         self._lock = threading.Lock()
         self._at = -float("inf")
         self._workers: list[dict] = []
+        self._refreshing = False
 
     def get(self, client: redis.Redis) -> list[dict]:
         with self._lock:
-            if time.monotonic() - self._at > self.max_age:
-                self._workers = live_workers(client)
-                self._at = time.monotonic()
-            return self._workers
+            age = time.monotonic() - self._at
+            if age <= self.max_age or self._refreshing:
+                return self._workers
+            if age > self.stale_limit:
+                self._read(client)
+                return self._workers
+            self._refreshing = True
+        threading.Thread(target=self._refresh, args=(client,), name="localq-workers-refresh", daemon=True).start()
+        return self._workers
+
+    def _read(self, client: redis.Redis) -> None:
+        self._workers = live_workers(client)
+        self._at = time.monotonic()
+
+    def _refresh(self, client: redis.Redis) -> None:
+        try:
+            workers = live_workers(client)
+        except redis.RedisError:
+            log.debug("could not refresh the live workers", exc_info=True)
+            workers = None
+        with self._lock:
+            if workers is not None:
+                self._workers, self._at = workers, time.monotonic()
+            self._refreshing = False
 
 
 class Heartbeat(threading.Thread):

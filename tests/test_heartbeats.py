@@ -48,3 +48,21 @@ def test_the_cached_view_reads_redis_at_most_once_per_max_age(client):
     heartbeats.publish(client, {"id": "w@h"}, interval=10)
     assert view.get(client) == []  # still the cached answer
     assert [w["id"] for w in heartbeats.CachedWorkers(max_age=0).get(client)] == ["w@h"]
+
+
+def test_a_stale_view_answers_at_once_and_refreshes_in_the_background(client):
+    """The first request after a pause must not wait for Redis: it gets the list it had, and the
+    list is read again beside it; only a list older than `stale_limit` is read on its time."""
+    view = heartbeats.CachedWorkers(max_age=0.05, stale_limit=60)
+    assert view.get(client) == []  # nothing cached yet: read now
+    heartbeats.publish(client, {"id": "w@h"}, interval=10)
+    time.sleep(0.1)
+    assert view.get(client) == []  # stale: the old answer, a refresh started
+    wait_until(lambda: view.get(client) != [], timeout=5, what="the background refresh", interval=0.01)
+    assert [w["id"] for w in view.get(client)] == ["w@h"]
+    heartbeats.remove(client, "w@h")
+    too_old = heartbeats.CachedWorkers(max_age=0.05, stale_limit=0.1)
+    assert [w["id"] for w in too_old.get(client)] == []
+    heartbeats.publish(client, {"id": "w@h"}, interval=10)
+    time.sleep(0.2)
+    assert [w["id"] for w in too_old.get(client)] == ["w@h"]  # past the limit: read on its own time

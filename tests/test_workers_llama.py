@@ -551,3 +551,27 @@ def test_the_model_budget_counts_the_engines_kv_cache(cache, registry):
     assert backend.engine.kv_bytes == 4 * 2048 * 30 * 2 * 192 * 2
     assert backend.memory_bytes == weights + backend.engine.kv_bytes
     assert cache.used_bytes >= backend.memory_bytes
+
+
+def test_the_opening_chunk_goes_out_with_the_first_token(registry, cache):
+    """The role chunk is emitted with the first content chunk, not while the first token is being
+    computed (it woke the publisher, Redis, the API and the client then, on a small machine taking
+    CPU time from the first token). The job asks `cancelled()` while it waits for each token:
+    no such wait may fall between the two chunks."""
+    trace: list[str] = []
+
+    def emit(kind, data):
+        if kind == "delta" and data["choices"]:
+            delta = data["choices"][0]["delta"]
+            trace.append("role" if "role" in delta else "content" if delta.get("content") else "other")
+
+    def cancelled():
+        trace.append("wait")
+        return False
+
+    job = {"id": f"job{next(_ids)}", "kind": "chat", "model": CHAT_MODEL, "created": 1700000000,
+           "request": {"model": CHAT_MODEL, "messages": HELLO, "max_tokens": 4, "temperature": 0, "stream": True}}
+    execute(job, emit, cancelled, registry=registry, cache=cache)
+    opening = trace.index("role")
+    assert "wait" in trace[:opening]  # the job did wait for its first token before the chunk
+    assert trace[opening + 1] == "content", trace
