@@ -238,22 +238,11 @@ def cold_start(models: Path, work: Path, log: Path, bias: dict, tokens: int, war
     """`localq up` from nothing: the first request's time to first token once `up` says it is
     ready, against the median of `warm` requests after it (each with a prompt of its own)."""
     work.mkdir(parents=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "LOCALQ_REDIS_URL"}
-    env.update(LOCALQ_MODELS_DIR=str(models), LOCALQ_FILES_DIR=str(work / "files"), PYTHONUNBUFFERED="1")
     launched = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(work / "redis"), "--redis-port", str(free_port())],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    process, url = start_up(REPO, models, work, log)
     try:
-        for line in process.stdout:  # ends at `up`'s exit if it never gets ready
-            if "localq ready on" in line:
-                break
-        else:
-            raise RuntimeError(f"localq up exited ({process.wait()}); see {log}")
         ready = time.perf_counter() - launched
-        streams = HttpStreams(f"http://127.0.0.1:{port}", MODEL, bias, tokens, streams=1)
+        streams = HttpStreams(url, MODEL, bias, tokens, streams=1)
         # every request a prompt the server has not read (the first one's is new to it too), so that
         # a warm one is not also one whose prompt is cached
         prompts = [[{**MESSAGES[0], "content": f"Request {n}. {MESSAGES[0]['content']}"}] for n in range(warm + 1)]
@@ -281,21 +270,22 @@ def extract_before(rev: str, path: Path, threads: int, work: Path) -> tuple[Path
     return tree, models
 
 
-def start_before(tree: Path, models: Path, work: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`localq up` from `tree` (its own Redis in `work`); returns the process and its base URL."""
+def start_up(source: Path, models: Path, work: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`localq up` from the checkout at `source` (its own Redis in `work`), once it says it is
+    ready; returns the process and its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LOCALQ_REDIS_URL"}
     env.update(LOCALQ_MODELS_DIR=str(models), LOCALQ_FILES_DIR=str(work / "files"), PYTHONUNBUFFERED="1")
-    # `python -m` from the tree's root: its packages come before this checkout's editable install
+    # `python -m` from the source's root: its packages come before this checkout's editable install
     process = subprocess.Popen(
         [sys.executable, "-m", "ops.cli", "up", "--host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(work / "redis"), "--redis-port", str(free_port())],
-        cwd=tree, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-    for line in process.stdout:
+        cwd=source, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    for line in process.stdout:  # ends at `up`'s exit if it never gets ready
         if "localq ready on" in line:
             break
     else:
-        raise RuntimeError(f"localq up from {tree} exited ({process.wait()}); see {log}")
+        raise RuntimeError(f"localq up from {source} exited ({process.wait()}); see {log}")
     threading.Thread(target=process.stdout.read, daemon=True).start()  # drain what it prints later
     return process, f"http://127.0.0.1:{port}"
 
@@ -303,7 +293,7 @@ def start_before(tree: Path, models: Path, work: Path, log: Path) -> tuple[subpr
 def before_batch(source: tuple[Path, Path], work: Path, log: Path, lines: int, tokens: int, bias: dict) -> dict:
     """The batch on localq from before batching, started for it and stopped after it, so that it
     never idles beside the other systems' measurements; its first small batch loads the model."""
-    process, url = start_before(*source, work, log)
+    process, url = start_up(*source, work, log)
     try:
         run_batch(url, MODEL, 4, tokens, bias)
         return run_batch(url, MODEL, lines, tokens, bias)

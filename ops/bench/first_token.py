@@ -29,7 +29,7 @@ import psutil
 import redis
 
 from ops.bench.concurrency import MODEL, HttpStreams, Local, write_models
-from ops.bench.llm import banned_eos, model_path
+from ops.bench.llm import MESSAGES, banned_eos, model_path
 from ops.redis_server import RedisServer
 from ops.stack import ServiceProcesses
 from store.events import events_key
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = model_path()
     bias = banned_eos(path)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
+    body = {"model": MODEL, "messages": MESSAGES,
             "max_tokens": args.tokens, "temperature": 0, "seed": 7, "logit_bias": bias, "stream": True}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
         models = write_models(Path(tmp) / "models", path, 2, args.parallel, serial=False)
