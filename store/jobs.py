@@ -29,6 +29,11 @@ def job_key(job_id: str) -> str:
     return f"localq:job:{job_id}"
 
 
+def cancel_key(job_id: str) -> str:
+    """Set when a job's cancel is requested; a running job checks it between tokens."""
+    return f"{job_key(job_id)}:cancel"
+
+
 def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex
 
@@ -69,7 +74,7 @@ class JobStore:
         the flag (second) and overwrites the status at once if the job must not run after all.
         """
         pipe.hincrby(job_key(job_id), "attempts", 1)
-        pipe.exists(f"{job_key(job_id)}:cancel")
+        pipe.exists(cancel_key(job_id))
         self.update(job_id, pipe, status="running", started_at=f"{time.time():.6f}", worker=worker)
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: Any = None, pipe=None) -> None:
@@ -81,10 +86,10 @@ class JobStore:
         self.update(job_id, pipe, **fields)
 
     def request_cancel(self, job_id: str) -> None:
-        self.client.set(f"{job_key(job_id)}:cancel", "1", ex=self.ttl)
+        self.client.set(cancel_key(job_id), "1", ex=self.ttl)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.client.exists(f"{job_key(job_id)}:cancel"))
+        return bool(self.client.exists(cancel_key(job_id)))
 
     def attach(self, job_id: str) -> int:
         """A client started reading the job's events; jobs with readers are not cancelled."""

@@ -18,13 +18,14 @@ from schemas import openai_errors as errors
 from schemas.openai_errors import OpenAIError
 from store import dead_letters
 from store.files import fetch_uploads, publish_outputs, url_maker
-from store.jobs import FINAL_STATUSES
+from store.jobs import FINAL_STATUSES, cancel_key
 from store.metrics import FirstToken, completion_tokens, record_job
 from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
+from tasks import publisher as publishing
 from tasks.publisher import BackgroundPublisher
 from tasks.routing import RUN_TASK as TASK_NAME
-from tasks.runtime import model_runtime, runtime
+from tasks.runtime import model_runtime, runtime, worker_settings
 from workers.execute import execute  # light at import: model libraries load inside the backends
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ def _dead_letter_lost(rt, job: dict, request, deliveries: int) -> None:
                          error=f"the job stopped its worker {deliveries - 1} times", body=job)
     except Exception:
         log.warning("job %s: dead letter not kept", job["id"], exc_info=True)
+
+
+def _cancel_requested(rt, publisher: BackgroundPublisher, job_id: str) -> bool:
+    """The job's cancel flag: as the publisher's last send read it, when recent; else asked."""
+    seen = publisher.cancel_seen(CANCEL_POLL)
+    return rt.jobs.cancel_requested(job_id) if seen is None else seen
 
 
 def _close(publisher: BackgroundPublisher, job_id: str) -> bool:
@@ -155,11 +162,13 @@ def _run_job(self, job: dict) -> None:
         already_sent = sum(1 for event in rt.events.all(job_id) if event.type == "delta")
         log.warning("job %s redelivered (delivery %d); %d deltas already published", job_id, deliveries,
                     already_sent)
-    publisher = BackgroundPublisher(rt.events, job_id, skip_deltas=already_sent)
+    publishing.configure(worker_settings().stream_interval)
+    publisher = BackgroundPublisher(rt.events, job_id, skip_deltas=already_sent, cancel_key=cancel_key(job_id),
+                                    cancel_every=CANCEL_POLL / 2)
 
     registry, cache = model_runtime()
     first_token = FirstToken(publisher.emit, started)
-    is_cancelled = CancelCheck(lambda: rt.jobs.cancel_requested(job_id), CANCEL_POLL,
+    is_cancelled = CancelCheck(lambda: _cancel_requested(rt, publisher, job_id), CANCEL_POLL,
                                soft_deadline(self.request, rt.settings.job_timeout, started))
 
     outcome, error = "succeeded", None

@@ -23,6 +23,9 @@ class WorkerSettings:
     model_cache_bytes: int | None = None
     # seconds between a worker's heartbeats (`store.heartbeats`)
     heartbeat_interval: float = 2.0
+    # seconds between a worker's sends of job events to Redis (`tasks.publisher`): tokens after a
+    # job's first wait at most this long and go together; 0 sends each as soon as it can
+    stream_interval: float = 0.025
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -31,4 +34,5 @@ class WorkerSettings:
             max_loaded_models=positive_int(environ, "LOCALQ_MAX_LOADED_MODELS", cls.max_loaded_models),
             model_cache_bytes=optional_positive_int(environ, "LOCALQ_MODEL_CACHE_BYTES"),
             heartbeat_interval=positive_number(environ, "LOCALQ_HEARTBEAT_INTERVAL", cls.heartbeat_interval),
+            stream_interval=positive_number(environ, "LOCALQ_STREAM_INTERVAL", cls.stream_interval, allow_zero=True),
         )

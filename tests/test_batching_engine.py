@@ -183,3 +183,25 @@ def test_a_prefix_held_by_a_busy_slot_is_copied_not_read_again(llm, engine):
         assert collect(fresh.submit(Sequence(second, GREEDY, 8)))[0] == copied
     finally:
         fresh.close()
+
+
+def test_logit_bias_is_a_stage_of_the_sequences_own_chain(llm, engine):
+    """Bias goes to llama.cpp's sampler in C (no Python pass over the logits): it bans and forces
+    tokens of its own sequence only, whatever runs beside it, and leaves logprobs raw."""
+    alone = run_alone(llm, engine, QUESTIONS[1], max_tokens=6)
+    banned, forced = alone[0], alone[1]
+    neighbours = [engine.submit(Sequence(prompt(llm, q), GREEDY, 6)) for q in QUESTIONS[1:3]]
+    without = engine.submit(Sequence(prompt(llm, QUESTIONS[1]), Sampling(temperature=0, logit_bias=((banned, -100.0),)),
+                                     6, top_logprobs=1))
+    pushed = engine.submit(Sequence(prompt(llm, QUESTIONS[1]), Sampling(temperature=0, logit_bias=((forced, 100.0),)), 6))
+    items = list(without.stream())
+    assert banned not in [item.id for item in items if isinstance(item, Token)]
+    assert items[0].logprob.top[0][0] == banned  # ranked on the raw logits, before the bias
+    assert collect(pushed)[0] == [forced] * 6
+    assert [collect(sequence)[0] for sequence in neighbours][0] == alone
+
+
+def test_sampling_takes_logit_bias_from_resolved_parameters():
+    sampling = Sampling.from_params({"temperature": 0, "logit_bias": {15: -100.0, 7: 2.0}}, 1)
+    assert sampling.logit_bias == ((15, -100.0), (7, 2.0))
+    assert Sampling.from_params({"temperature": 0, "logit_bias": None}, 1).logit_bias == ()

@@ -19,6 +19,7 @@ from redis.connection import Connection
 
 from api.sse import DONE, KEEPALIVE, audio_bytes, completion_frames, frame, job_frames, relay
 from store.events import EventLog, events_key
+from tasks import publisher as publishing
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
@@ -146,6 +147,71 @@ def test_one_jobs_failure_neither_loses_nor_fails_another_jobs_events(redis_serv
     later.emit("delta", {"i": 3})
     later.close()
     assert deltas(log, "good") == [0, 1, 2, 3]
+
+
+@pytest.fixture
+def interval():
+    """The process's sender holds later tokens for this long (restored after)."""
+    publishing.configure(1.0)
+    yield 1.0
+    publishing.configure(0.0)
+
+
+def output(i: int) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": f"t{i}"}}], "i": i}
+
+
+def test_later_tokens_wait_for_the_interval_and_go_together(redis_server, log, interval):
+    """One send per token woke the sender, Redis, the API and the client at every token; the
+    stream interval sends what came meanwhile in one round trip, but never holds the first output."""
+    publisher = BackgroundPublisher(log, "held")
+    log = EventLog(redis.Redis.from_url(redis_server.url, decode_responses=True), ttl=60)  # reads not counted
+    publisher.emit("delta", {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "i": -1})
+    publisher.emit("delta", output(0))  # the first output: urgent, whatever was just sent
+    wait_until(lambda: deltas(log, "held") == [-1, 0], 2, "the first output, sent at once", interval=0.005)
+    before = CountingConnection.sends
+    for i in range(1, 6):
+        publisher.emit("delta", output(i))
+    time.sleep(interval / 3)
+    assert deltas(log, "held") == [-1, 0]  # held: the interval has not passed
+    publisher.emit("progress", {"step": 1})  # not a delta: goes now, and takes what waited with it
+    wait_until(lambda: deltas(log, "held") == [-1, 0, 1, 2, 3, 4, 5], 2, "the held tokens", interval=0.005)
+    assert CountingConnection.sends - before == 1
+    publisher.emit("delta", output(6))
+    started = time.monotonic()
+    publisher.close()  # a closing job's last events go at once
+    assert time.monotonic() - started < interval
+    assert deltas(log, "held")[-1] == 6
+
+
+def test_a_held_token_goes_with_the_next_event_after_the_interval(log, interval):
+    publisher = BackgroundPublisher(log, "steady")
+    publisher.emit("delta", output(0))
+    wait_until(lambda: deltas(log, "steady") == [0], 2, "the first output", interval=0.005)
+    publisher.emit("delta", output(1))
+    time.sleep(interval * 1.2)  # past the interval: the next event (an engine step's) takes it along
+    assert deltas(log, "steady") == [0]
+    publisher.emit("delta", output(2))
+    wait_until(lambda: deltas(log, "steady") == [0, 1, 2], 2, "the tokens after the interval", interval=0.005)
+    publisher.emit("delta", output(3))  # a producer slower than that: it waits two intervals at most
+    wait_until(lambda: deltas(log, "steady") == [0, 1, 2, 3], interval * 3, "the lone token", interval=0.01)
+    publisher.close()
+
+
+def test_a_send_reads_its_jobs_cancel_flag(log):
+    """A streaming job's cancel check asked Redis on its own every 50 ms; the flag now comes back
+    with the job's events, so a job that streams needs no round trip of its own to ask."""
+    publisher = BackgroundPublisher(log, "watched", cancel_key="watched:cancel", cancel_every=0.0)
+    assert publisher.cancel_seen(10) is None  # nothing read yet: the job must ask itself
+    publisher.emit("delta", output(0))
+    publisher.close()
+    assert publisher.cancel_seen(10) is False
+    log.client.set("watched:cancel", "1")
+    publisher.emit("delta", output(1))
+    publisher.close()
+    assert publisher.cancel_seen(10) is True
+    time.sleep(0.05)
+    assert publisher.cancel_seen(0.01) is None  # too old to be trusted
 
 
 # --- the API side: one write per read of the log ---------------------------------------------

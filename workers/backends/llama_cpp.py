@@ -223,8 +223,8 @@ class LlamaCppBackend:
         if len(prompt_tokens) >= self.n_ctx:
             raise _error(too_long(param, self.n_ctx, len(prompt_tokens)))
         processors = []
-        if params.get("logit_bias"):
-            processors.append(self._logit_bias(params["logit_bias"]))
+        if params.get("logit_bias"):  # applied by the sequence's sampler chain (its first stage)
+            self.check_tokens(list(params["logit_bias"]), "logit_bias")
         if params.get("ignore_eos"):
             processors.append(self._ban_eog())
         return Run(self, list(prompt_tokens), params, grammar=self._grammar(params), processors=processors)
@@ -247,17 +247,6 @@ class LlamaCppBackend:
             return scores
 
         return ban
-
-    def _logit_bias(self, bias: dict[int, float]) -> Callable:
-        self.check_tokens(list(bias), "logit_bias")
-        ids = np.array(list(bias), dtype=np.intc)
-        values = np.array(list(bias.values()), dtype=np.single)
-
-        def apply(_ids, scores):
-            scores[ids] += values
-            return scores
-
-        return apply
 
     def _grammar(self, params: dict) -> str | None:
         """The GBNF text the answer must follow (from the grammar knob or response_format), checked."""
