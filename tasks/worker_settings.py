@@ -25,7 +25,7 @@ class WorkerSettings:
     heartbeat_interval: float = 2.0
     # seconds between a worker's sends of job events to Redis (`tasks.publisher`): tokens after a
     # job's first wait at most this long and go together; 0 sends each as soon as it can
-    stream_interval: float = 0.025
+    stream_interval: float = 0.05
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
