@@ -8,8 +8,9 @@ once (a batching engine gives each a token per step) thus makes one round trip p
 per job. llama.cpp releases the GIL while it computes, so the sender's work overlaps the model's.
 
 Sends are at least `interval` apart (`LOCALQ_STREAM_INTERVAL`), unless something waits on one:
-a job's events up to its first output (the time to first token is never held back), any event
-that is not a delta (a status, a progress step), and a job closing. Later tokens go together:
+a job's first output (the time to first token is never held back; the role chunk just before it
+goes in the same send), any event that is not a delta (a status, a progress step), and a job
+closing. Later tokens go together:
 one round trip, one read by the API and one write to the client carry several, as vLLM's
 `--stream-interval` does in tokens. On a small machine every wake-up of the sender, Redis, the
 API and the client is time taken from the model's own threads. A held send goes with the next
@@ -49,7 +50,7 @@ class BackgroundPublisher:
         self.cancel_every = cancel_every
         self._cancel_read: tuple[float, bool] | None = None  # (monotonic time of the send, the flag)
         # guarded by the sender's lock: events handed over, events sent (or dropped), the failure,
-        # whether an event with output was handed over yet (until then every event is urgent)
+        # whether an event with output was handed over yet (the first one is urgent)
         self._emitted = 0
         self._handled = 0
         self._error: BaseException | None = None
@@ -114,9 +115,8 @@ class Sender:
             type_, data = event
             if type_ != "delta":
                 self._urgent = True
-            elif not publisher._output:  # up to and with the job's first output
-                self._urgent = True
-                publisher._output = carries_output(data)
+            elif not publisher._output and carries_output(data):  # the first output (with what came before)
+                self._urgent = publisher._output = True
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="publish-events", daemon=True)
                 self._thread.start()
