@@ -205,3 +205,21 @@ def test_sampling_takes_logit_bias_from_resolved_parameters():
     sampling = Sampling.from_params({"temperature": 0, "logit_bias": {15: -100.0, 7: 2.0}}, 1)
     assert sampling.logit_bias == ((15, -100.0), (7, 2.0))
     assert Sampling.from_params({"temperature": 0, "logit_bias": None}, 1).logit_bias == ()
+
+
+def test_plain_greedy_takes_the_tokens_the_sampler_chain_takes(llm, engine, monkeypatch):
+    """Temperature 0 without penalties is an argmax in numpy, not a llama.cpp chain that copies
+    every logit into candidates at each token: the same tokens, bias included."""
+    biased = Sampling(temperature=0, logit_bias=((run_alone(llm, engine, QUESTIONS[3], max_tokens=1)[0], -100.0),
+                                                 (1000, 5.0)))
+    assert biased.plain_greedy and not Sampling(temperature=0, repeat_penalty=1.1).plain_greedy
+
+    def decoded() -> list[list[int]]:
+        together = [engine.submit(Sequence(prompt(llm, q), sampling, 24))
+                    for q in QUESTIONS for sampling in (GREEDY, biased)]
+        return [collect(sequence)[0] for sequence in together]
+
+    fast = decoded()
+    monkeypatch.setattr(Sampling, "plain_greedy", property(lambda self: False))
+    assert decoded() == fast
+    assert fast[6] != fast[7]  # the bias changed that answer

@@ -337,13 +337,13 @@ class BatchEngine:
         sequence = slot.sequence
         if sequence is None or sequence.cancelled:
             return  # freed at the next step
-        raw = None
-        if sequence.processors or sequence.top_logprobs is not None:  # else the chain reads the logits alone
+        raw = row = None
+        if sequence.processors or sequence.top_logprobs is not None:  # else the sampler reads the logits alone
             row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
             raw = row.copy() if sequence.top_logprobs is not None else None  # before any processor
             for processor in sequence.processors:
                 processor(row)
-        token = sequence.chain.sample(self.ctx, index)
+        token = sequence.chain.sample(self.ctx, index, row)
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             self._free(slot, Finished("stop"))
             return
