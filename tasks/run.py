@@ -20,9 +20,9 @@ from store import dead_letters
 from store.files import fetch_uploads, publish_outputs, url_maker
 from store.jobs import FINAL_STATUSES, cancel_key
 from store.metrics import FirstToken, completion_tokens, record_job
+from tasks import publisher as publishing
 from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
-from tasks import publisher as publishing
 from tasks.publisher import BackgroundPublisher
 from tasks.routing import RUN_TASK as TASK_NAME
 from tasks.runtime import model_runtime, runtime, worker_settings
