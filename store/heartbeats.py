@@ -107,13 +107,19 @@ class CachedWorkers:
 
 
 class Heartbeat(threading.Thread):
-    """Publishes `describe()` every `interval` seconds, and at once after `poke()`."""
+    """Publishes `describe()` every `interval` seconds, and `settle` seconds after a `poke()`.
 
-    def __init__(self, client: redis.Redis, describe: Callable[[], dict], interval: float):
+    A worker pokes it when a job starts and ends. Beating at once would describe the worker and
+    write to Redis on the very time the new job's first token is being computed and sent; a
+    short wait keeps off that path and makes one beat of pokes close together (jobs starting
+    at once)."""
+
+    def __init__(self, client: redis.Redis, describe: Callable[[], dict], interval: float, settle: float = 0.0):
         super().__init__(name="localq-heartbeat", daemon=True)
         self.client = client
         self.describe = describe
         self.interval = interval
+        self.settle = settle
         self._wake = threading.Event()
         self._stopped = threading.Event()
 
@@ -137,7 +143,8 @@ class Heartbeat(threading.Thread):
                 publish(self.client, self.describe(), self.interval)
             except Exception:  # Redis away, say: try again next beat, never kill the worker
                 log.warning("heartbeat not published", exc_info=True)
-            self._wake.wait(self.interval)
+            if self._wake.wait(self.interval) and self.settle > 0:
+                self._stopped.wait(self.settle)
             self._wake.clear()
 
 

@@ -14,13 +14,16 @@ from collections.abc import Callable
 class CancelCheck:
     """Callable: True once `ask()` (a Redis lookup) has said so, or once `deadline` (a
     `time.monotonic()` value) has passed (then `timed_out` is true too). Asks at most every
-    `interval` seconds, and never again after a yes, so a tight token loop costs no extra round trips."""
+    `interval` seconds, and never again after a yes, so a tight token loop costs no extra round trips.
+    `read_at`: when the job last read its flag (and found none) some other way; the first ask
+    waits an interval from then."""
 
-    def __init__(self, ask: Callable[[], bool], interval: float, deadline: float | None = None):
+    def __init__(self, ask: Callable[[], bool], interval: float, deadline: float | None = None, *,
+                 read_at: float | None = None):
         self._ask = ask
         self._interval = interval
         self._deadline = deadline
-        self._next = 0.0
+        self._next = 0.0 if read_at is None else read_at + interval
         self.cancelled = False
         self.timed_out = False
 

@@ -135,6 +135,7 @@ def _run_job(self, job: dict) -> None:
     if job["kind"] in STREAMING_KINDS:  # one-piece jobs go straight to their result: one wake-up less
         rt.events.append_many(job_id, [("status", {"status": "running"})], pipe=pipe)
     replies = pipe.execute()
+    flag_read_at = time.monotonic()
     deliveries, cancel_flag = int(replies[0]), bool(replies[1])
     if deliveries > rt.settings.max_deliveries:
         _fail(rt, job_id, errors.worker_lost(deliveries - 1).payload())
@@ -169,7 +170,7 @@ def _run_job(self, job: dict) -> None:
     registry, cache = model_runtime()
     first_token = FirstToken(publisher.emit, started)
     is_cancelled = CancelCheck(lambda: _cancel_requested(rt, publisher, job_id), CANCEL_POLL,
-                               soft_deadline(self.request, rt.settings.job_timeout, started))
+                               soft_deadline(self.request, rt.settings.job_timeout, started), read_at=flag_read_at)
 
     outcome, error = "succeeded", None
     try:

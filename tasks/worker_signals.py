@@ -18,8 +18,9 @@
   When a worker's main process is killed, its messages stay in kombu's `unacked` hash until the
   visibility timeout (longer than the longest job). Its successor, started under the same node
   name (the launcher restarts it), puts those messages back on their queues at once with kombu's
-  `restore_by_tag`. A pool process dies with its main process (PR_SET_PDEATHSIG), so a job is
-  never run by an orphan while it is redelivered.
+  `restore_by_tag` (`tasks.delivery_log` writes the tags, off the event loop). A pool process
+  dies with its main process (PR_SET_PDEATHSIG), so a job is never run by an orphan while it is
+  redelivered.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import time
 from celery import signals
 
 from store.heartbeats import Heartbeat
+from tasks.delivery_log import DeliveryLog
 from tasks.orphans import registry_resolver, rescue
 from tasks.routing import queue_for
 from tasks.runtime import model_runtime, runtime, worker_settings
@@ -45,6 +47,7 @@ from workers.slots import sequences
 log = logging.getLogger(__name__)
 
 MIN_HEARTBEAT_INTERVAL = 0.1
+HEARTBEAT_SETTLE = 0.05  # seconds from a job's start or end to the beat that shows it (`store.heartbeats`)
 RECENT_TAGS = 32  # delivery tags remembered per job slot: prefetch 1 keeps about one in flight per slot
 _state: dict = {"heartbeat": None, "jobs": {}, "hard_limits": {}, "slots": 1, "jobs_done": 0,
                "started_at": int(time.time()), "preloaded": False}
@@ -110,20 +113,16 @@ def _remember_identity(sender, instance, **_) -> None:
     os.environ["LOCALQ_WORKER_QUEUES"] = ",".join(instance.app.amqp.queues.consume_from)
 
 
+_deliveries = DeliveryLog(lambda: runtime().redis, lambda: inflight_key(os.environ.get("LOCALQ_WORKER_NAME", "")),
+                          lambda: RECENT_TAGS * _state["slots"])
+
+
 @signals.task_received.connect
 def _remember_delivery(sender=None, request=None, **_) -> None:
     message = getattr(request, "_message", None)
     tag = getattr(message, "delivery_tag", None)
-    if tag is None:
-        return
-    try:
-        pipe = runtime().redis.pipeline(transaction=False)
-        key = inflight_key(os.environ.get("LOCALQ_WORKER_NAME", ""))
-        pipe.lpush(key, tag)
-        pipe.ltrim(key, 0, RECENT_TAGS * _state["slots"] - 1)
-        pipe.execute()
-    except Exception:
-        log.warning("delivery tag not remembered", exc_info=True)
+    if tag is not None:
+        _deliveries.add(tag)
 
 
 @signals.worker_ready.connect
@@ -185,7 +184,7 @@ def _start_pool_process(**_) -> None:
         return
     _die_with_parent()
 
-    heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval())
+    heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval(), settle=HEARTBEAT_SETTLE)
     _state["heartbeat"] = heartbeat
     heartbeat.start()
     threading.Thread(target=_preload, name="preload-models", daemon=True).start()

@@ -66,3 +66,26 @@ def test_a_stale_view_answers_at_once_and_refreshes_in_the_background(client):
     heartbeats.publish(client, {"id": "w@h"}, interval=10)
     time.sleep(0.2)
     assert [w["id"] for w in too_old.get(client)] == ["w@h"]  # past the limit: read on its own time
+
+
+def test_a_poked_heartbeat_waits_its_settle_time_and_makes_one_beat_of_close_pokes(client):
+    """A job's start pokes the heartbeat; the beat must not land on the time of its first token,
+    and jobs starting together make one beat, not one each."""
+    beats = []
+
+    def describe():
+        beats.append(time.monotonic())
+        return {"id": "w@h"}
+
+    beat = heartbeats.Heartbeat(client, describe, interval=30, settle=0.3)
+    beat.start()
+    wait_until(lambda: beats, 5, "the first heartbeat", interval=0.01)
+    poked = time.monotonic()
+    for _ in range(4):
+        beat.poke()
+        time.sleep(0.02)
+    wait_until(lambda: len(beats) == 2, 5, "the poked heartbeat", interval=0.01)
+    time.sleep(0.5)
+    beat.stop()
+    assert beats[1] - poked >= 0.3
+    assert len([t for t in beats if t > poked]) <= 2  # the poked beat, and stop()'s own describe
