@@ -42,6 +42,7 @@ from tasks.orphans import registry_resolver, rescue
 from tasks.routing import queue_for
 from tasks.runtime import model_runtime, runtime, worker_settings
 from tasks.watchdog import HardLimitWatchdog
+from workers.backends import choose_openmp_spin
 from workers.slots import sequences
 
 log = logging.getLogger(__name__)
@@ -184,26 +185,38 @@ def _start_pool_process(**_) -> None:
         return
     _die_with_parent()
 
+    try:
+        choose_openmp_spin(served_configs(model_runtime()[0].list(), _own_queues()))
+    except Exception:  # noqa: BLE001 - a bad models folder fails its jobs, not the worker's start
+        log.warning("could not read the served models to choose the OpenMP spin", exc_info=True)
     heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval(), settle=HEARTBEAT_SETTLE)
     _state["heartbeat"] = heartbeat
     heartbeat.start()
     threading.Thread(target=_preload, name="preload-models", daemon=True).start()
 
 
+def served_configs(configs, queues) -> list:
+    """The configs whose queue is among `queues`: the models this worker may be asked to run."""
+    served = set(queues)
+    return [config for config in configs if queue_for(config) in served]
+
+
 def preload_configs(configs, queues) -> list:
     """The configs with `preload: true` whose queue is among `queues`: batching text models first
     (their first requests are the ones people wait on), then by name."""
-    served = set(queues)
-    chosen = [config for config in configs if config.preload and queue_for(config) in served]
+    chosen = [config for config in served_configs(configs, queues) if config.preload]
     return sorted(chosen, key=lambda config: (sequences(config) == 1, config.name))
+
+
+def _own_queues() -> list[str]:
+    return [q for q in os.environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
 
 
 def _preload() -> None:
     """Load this worker's `preload` models; a model that fails to load is logged and left to load
     (and fail its job with the reason) on demand."""
     registry, cache = model_runtime()
-    queues = [q for q in os.environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
-    for config in preload_configs(registry.list(), queues):
+    for config in preload_configs(registry.list(), _own_queues()):
         started = time.monotonic()
         try:
             if not cache.has_room(config):  # preloading never evicts another preloaded model

@@ -8,6 +8,7 @@ one running localq shared by the session) and the test tiers: every test is mark
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ import yaml
 
 from api.settings import Settings
 from ops.redis_server import RedisServer
+from workers.backends import BRIEF_OPENMP_SPIN
+
+# The suite runs two test processes, each with localq stacks of its own, on two cores: more
+# llama.cpp threads than cores. A worker serving llama.cpp alone would spin long at OpenMP
+# barriers (`workers.backends`) and burn the cores the other half of the suite needs; like an
+# operator running several workers on shared cores, the suite asks for the brief spin.
+os.environ.setdefault("GOMP_SPINCOUNT", BRIEF_OPENMP_SPIN)
 
 
 @pytest.fixture

@@ -664,13 +664,21 @@ def test_a_backend_that_knows_its_memory_is_counted_by_it(sized):
     assert small.closed and cache.loaded() == ["chat", "other", "big"]
 
 
-def test_model_loading_sets_a_brief_openmp_spin_unless_the_operator_chose_one():
-    from workers.backends import OPENMP_SPIN_COUNT, brief_openmp_spin
+def test_the_openmp_spin_is_long_only_where_llama_cpp_is_all_a_worker_computes_with():
+    from workers.backends import BRIEF_OPENMP_SPIN, LONG_OPENMP_SPIN, choose_openmp_spin, openmp_spin
+
+    llama = make_config(name="chat")
+    embedder = make_config(name="embed", embeddings=True)
+    image = make_config(name="img", backend="diffusers")
+    assert openmp_spin([llama, embedder]) == LONG_OPENMP_SPIN
+    assert openmp_spin([llama, image]) == BRIEF_OPENMP_SPIN  # torch's threads would lose their cores
+    assert openmp_spin([]) == BRIEF_OPENMP_SPIN  # a model loaded with nothing known of the worker
 
     environ: dict[str, str] = {}
-    brief_openmp_spin(environ)
-    assert environ == {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+    choose_openmp_spin([llama], environ)
+    choose_openmp_spin([], environ)  # a model load after the worker chose keeps its choice
+    assert environ == {"GOMP_SPINCOUNT": LONG_OPENMP_SPIN}
     for chosen in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
         environ = dict(chosen)
-        brief_openmp_spin(environ)
+        choose_openmp_spin([llama], environ)
         assert environ == chosen
