@@ -7,7 +7,8 @@
   from a parent to its own children, read here for the heartbeat; settings a person sets are read
   in `tasks.settings` and `tasks.worker_settings`.
 * Heartbeats (`store.heartbeats`): the pool process, which holds the models, publishes what it
-  holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and at once when a job starts or ends.
+  holds and runs every `LOCALQ_HEARTBEAT_INTERVAL` seconds, and `HEARTBEAT_SETTLE` (50 ms) after
+  a job starts or ends.
 * Its own queue handed back when it stops (`tasks.orphans`): jobs dispatch sent to it while it
   was idle go to their models' queues instead of waiting for a worker of the same name.
 * Preloading: the models whose configs say `preload: true` and whose queue this worker consumes
@@ -187,6 +188,8 @@ def _start_pool_process(**_) -> None:
 
     try:
         choose_openmp_spin(served_configs(model_runtime()[0].list(), _own_queues()))
+        log.info("OpenMP threads spin %s times at a barrier before they sleep (GOMP_SPINCOUNT)",
+                 os.environ.get("GOMP_SPINCOUNT", "libgomp's default"))
     except Exception:  # noqa: BLE001 - a bad models folder fails its jobs, not the worker's start
         log.warning("could not read the served models to choose the OpenMP spin", exc_info=True)
     heartbeat = Heartbeat(runtime().redis, describe, heartbeat_interval(), settle=HEARTBEAT_SETTLE)
