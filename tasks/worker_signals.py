@@ -73,7 +73,7 @@ def describe() -> dict:
     """This pool process's heartbeat document (see `store.heartbeats`)."""
     cache = model_runtime()[1]
     environ = os.environ
-    queues = [q for q in environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
+    queues = _own_queues()
     device = environ.get("LOCALQ_WORKER_DEVICE") or ("gpu" if "gpu" in queues else "cpu")
     gpu_index = environ.get("LOCALQ_GPU_INDEX")
     running = list(_state["jobs"].values())
@@ -212,6 +212,7 @@ def preload_configs(configs, queues) -> list:
 
 
 def _own_queues() -> list[str]:
+    """The queues this worker consumes (set by `_remember_identity`, inherited by pool processes)."""
     return [q for q in os.environ.get("LOCALQ_WORKER_QUEUES", "").split(",") if q]
 
 
