@@ -232,6 +232,7 @@ object_schema('ChatCompletionRequestAssistantMessage', {
     'audio': nested('ChatCompletionRequestAssistantMessage_Audio', allow_none=True),
     'tool_calls': Ref('ChatCompletionMessageToolCalls'),
     'function_call': nested('ChatCompletionRequestAssistantMessage_FunctionCall', allow_none=True),
+    'annotations': ListOf(MapOf(), metadata={'description': 'Annotations of an earlier answer, as a chat completion returned them (for example URL citations). Accepted so that a returned message can be sent back as it is; they do not change the prompt.'}),
 }, unknown='raise')
 object_schema('ChatCompletionRequestAssistantMessage_Audio', {
     'id': Str(required=True),

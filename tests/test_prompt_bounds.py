@@ -78,7 +78,7 @@ def test_token_prompts_longer_than_the_context_are_refused():
 
 
 def test_other_problems_keep_their_code():
-    problem = capabilities.unsupported("chat", _config(), {"messages": many(1), "tools": [{"type": "function"}]})
+    problem = capabilities.unsupported("chat", _config(), {"messages": many(1), "modalities": ["audio"]})
     assert problem.code == "unsupported_parameter"
 
 

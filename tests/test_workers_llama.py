@@ -480,7 +480,7 @@ def test_embeddings_on_a_chat_model(run):
 @pytest.mark.parametrize(
     ("request_body", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]}, "audio"),
         ({EXT: {"tfs_z": 0.5}}, f"{EXT}.tfs_z"),
     ],

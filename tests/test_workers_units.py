@@ -257,6 +257,16 @@ EMBEDDING = {"model": "e", "input": "hi"}
         {"tool_choice": "none"},
         {"tool_choice": "auto"},
         {"functions": [{"name": "f"}], "function_call": "none"},
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+         "parallel_tool_calls": False},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                      "function": {"name": "f"}}},
+        {"functions": [{"name": "f"}], "function_call": {"name": "f"}},
+        {"messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                      {"role": "tool", "content": "1", "tool_call_id": "a"}]},
         {"modalities": ["text"]},
         {"reasoning_effort": "none"},
         {"verbosity": "medium"},
@@ -277,12 +287,6 @@ def test_chat_requests_llama_can_honour(extra):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
-        ({"functions": [{"name": "f"}]}, "functions"),
-        ({"function_call": {"name": "f"}}, "function_call"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
@@ -298,10 +302,8 @@ def test_chat_requests_llama_can_honour(extra):
         ({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "look"},
             {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "messages[0].content[1]"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "1", "tool_call_id": "a"}]},
-         "messages[1].role"),
-        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "a"}]}]},
-         "messages[0].tool_calls"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "custom"}]}]},
+         "messages[0].tool_calls[0].type"),
     ],
 )
 def test_chat_requests_llama_cannot_honour(extra, param):
@@ -311,8 +313,26 @@ def test_chat_requests_llama_cannot_honour(extra, param):
     assert "'gpt-4o-mini'" in found[1]
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+        ({"functions": [{"name": "f"}, {"name": "f"}]}, "functions[1]"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_tool_requests_that_make_no_sense_are_invalid_values(extra, param):
+    found = capabilities.unsupported("chat", LLAMA, {**CHAT, **extra})
+    assert (found[0], found.code) == (param, "invalid_value")
+
+
 def test_first_problem_in_request_order_is_reported():
-    body = {**CHAT, "store": True, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    body = {**CHAT, "store": True, "modalities": ["audio"]}
     assert capabilities.unsupported("chat", LLAMA, body)[0] == "store"
 
 

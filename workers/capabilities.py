@@ -11,12 +11,14 @@ too, so a field the upstream spec adds later is refused until someone implements
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from workers import audio_jobs, image_jobs
 from workers.config import ModelConfig
 from workers.defaults import EXTENSIONS, SCHEDULING_EXTENSIONS
+from workers.tools.request import ToolRequestError, tool_request
 
 #: Backend names accepted in model configs, mapped to the backend module that runs them.
 BACKEND_NAMES = {
@@ -53,6 +55,8 @@ _KIND_LABELS = {
     "transcription": "transcriptions",
     "translation": "translations",
 }
+
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 # LocalAI's known_usecases names for the kinds that a config may switch off.
 _USECASES = {"chat": "chat", "completion": "completion", "embedding": "embeddings"}
@@ -131,6 +135,7 @@ _DETOKENIZE_HONOURED = {"model", "tokens"}
 
 UNSUPPORTED = "unsupported_parameter"
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+INVALID_VALUE = "invalid_value"
 
 
 class Problem(tuple):
@@ -300,14 +305,12 @@ def _messages(request, value, config, label) -> Problem | None:
     for index, message in enumerate(value or ()):
         if not isinstance(message, Mapping):
             continue
-        role = message.get("role")
-        if role in ("tool", "function"):
-            return _reject(
-                f"messages[{index}].role", label, f"it cannot call tools, so '{role}' messages have no meaning"
-            )
-        for key in ("tool_calls", "function_call", "audio"):
-            if message.get(key):
-                return _reject(f"messages[{index}].{key}", label, "it cannot call tools or produce audio")
+        if message.get("audio"):
+            return _reject(f"messages[{index}].audio", label, "it cannot produce audio")
+        for call_index, call in enumerate(message.get("tool_calls") or ()):
+            if isinstance(call, Mapping) and call.get("type", "function") != "function":
+                return _reject(f"messages[{index}].tool_calls[{call_index}].type", label,
+                               "only function tool calls can be carried in a conversation")
         content = message.get("content")
         if isinstance(content, list):
             for part_index, part in enumerate(content):
@@ -322,27 +325,41 @@ def _messages(request, value, config, label) -> Problem | None:
 
 
 def _tools(request, value, config, label) -> Problem | None:
-    if value and request.get("tool_choice") != "none":
-        return _reject("tools", label, "it cannot call tools (only tool_choice 'none' is accepted)")
+    """`tools` and `functions` with their choices: what `workers.tools.request` cannot make sense
+    of, and a JSON response format beside active tools (the constrained answer is one or the other)."""
+    try:
+        tools = tool_request(request)
+    except ToolRequestError as err:
+        return Problem(err.param, f"Invalid value for '{err.param}': {err}.", INVALID_VALUE)
+    if tools is None:
+        return None
+    if request.get("tools") and request.get("functions"):
+        return Problem("functions", "Send either 'tools' or the deprecated 'functions', not both.", INVALID_VALUE)
+    for index, function in enumerate(tools.functions):
+        if not _FUNCTION_NAME.fullmatch(function.name):
+            param = f"tools[{index}].function.name" if not tools.legacy else f"functions[{index}].name"
+            return Problem(param, f"Invalid function name {function.name!r}: names are 1 to 64 letters, digits, "
+                           "underscores and dashes.", INVALID_VALUE)
+    if tools.active and (request.get(EXTENSIONS) or {}).get("grammar") is not None:
+        return _reject(f"{EXTENSIONS}.grammar", label, "a grammar cannot be combined with tools the model may call")
+    if tools.active and _constrained_format(request.get("response_format")):
+        return _reject("response_format", label, "a JSON response format cannot be combined with tools the model "
+                       "may call; send tool_choice 'none' or no response_format")
     return None
 
 
 def _tool_choice(request, value, config, label) -> Problem | None:
-    if value is None or value == "none" or (value == "auto" and not request.get("tools")):
-        return None
-    return _reject("tool_choice", label, "it cannot call tools")
-
-
-def _functions(request, value, config, label) -> Problem | None:
-    if value and request.get("function_call") != "none":
-        return _reject("functions", label, "it cannot call functions (only function_call 'none' is accepted)")
+    if value is not None and not request.get("tools") and value not in ("none", "auto"):
+        return Problem("tool_choice", "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+                       "are specified.", INVALID_VALUE)
     return None
 
 
 def _function_call(request, value, config, label) -> Problem | None:
-    if value is None or value == "none" or (value == "auto" and not request.get("functions")):
-        return None
-    return _reject("function_call", label, "it cannot call functions")
+    if value is not None and not request.get("functions") and value not in ("none", "auto"):
+        return Problem("function_call", "Invalid value for 'function_call': 'function_call' is only allowed when "
+                       "'functions' are specified.", INVALID_VALUE)
+    return None
 
 
 def _modalities(request, value, config, label) -> Problem | None:
@@ -440,7 +457,7 @@ _CHECKS: dict[str, dict[str, Any]] = {
             "response_format": _response_format,
             "tools": _tools,
             "tool_choice": _tool_choice,
-            "functions": _functions,
+            "functions": _tools,
             "function_call": _function_call,
             "modalities": _modalities,
             "audio": _not_null("audio", "it cannot produce audio"),

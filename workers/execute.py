@@ -15,6 +15,7 @@ published stay a prefix of the new ones; two jobs still sample differently.
 from __future__ import annotations
 
 import base64
+import hashlib
 import struct
 import zlib
 from collections.abc import Callable
@@ -23,6 +24,11 @@ from typing import Any
 
 from schemas.openai_errors import invalid, model_not_found
 from workers import capabilities, sampling
+from workers.tools.answer import ToolAnswer, ToolCallError
+from workers.tools.formats.generic import GenericParser
+from workers.tools.grammar import UnenforceableTool, answer_schema
+from workers.tools.prompt import generic_messages
+from workers.tools.request import ToolRequest, ToolRequestError, tool_request
 from workers.cache import ModelCache
 from workers.config import ModelConfig
 from workers.errors import JobError
@@ -72,7 +78,19 @@ def execute(
 def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
     request = job["request"]
     params = sampling.resolve("chat", request, config)
-    prompt = backend.chat_prompt(request["messages"], cancelled)
+    tools = _tools(request)
+    messages = request["messages"]
+    if tools is not None or _carries_tools(messages):  # the constrained way: any template can render these
+        messages = generic_messages(messages, tools)
+    if tools is not None and tools.active:
+        try:
+            schema = answer_schema(tools)
+        except UnenforceableTool as err:
+            raise invalid(err.param, str(err)) from None
+        params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}}
+    else:
+        tools = None
+    prompt = backend.chat_prompt(messages, cancelled)
     if prompt is None:
         return
     run = backend.start(prompt, params, param="messages")
@@ -88,7 +106,12 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
     seeds = [_seed(params["seed"], job, index) for index in range(request.get("n") or 1)]
     with _generations([(run, seeds)], cancelled, backend.concurrent_jobs) as generations:
         for index, generation in enumerate(generations):
-            if not _chat_choice(stream, index, generation, want_logprobs, choices):
+            if tools is not None:
+                answer = ToolAnswer(tools, GenericParser(), lambda call, choice=index: _call_id(job, choice, call))
+                chosen = _tool_choice(stream, index, generation, answer, want_logprobs, choices)
+            else:
+                chosen = _chat_choice(stream, index, generation, want_logprobs, choices)
+            if not chosen:
                 return
             completion_tokens += generation.completion_tokens
             if index == 0:  # the prompt counts once, however many choices read it
@@ -153,6 +176,64 @@ def _chat_choice(stream, index: int, generation, want_logprobs, choices: list) -
         "finish_reason": generation.finish_reason,
     })
     return True
+
+
+def _tool_choice(stream, index: int, generation, answer: ToolAnswer, want_logprobs, choices: list) -> bool:
+    """Stream one answer under tools (text or calls, as `answer` parses it) and add it to
+    `choices`; False if the job was cancelled meanwhile."""
+    content: list[dict] = []
+    waiting: list[dict] = []  # log probabilities of tokens whose text no delta has carried yet
+
+    def send(deltas: list[dict]) -> None:
+        for delta in deltas:
+            logprobs = {"content": list(waiting), "refusal": None} if want_logprobs else None
+            waiting.clear()
+            stream.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+
+    for piece in generation:
+        entries = [_chat_logprob(info) for info in piece.logprobs] if want_logprobs else []
+        content.extend(entries)
+        waiting.extend(entries)
+        send(answer.feed(piece.text))
+    if generation.finish_reason == "cancelled":
+        return False
+    try:
+        send(answer.close(generation.finish_reason))
+        answer.check()
+    except ToolCallError as err:
+        raise JobError(500, str(err), code="invalid_tool_call") from None
+    finish = answer.finish_reason(generation.finish_reason)
+    message = answer.message()
+    if not answer.calls and not answer.text:  # an answer with nothing in it still opens with its role
+        stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}])
+    stream.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}])
+    choices.append({
+        "index": index,
+        "message": message,
+        "logprobs": {"content": content, "refusal": None} if want_logprobs else None,
+        "finish_reason": finish,
+    })
+    return True
+
+
+def _tools(request: dict) -> ToolRequest | None:
+    try:
+        return tool_request(request)
+    except ToolRequestError as err:  # checked before the job was queued; a redelivered old job may differ
+        raise invalid(err.param, str(err)) from None
+
+
+def _carries_tools(messages: list) -> bool:
+    """Whether a conversation holds earlier tool calls or tool results (they need rendering as text)."""
+    return any(isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls")
+                                        or m.get("function_call")) for m in messages)
+
+
+def _call_id(job: dict, choice: int, call: int) -> str:
+    """The same id on every delivery of the job: a redelivery replays the same stream."""
+    digest = hashlib.sha256(f"{job['id']}:{choice}:{call}".encode()).hexdigest()
+    return f"call_{digest[:24]}"
 
 
 def _chat_logprob(info) -> dict:

@@ -34,7 +34,7 @@ import numpy as np
 from llama_cpp import Llama
 from llama_cpp._internals import LlamaTokenDataArray
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from schemas.openai_errors import context_length_exceeded, invalid
 from workers import devices
@@ -45,6 +45,7 @@ from workers.capabilities import Problem, too_long
 from workers.config import ModelConfig
 from workers.errors import JobError
 from workers.fingerprint import fingerprint
+from workers.tools.schema_grammar import relaxed, schema_to_gbnf, unenforceable
 
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed" value
 _NEVER = -1e30  # a logit no other candidate loses to
@@ -249,23 +250,36 @@ class LlamaCppBackend:
         return ban
 
     def _grammar(self, params: dict) -> str | None:
-        """The GBNF text the answer must follow (from the grammar knob or response_format), checked."""
+        """The GBNF text the answer must follow (from the grammar knob or response_format), checked.
+
+        A `json_schema` format is enforced exactly or not claimed: with `strict` a schema the
+        grammar cannot enforce is a 400 naming its part (`workers.tools.schema_grammar`); without
+        it, the grammar enforces the schema less the narrowing keywords it cannot (bounds, formats:
+        `relaxed`), or, when even that cannot be built, valid JSON of any shape, as OpenAI's
+        non-strict mode promises no more."""
         text, param = params.get("grammar"), "x-localai-extensions.grammar"
         response_format = params.get("response_format") or {}
         if response_format.get("type") == "json_object":
             text, param = JSON_GBNF, "response_format"
         elif response_format.get("type") == "json_schema":
             param = "response_format.json_schema.schema"
-            schema = (response_format.get("json_schema") or {}).get("schema")
+            described = response_format.get("json_schema") or {}
+            schema = described.get("schema")
+            problem = unenforceable(schema) if schema is not None else None
+            if problem is not None and not described.get("strict"):  # enforce what can be
+                schema, problem = relaxed(schema), None
             if schema is None:
                 text = JSON_GBNF
+            elif problem is not None:
+                path, reason = problem
+                raise JobError(400, f"This JSON schema cannot be enforced: {reason}.",
+                               param=f"{param}.{path}" if path else param, code="invalid_value")
             else:
                 try:
-                    text = json_schema_to_gbnf(json.dumps(schema))
-                except Exception as exc:  # the converter raises bare Exceptions and ValueErrors
-                    raise JobError(
-                        400, f"This JSON schema cannot be enforced: {exc}", param=param, code="invalid_value"
-                    ) from None
+                    text = schema_to_gbnf(schema)
+                except ValueError as exc:
+                    raise JobError(400, f"This JSON schema cannot be enforced: {exc}", param=param,
+                                   code="invalid_value") from None
         if text is None:
             return None
         with self._lock:
