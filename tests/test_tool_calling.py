@@ -306,3 +306,20 @@ def test_a_strict_tool_the_grammar_cannot_enforce_is_a_400_naming_the_part(servi
         "model": MODEL, "messages": ASK, "max_tokens": 20, "tools": [WEATHER, tool]})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "tools[1].function.parameters.properties.n.multipleOf"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_tool_call_responses_and_chunks_conform_to_the_upstream_schemas(service, legacy):
+    from tests.contract import upstream
+
+    tools = {"functions": [WEATHER["function"]]} if legacy else {"tools": [WEATHER], "tool_choice": "required"}
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 80, **GREEDY, **tools}
+    whole = httpx.post(service.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert whole.status_code == 200, whole.text
+    upstream().assert_conforms("CreateChatCompletionResponse", whole.json(), "a tool call answer")
+    with httpx.stream("POST", service.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks
+    for chunk in chunks:
+        upstream().assert_conforms("CreateChatCompletionStreamResponse", chunk, "a tool call chunk")

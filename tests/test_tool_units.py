@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from workers.tools.answer import ToolAnswer, ToolCallError
+from workers.tools.answer import ChatAnswer, ToolCallError
 from workers.tools.formats.generic import GenericParser
 from workers.tools.grammar import MAX_PARALLEL_CALLS, UnenforceableTool, answer_schema
 from workers.tools.prompt import generic_messages
@@ -183,7 +183,7 @@ def test_earlier_calls_and_results_become_text_in_the_same_format():
 
 def _answer(request: dict, output: str, pieces: int = 3, finish: str = "stop"):
     tools = tool_request(request)
-    answer = ToolAnswer(tools, GenericParser(), lambda i: f"call_{i}")
+    answer = ChatAnswer(tools, GenericParser(), lambda i: f"call_{i}")
     deltas = []
     size = max(1, len(output) // pieces)
     for start in range(0, len(output), size):
@@ -242,7 +242,7 @@ def test_an_answer_cut_by_the_token_limit_keeps_only_whole_calls():
     assert [c["name"] for c in answer.calls] == ["get_time"]
     assert answer.finish_reason("length") == "length"
     tools = tool_request({"tools": [WEATHER]})
-    broken = ToolAnswer(tools, GenericParser(), lambda i: "x")
+    broken = ChatAnswer(tools, GenericParser(), lambda i: "x")
     broken.feed('{"tool_calls": [{"name": "get_weather", "arguments": {')
     with pytest.raises(ToolCallError):
         broken.close("stop")

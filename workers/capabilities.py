@@ -113,6 +113,9 @@ _CHAT_HONOURED = _METADATA | {
     "top_logprobs",
     "seed",
     "response_format",
+    # passed to the chat template (`enable_thinking`, `reasoning_effort`); templates that read
+    # neither ignore it (workers.execute._template_options)
+    "reasoning_effort",
 }
 
 _COMPLETION_HONOURED = _METADATA | {
@@ -375,12 +378,6 @@ def _not_null(param: str, why: str):
     return check
 
 
-def _reasoning_effort(request, value, config, label) -> Problem | None:
-    if value is None or value == "none":
-        return None
-    return _reject("reasoning_effort", label, "it is not a reasoning model")
-
-
 def _verbosity(request, value, config, label) -> Problem | None:
     if value is None or value == "medium":
         return None
@@ -464,7 +461,6 @@ _CHECKS: dict[str, dict[str, Any]] = {
             "prediction": _not_null("prediction", "predicted outputs are not supported"),
             "web_search_options": _not_null("web_search_options", "it cannot search the web"),
             "moderation": _not_null("moderation", "localq does not moderate outputs"),
-            "reasoning_effort": _reasoning_effort,
             "verbosity": _verbosity,
             "store": _store,
         },

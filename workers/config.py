@@ -30,6 +30,8 @@ DEFAULT_CONTEXT_SIZE = 2048
 #: four already use most of what batching gains (the cores are the limit); a GPU keeps gaining
 #: well past that. Each sequence has its own `context_size` of KV cache.
 DEFAULT_PARALLEL = {"cpu": 4, "gpu": 8}
+#: `tool_format` values: automatic, constrained by a grammar, or a native format of workers/tools/formats
+TOOL_FORMATS = ("auto", "constrained", "hermes", "llama3", "mistral", "json")
 MAX_PARALLEL = 256
 
 
@@ -66,6 +68,11 @@ class ParametersSchema(Schema):
     repeat_last_n = _integer()
 
 
+def _no_or_two_markers(markers: list) -> None:
+    if len(markers) not in (0, 2):
+        raise ValidationError("two markers (where thinking starts, where it ends), or none")
+
+
 class ModelConfigSchema(Schema):
     """The whole file; unknown top-level keys are rejected (marshmallow's default)."""
 
@@ -85,6 +92,12 @@ class ModelConfigSchema(Schema):
     embeddings = fields.Boolean(load_default=False)
     embedding_dimensions = _integer(validate=validate.Range(min=1))
     stopwords = fields.List(fields.String(), load_default=list)
+    # tool calls: "auto" (the template's own format where it has one, else constrained), "constrained"
+    # (a grammar from the tools' schemas, any model), or a native format (workers/tools/formats)
+    tool_format = fields.String(validate=validate.OneOf(TOOL_FORMATS), load_default="auto")
+    # reasoning models: the markers around their thinking, e.g. ["<think>", "</think>"] (default:
+    # those, when the chat template writes them; [] for none)
+    reasoning_markers = fields.List(fields.String(validate=validate.Length(min=1)), validate=_no_or_two_markers)
     template = fields.Dict(keys=fields.String(), load_default=dict)
     known_usecases = fields.List(fields.String(), load_default=list)
     device = fields.String(validate=validate.OneOf(["cpu", "gpu"]), load_default="cpu")
@@ -113,6 +126,8 @@ class ModelConfigSchema(Schema):
     def _freeze_lists(self, data: dict[str, Any], **_) -> dict[str, Any]:
         for key in ("stopwords", "known_usecases", "aliases"):
             data[key] = tuple(data[key])
+        if "reasoning_markers" in data:
+            data["reasoning_markers"] = tuple(data["reasoning_markers"])
         if "gpus" in data:
             data["gpus"] = tuple(sorted(set(data["gpus"])))
         return data
@@ -138,6 +153,8 @@ class ModelConfig:
     mmap: bool | None = None
     embeddings: bool = False
     stopwords: tuple[str, ...] = ()
+    tool_format: str = "auto"
+    reasoning_markers: tuple[str, ...] | None = None  # None: as the chat template shows
     template: dict[str, Any] = field(default_factory=dict)
     known_usecases: tuple[str, ...] = ()
     device: str = "cpu"

@@ -24,11 +24,12 @@ from typing import Any
 
 from schemas.openai_errors import invalid, model_not_found
 from workers import capabilities, sampling
-from workers.tools.answer import ToolAnswer, ToolCallError
+from workers.tools.answer import ChatAnswer, ToolCallError
+from workers.tools.formats import PARSERS
 from workers.tools.formats.generic import GenericParser
-from workers.tools.grammar import UnenforceableTool, answer_schema
+from workers.tools.reasoning import ReasoningSplitter
 from workers.tools.prompt import generic_messages
-from workers.tools.request import ToolRequest, ToolRequestError, tool_request
+from workers.tools.request import REQUIRED, ToolRequest, ToolRequestError, tool_request
 from workers.cache import ModelCache
 from workers.config import ModelConfig
 from workers.errors import JobError
@@ -79,20 +80,39 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
     request = job["request"]
     params = sampling.resolve("chat", request, config)
     tools = _tools(request)
-    messages = request["messages"]
-    if tools is not None or _carries_tools(messages):  # the constrained way: any template can render these
-        messages = generic_messages(messages, tools)
-    if tools is not None and tools.active:
-        try:
-            schema = answer_schema(tools)
-        except UnenforceableTool as err:
-            raise invalid(err.param, str(err)) from None
-        params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}}
+    active = tools if tools is not None and tools.active else None
+    style = backend.tool_format
+    # `required` and a named choice always go the constrained way: only a grammar guarantees a call
+    native = style != "constrained" and (active is None or active.mode != REQUIRED)
+    messages, options = request["messages"], _template_options(request)
+    if native:
+        definitions = _definitions(active) if active else None
+        prompt = backend.chat_prompt(messages, cancelled, tools=definitions, native=True, options=options)
     else:
-        tools = None
-    prompt = backend.chat_prompt(messages, cancelled)
+        if tools is not None or _carries_tools(messages):  # any template can render these
+            messages = generic_messages(messages, tools)
+        if active is not None:
+            from workers.tools.grammar import UnenforceableTool, answer_schema  # llama_cpp's converter: worker only
+
+            try:
+                schema = answer_schema(active)
+            except UnenforceableTool as err:
+                raise invalid(err.param, str(err)) from None
+            params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}}
+        prompt = backend.chat_prompt(messages, cancelled, options=options)
     if prompt is None:
         return
+    markers = backend.reasoning_markers
+    thinking = backend.opens_thinking(prompt)
+
+    def reader(choice: int) -> ChatAnswer | None:
+        """What reads choice `choice`'s output as it streams, when plain text is not all it can hold."""
+        if active is None and not markers:
+            return None
+        parser = (PARSERS[style]() if native else GenericParser()) if active is not None else None
+        splitter = ReasoningSplitter(*markers, thinking=thinking) if markers else None
+        return ChatAnswer(active, parser, lambda call: _call_id(job, choice, call), splitter)
+
     run = backend.start(prompt, params, param="messages")
     stream = _Stream(emit, {
         "id": f"chatcmpl-{job['id']}",
@@ -106,9 +126,9 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
     seeds = [_seed(params["seed"], job, index) for index in range(request.get("n") or 1)]
     with _generations([(run, seeds)], cancelled, backend.concurrent_jobs) as generations:
         for index, generation in enumerate(generations):
-            if tools is not None:
-                answer = ToolAnswer(tools, GenericParser(), lambda call, choice=index: _call_id(job, choice, call))
-                chosen = _tool_choice(stream, index, generation, answer, want_logprobs, choices)
+            answer = reader(index)
+            if answer is not None:
+                chosen = _read_choice(stream, index, generation, answer, want_logprobs, choices)
             else:
                 chosen = _chat_choice(stream, index, generation, want_logprobs, choices)
             if not chosen:
@@ -178,9 +198,9 @@ def _chat_choice(stream, index: int, generation, want_logprobs, choices: list) -
     return True
 
 
-def _tool_choice(stream, index: int, generation, answer: ToolAnswer, want_logprobs, choices: list) -> bool:
-    """Stream one answer under tools (text or calls, as `answer` parses it) and add it to
-    `choices`; False if the job was cancelled meanwhile."""
+def _read_choice(stream, index: int, generation, answer: ChatAnswer, want_logprobs, choices: list) -> bool:
+    """Stream one answer as `answer` reads it (text, thinking, calls) and add it to `choices`;
+    False if the job was cancelled meanwhile."""
     content: list[dict] = []
     waiting: list[dict] = []  # log probabilities of tokens whose text no delta has carried yet
 
@@ -204,7 +224,7 @@ def _tool_choice(stream, index: int, generation, answer: ToolAnswer, want_logpro
         raise JobError(500, str(err), code="invalid_tool_call") from None
     finish = answer.finish_reason(generation.finish_reason)
     message = answer.message()
-    if not answer.calls and not answer.text:  # an answer with nothing in it still opens with its role
+    if not answer.calls and not answer.text and not answer.reasoning:  # an empty answer still opens with its role
         stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}])
     stream.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}])
@@ -222,6 +242,22 @@ def _tools(request: dict) -> ToolRequest | None:
         return tool_request(request)
     except ToolRequestError as err:  # checked before the job was queued; a redelivered old job may differ
         raise invalid(err.param, str(err)) from None
+
+
+def _definitions(tools: ToolRequest) -> list[dict]:
+    """OpenAI's tool definitions of the functions `tools` allows, for a template that renders them."""
+    return [{"type": "function", "function": {"name": f.name, "description": f.description,
+                                              "parameters": f.parameters}} for f in tools.functions]
+
+
+def _template_options(request: dict) -> dict:
+    """Template variables a request sets: `reasoning_effort` as sent (gpt-oss's templates read it)
+    and `enable_thinking` (Qwen3's), off for "none" and "minimal". Templates that read neither
+    render as they would without them: the effort is then ignored."""
+    effort = request.get("reasoning_effort")
+    if effort is None:
+        return {}
+    return {"reasoning_effort": effort, "enable_thinking": effort not in ("none", "minimal")}
 
 
 def _carries_tools(messages: list) -> bool:

@@ -45,8 +45,10 @@ from workers.capabilities import Problem, too_long
 from workers.config import ModelConfig
 from workers.errors import JobError
 from workers.fingerprint import fingerprint
+from workers.tools.formats import detect_format
 from workers.tools.schema_grammar import relaxed, schema_to_gbnf, unenforceable
 
+THINK_MARKERS = ("<think>", "</think>")  # DeepSeek-R1's and Qwen3's; found in their chat templates
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed" value
 _NEVER = -1e30  # a logit no other candidate loses to
 _TOKENIZER_CONTEXT = 256  # the Llama object's context when the engine generates (it only tokenizes)
@@ -158,19 +160,25 @@ class LlamaCppBackend:
 
     # -- prompts -------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict], cancelled: Callable[[], bool] = lambda: False) -> list[int] | None:
+    def chat_prompt(
+        self, messages: list[dict], cancelled: Callable[[], bool] = lambda: False, *, tools: list | None = None,
+        native: bool = False, options: dict | None = None,
+    ) -> list[int] | None:
         """The chat rendered with the model's template, ready for the assistant's turn; None
         when `cancelled()` turned true on the way.
 
+        `native`: the template renders the conversation's tool calls and results itself (and
+        `tools`, OpenAI's tool definitions); otherwise every message is reduced to its role and
+        text. `options` go to the template as variables (`enable_thinking`, `reasoning_effort`).
         Raises JobError (400 context_length_exceeded) as soon as the prompt is known not to fit.
         """
         if len(messages) >= self.n_ctx:  # every message costs a token: see capabilities._messages
             raise _error(too_long("messages", self.n_ctx, len(messages), at_least=True))
-        plain = [_plain_message(m) for m in messages]
+        plain = [_native_message(m) if native else _plain_message(m) for m in messages]
         if cancelled():
             return None
         try:
-            prompt = self._formatter(messages=plain).prompt
+            prompt = self._formatter(messages=plain, tools=tools if native else None, **(options or {})).prompt
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise JobError(
                 400, f"The model's chat template cannot render these messages: {exc}", param="messages"
@@ -333,9 +341,34 @@ class LlamaCppBackend:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    @property
+    def chat_template(self) -> str:
+        return self.llm.metadata.get("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
+
+    @property
+    def tool_format(self) -> str:
+        """How this model calls tools: a native format its template writes, else "constrained"."""
+        chosen = self.config.tool_format
+        if chosen == "auto":
+            return detect_format(self.chat_template) or "constrained"
+        return chosen
+
+    @property
+    def reasoning_markers(self) -> tuple[str, ...]:
+        """Where a reasoning model's thinking starts and ends (empty when it does not think aloud)."""
+        if self.config.reasoning_markers is not None:
+            return self.config.reasoning_markers
+        template = self.chat_template
+        return THINK_MARKERS if all(marker in template for marker in THINK_MARKERS) else ()
+
+    def opens_thinking(self, prompt: list[int]) -> bool:
+        """Whether the rendered prompt itself opens the thinking (its generation prompt ends with
+        the start marker), so that the output begins inside it."""
+        markers = self.reasoning_markers
+        return bool(markers) and self.detokenize(prompt[-8:]).rstrip().endswith(markers[0])
+
     def _chat_formatter(self) -> Jinja2ChatFormatter:
-        metadata = self.llm.metadata
-        template = metadata.get("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
+        template = self.chat_template
         eos, bos = self.llm.token_eos(), self.llm.token_bos()
         return Jinja2ChatFormatter(
             template=template,
@@ -585,6 +618,35 @@ def _plain_message(message: dict) -> dict:
     if isinstance(content, list):
         content = "\n".join(part.get("text") or part.get("refusal") or "" for part in content)
     return {"role": role, "content": content or ""}
+
+
+def _native_message(message: dict) -> dict:
+    """An OpenAI message for a template that renders tool calls itself: the text as a string, and
+    each call's arguments as the object they hold (what Hugging Face templates expect)."""
+    native = {key: value for key, value in _plain_message(message).items()}
+    role = message.get("role")
+    if message.get("tool_calls"):
+        native["tool_calls"] = [
+            {**call, "function": {**call.get("function", {}), "arguments": _arguments(call.get("function", {}))}}
+            for call in message["tool_calls"] if isinstance(call, dict)
+        ]
+    if isinstance(message.get("function_call"), dict):  # the legacy shape, as one tool call
+        native["tool_calls"] = [{"type": "function", "function": {
+            "name": message["function_call"].get("name"), "arguments": _arguments(message["function_call"])}}]
+    if role in ("tool", "function"):
+        native["role"] = "tool"
+        for key in ("tool_call_id", "name"):
+            if message.get(key) is not None:
+                native[key] = message[key]
+    return native
+
+
+def _arguments(function: dict):
+    raw = function.get("arguments")
+    try:
+        return json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return raw
 
 
 def _normalised(vector: np.ndarray) -> np.ndarray:
