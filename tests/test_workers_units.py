@@ -331,6 +331,13 @@ def test_tool_requests_that_make_no_sense_are_invalid_values(extra, param):
     assert (found[0], found.code) == (param, "invalid_value")
 
 
+def test_at_most_128_tools():
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+    found = capabilities.unsupported("chat", LLAMA, {**CHAT, "tools": tools})
+    assert (found[0], found.code) == ("tools", "array_above_max_length")
+    assert capabilities.unsupported("chat", LLAMA, {**CHAT, "tools": tools[:128]}) is None
+
+
 def test_first_problem_in_request_order_is_reported():
     body = {**CHAT, "store": True, "modalities": ["audio"]}
     assert capabilities.unsupported("chat", LLAMA, body)[0] == "store"

@@ -56,6 +56,7 @@ _KIND_LABELS = {
     "translation": "translations",
 }
 
+MAX_TOOLS = 128  # tools one request may offer (OpenAI's limit): each becomes part of the answer's grammar
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 # LocalAI's known_usecases names for the kinds that a config may switch off.
@@ -336,6 +337,11 @@ def _tools(request, value, config, label) -> Problem | None:
         return Problem(err.param, f"Invalid value for '{err.param}': {err}.", INVALID_VALUE)
     if tools is None:
         return None
+    for key in ("tools", "functions"):
+        listed = request.get(key)
+        if isinstance(listed, list) and len(listed) > MAX_TOOLS:
+            return Problem(key, f"Invalid '{key}': array too long. Expected an array with maximum length {MAX_TOOLS}, "
+                           f"but got an array with length {len(listed)} instead.", "array_above_max_length")
     if request.get("tools") and request.get("functions"):
         return Problem("functions", "Send either 'tools' or the deprecated 'functions', not both.", INVALID_VALUE)
     for index, function in enumerate(tools.functions):
