@@ -223,3 +223,48 @@ def test_plain_greedy_takes_the_tokens_the_sampler_chain_takes(llm, engine, monk
     monkeypatch.setattr(Sampling, "plain_greedy", property(lambda self: False))
     assert decoded() == fast
     assert fast[6] != fast[7]  # the bias changed that answer
+
+
+def _token_prelude(tokens: list[int]):
+    """A prelude that reads `tokens` itself, as an image's would read its embeddings."""
+
+    def read(ctx, seq_id: int) -> int:
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for position, token in enumerate(tokens):
+                batch.token[position], batch.pos[position], batch.n_seq_id[position] = token, position, 1
+                batch.seq_id[position][0], batch.logits[position] = seq_id, False
+            batch.n_tokens = len(tokens)
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return len(tokens)
+
+    return read
+
+
+def test_a_prelude_read_into_the_slot_gives_what_the_plain_prompt_gives(llm, engine):
+    question = QUESTIONS[0]
+    tokens = prompt(llm, question)
+    alone = run_alone(llm, engine, question)
+    head = len(tokens) - 5
+    placeholders = [-(10_000 + i) for i in range(head)]
+    with_prelude = Sequence(placeholders + tokens[head:], GREEDY, 48, prelude=_token_prelude(tokens[:head]))
+    got, end = collect(engine.submit(with_prelude))
+    assert end.reason in ("stop", "length") and got == alone
+    assert with_prelude.cached_tokens == 0  # read, not found in a cache
+
+
+def test_a_failing_prelude_ends_its_sequence_and_frees_the_slot(llm, engine):
+    def broken(ctx, seq_id):
+        raise RuntimeError("no image")
+
+    def short(ctx, seq_id):
+        return 1
+
+    for prelude in (broken, short):
+        failed = engine.submit(Sequence([-1, -2, *prompt(llm, "Hi")], GREEDY, 8, prelude=prelude))
+        _, end = collect(failed)
+        assert end.reason == "error"
+    assert engine.busy_slots == 0
+    assert run_alone(llm, engine, QUESTIONS[1], max_tokens=4)

@@ -709,3 +709,14 @@ def test_the_openmp_spin_is_long_only_where_llama_cpp_is_all_a_worker_computes_w
         environ = dict(chosen)
         choose_openmp_spin([llama], environ)
         assert environ == chosen
+
+
+def test_image_parts_are_read_only_by_a_model_with_a_vision_projector():
+    looking = {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}
+    vision = make_config(name="chat", backend="llama-cpp", mmproj_ref="tiny-mmproj.gguf")
+    assert capabilities.unsupported("chat", vision, looking) is None
+    found = capabilities.unsupported("chat", LLAMA, looking)
+    assert found[0] == "messages[0].content[1]" and "only reads text" in found[1]
+    system_image = {**looking, "messages": [{**looking["messages"][0], "role": "system"}]}
+    assert capabilities.unsupported("chat", vision, system_image)[0] == "messages[0].content[1]"

@@ -319,11 +319,14 @@ def _messages(request, value, config, label) -> Problem | None:
         if isinstance(content, list):
             for part_index, part in enumerate(content):
                 part_type = part.get("type") if isinstance(part, Mapping) else None
+                if part_type == "image_url" and config.mmproj_ref is not None and message.get("role") == "user":
+                    continue  # a vision projector reads it (workers/backends/llama_vision.py)
                 if part_type not in ("text", "refusal"):
+                    reads = "text and images" if config.mmproj_ref is not None else "text"
                     return _reject(
                         f"messages[{index}].content[{part_index}]",
                         label,
-                        f"it only reads text, not '{part_type}' content parts",
+                        f"it only reads {reads}, not '{part_type}' content parts",
                     )
     return None
 

@@ -98,6 +98,8 @@ class ModelConfigSchema(Schema):
     # reasoning models: the markers around their thinking, e.g. ["<think>", "</think>"] (default:
     # those, when the chat template writes them; [] for none)
     reasoning_markers = fields.List(fields.String(validate=validate.Length(min=1)), validate=_no_or_two_markers)
+    # chat models that read images: their vision projector (LocalAI's key; a path or package:// reference)
+    mmproj = fields.String(validate=validate.Length(min=1))
     template = fields.Dict(keys=fields.String(), load_default=dict)
     known_usecases = fields.List(fields.String(), load_default=list)
     device = fields.String(validate=validate.OneOf(["cpu", "gpu"]), load_default="cpu")
@@ -156,6 +158,8 @@ class ModelConfig:
     tool_format: str = "auto"
     reasoning_markers: tuple[str, ...] | None = None  # None: as the chat template shows
     template: dict[str, Any] = field(default_factory=dict)
+    mmproj_file: Path | None = None  # a vision projector (`mmproj`), resolved like `parameters.model`
+    mmproj_ref: str | None = None
     known_usecases: tuple[str, ...] = ()
     device: str = "cpu"
     aliases: tuple[str, ...] = ()
@@ -182,6 +186,12 @@ class ModelConfig:
     def names(self) -> tuple[str, ...]:
         """Every id clients may use for this model: its name, then its aliases."""
         return (self.name, *self.aliases)
+
+    def locate_mmproj(self) -> Path:
+        """The vision projector file; ModelConfigError naming this config if it is missing."""
+        if self.mmproj_file is None or not self.mmproj_file.is_file():
+            raise ModelConfigError(f"{self.source}: mmproj: {self.mmproj_ref!r} is not a file (model {self.name!r})")
+        return self.mmproj_file
 
     def locate_model(self) -> Path:
         """The model file (or folder) to load; ModelConfigError naming this config if it is missing."""
@@ -216,8 +226,11 @@ def load_model_config(path: Path, models_dir: Path) -> ModelConfig:
     except ValidationError as exc:
         raise ModelConfigError(f"{path}: {format_errors(exc.messages)}") from exc
     model = values["parameters"].get("model")
+    projector = values.pop("mmproj", None)
     return ModelConfig(
         **values,
+        mmproj_file=resolve_model_ref(projector, models_dir) if projector else None,
+        mmproj_ref=projector,
         source=path,
         created=int(os.stat(path).st_mtime),
         model_file=resolve_model_ref(model, models_dir) if model else None,

@@ -39,12 +39,14 @@ from llama_cpp.llama_grammar import JSON_GBNF
 from schemas.openai_errors import context_length_exceeded, invalid
 from workers import devices
 from workers.backends.llama_tokens import PromptTokenizer
+from workers.backends.llama_vision import Vision
 from workers.batching.engine import BatchEngine, Finished, Sequence
 from workers.batching.sampling import Sampling
 from workers.capabilities import Problem, too_long
 from workers.config import ModelConfig
 from workers.errors import JobError
 from workers.fingerprint import fingerprint
+from workers.image_inputs import ImageInputError, ImageLimits, load_image
 from workers.tools.formats import detect_format
 from workers.tools.schema_grammar import relaxed, schema_to_gbnf, unenforceable
 
@@ -107,6 +109,7 @@ class LlamaCppBackend:
         # Generation runs on the batching engine (its own context, one KV stream per slot); the
         # Llama object keeps tokenizing and embedding.
         self.engine: BatchEngine | None = None
+        self.vision: Vision | None = None
         self.concurrent_jobs = 1  # jobs the worker may run on this model at once (`workers.cache`)
         if generates:
             self.engine = BatchEngine(self.llm._model.model, context_per_sequence=self.n_ctx,
@@ -115,6 +118,9 @@ class LlamaCppBackend:
                                       # the cores for one row, all of them for a batch
                                       threads=self.llm.n_threads, threads_batch=self.llm.n_threads_batch)
             self.concurrent_jobs = config.default_parallel
+            if config.mmproj_ref is not None:
+                self.vision = Vision(config.locate_mmproj(), self.llm._model.model, threads=self.llm.n_threads,
+                                     gpu=kwargs["n_gpu_layers"] != 0)
         # what the worker's model budget counts (`workers.cache`): the weights and the engine's KV cache
         self.memory_bytes = path.stat().st_size + (self.engine.kv_bytes if self.engine else 0) if path.is_file() else None
         if self.engine is not None:
@@ -133,6 +139,8 @@ class LlamaCppBackend:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self.vision is not None:
+            self.vision.close()
         self.llm.close()
 
     # -- tokenizer -----------------------------------------------------------------------------
@@ -174,7 +182,9 @@ class LlamaCppBackend:
         """
         if len(messages) >= self.n_ctx:  # every message costs a token: see capabilities._messages
             raise _error(too_long("messages", self.n_ctx, len(messages), at_least=True))
-        plain = [_native_message(m) if native else _plain_message(m) for m in messages]
+        images = _image_parts(messages) if self.vision is not None else []
+        marker = self.vision.marker if images else None
+        plain = [_native_message(m, marker) if native else _plain_message(m, marker) for m in messages]
         if cancelled():
             return None
         try:
@@ -183,7 +193,27 @@ class LlamaCppBackend:
             raise JobError(
                 400, f"The model's chat template cannot render these messages: {exc}", param="messages"
             ) from None
+        if images:
+            return self._media_prompt(prompt, images)
         return self._prompt_tokens(prompt, add_special=False, param="messages", cancelled=cancelled)
+
+    def _media_prompt(self, prompt: str, parts: list[tuple[str, str]]) -> list[int]:
+        """The rendered prompt with its images (`parts`: (param, url) in order) for the engine."""
+        limits = ImageLimits.from_env()
+        try:
+            decoded = [load_image(url, param, limits) for param, url in parts]
+        except ImageInputError as err:
+            raise JobError(400, str(err), param=err.param, code="invalid_image") from None
+        if prompt.count(self.vision.marker) != len(decoded):
+            raise JobError(400, "The chat template did not place every image in the prompt.", param="messages")
+        try:
+            with self._lock:
+                tokens = self.vision.prompt(prompt, decoded, _BATCH_TOKENS)
+        except ValueError as exc:
+            raise JobError(400, f"The images cannot be read with this prompt: {exc}", param="messages") from None
+        if len(tokens) >= self.n_ctx:
+            raise _error(too_long("messages", self.n_ctx, len(tokens)))
+        return tokens
 
     def completion_prompt(
         self, prompt: str | list[int], param: str = "prompt", cancelled: Callable[[], bool] = lambda: False,
@@ -236,7 +266,9 @@ class LlamaCppBackend:
             self.check_tokens(list(params["logit_bias"]), "logit_bias")
         if params.get("ignore_eos"):
             processors.append(self._ban_eog())
-        return Run(self, list(prompt_tokens), params, grammar=self._grammar(params), processors=processors)
+        run = Run(self, list(prompt_tokens), params, grammar=self._grammar(params), processors=processors)
+        run.prelude = getattr(prompt_tokens, "prelude", None)  # a prompt's images (`llama_vision`)
+        return run
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -365,7 +397,8 @@ class LlamaCppBackend:
         """Whether the rendered prompt itself opens the thinking (its generation prompt ends with
         the start marker), so that the output begins inside it."""
         markers = self.reasoning_markers
-        return bool(markers) and self.detokenize(prompt[-8:]).rstrip().endswith(markers[0])
+        tail = [token for token in prompt[-8:] if token >= 0]  # (media placeholders are not tokens)
+        return bool(markers) and self.detokenize(tail).rstrip().endswith(markers[0])
 
     def _chat_formatter(self) -> Jinja2ChatFormatter:
         template = self.chat_template
@@ -390,6 +423,7 @@ class Run:
         self.params = params
         self.grammar = grammar
         self.processors = processors
+        self.prelude = None
         top = params.get("top_logprobs")
         wants = params.get("logprobs")
         self.top_logprobs: int | None = (top or 0) if (wants is not None and wants is not False) else None
@@ -446,7 +480,8 @@ class Generation:
         processors = [*run.processors, self._grammar.mask] if self._grammar else list(run.processors)
         self._sequence = Sequence(run.prompt_tokens, sampling, limit, processors=[_row(p) for p in processors],
                                   on_token=self._grammar.accept if self._grammar else None,
-                                  top_logprobs=run.top_logprobs, after=self._after._sequence if self._after else None)
+                                  top_logprobs=run.top_logprobs, after=self._after._sequence if self._after else None,
+                                  prelude=run.prelude)
         backend.engine.submit(self._sequence)
 
     def __iter__(self) -> Iterator[Piece]:
@@ -609,21 +644,35 @@ def _embed_too_long(limit: int, index: int, count: str) -> JobError:
     )
 
 
-def _plain_message(message: dict) -> dict:
-    """An OpenAI message as chat templates expect it: role and a plain string content."""
+def _plain_message(message: dict, marker: str | None = None) -> dict:
+    """An OpenAI message as chat templates expect it: role and a plain string content (each image
+    part as `marker`, where the model reads images)."""
     role = message.get("role")
     if role == "developer":
         role = "system"
     content = message.get("content")
     if isinstance(content, list):
-        content = "\n".join(part.get("text") or part.get("refusal") or "" for part in content)
+        content = "\n".join(marker if marker and part.get("type") == "image_url"
+                            else part.get("text") or part.get("refusal") or "" for part in content)
     return {"role": role, "content": content or ""}
 
 
-def _native_message(message: dict) -> dict:
+def _image_parts(messages: list[dict]) -> list[tuple[str, str]]:
+    """(param, url) of every image part, in the order the prompt holds them."""
+    found = []
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        for position, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url") or ""
+                found.append((f"messages[{index}].content[{position}].image_url.url", url))
+    return found
+
+
+def _native_message(message: dict, marker: str | None = None) -> dict:
     """An OpenAI message for a template that renders tool calls itself: the text as a string, and
     each call's arguments as the object they hold (what Hugging Face templates expect)."""
-    native = {key: value for key, value in _plain_message(message).items()}
+    native = dict(_plain_message(message, marker))
     role = message.get("role")
     if message.get("tool_calls"):
         native["tool_calls"] = [

@@ -79,10 +79,15 @@ class Sequence:
         on_token: Callable[[int], None] | None = None,
         top_logprobs: int | None = None,
         after: Sequence | None = None,
+        prelude: Callable[[llama_cpp.llama_context_p, int], int] | None = None,
     ):
         if not prompt:
             raise ValueError("a sequence needs at least one prompt token")
         self.prompt = list(prompt)
+        # what the prompt starts with that is not tokens (images): `prelude(ctx, seq_id)` reads it
+        # into the slot's KV stream and returns the position after it; the prompt holds a
+        # placeholder (a negative id, matching no other prompt's) for each of those positions
+        self.prelude = prelude
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.processors = list(processors)
@@ -387,14 +392,38 @@ class BatchEngine:
                 self._end(sequence, Finished("error", f"cannot build the sampler: {exc}"))
                 continue
             slot = max(free, key=lambda candidate: _common_prefix(candidate.cached, sequence.prompt))
-            keep = self._reuse(slot, sequence.prompt)
-            sequence.n_past = sequence.cached_tokens = keep
+            keep = cached = self._reuse(slot, sequence.prompt)
+            if sequence.prelude is not None and keep < _placeholders(sequence.prompt):
+                keep, cached = self._read_prelude(slot, sequence), 0  # read now, not found in a cache
+                if keep is None:
+                    continue
+            sequence.n_past, sequence.cached_tokens = keep, cached
             self.prompt_tokens += len(sequence.prompt)
-            self.cached_tokens += keep
+            self.cached_tokens += cached
             if keep == len(sequence.prompt) - 1:
                 sequence.pending = sequence.prompt[-1]  # nothing left to read but the last token
             sequence._admitted = self.steps, slot.seq_id
             slot.sequence = sequence
+
+    def _read_prelude(self, slot: Slot, sequence: Sequence) -> int | None:
+        """Read `sequence`'s prelude into `slot` (from nothing); the position after it, or None
+        when it failed (the sequence then ends with an error and the slot stays free)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        slot.cached.clear()
+        expected = _placeholders(sequence.prompt)
+        try:
+            reached = sequence.prelude(self.ctx, slot.seq_id)
+        except Exception as exc:  # noqa: BLE001 - its reader must hear of it
+            log.exception("reading a prompt's media failed")
+            reached, error = -1, str(exc)
+        else:
+            error = f"reading the prompt's media reached position {reached}, not {expected}"
+        if reached != expected:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            self._end(sequence, Finished("error", error))
+            return None
+        slot.cached.extend(sequence.prompt[:expected])
+        return expected
 
     def _reuse(self, slot: Slot, prompt: list[int]) -> int:
         """Leave in `slot`'s cache the longest prefix of `prompt` any slot holds (never the last
@@ -455,6 +484,16 @@ def _reading(sequence: Sequence | None) -> bool:
     if sequence is None or sequence.finish is not None:
         return False
     return sequence.generated == 0 and sequence.pending is None
+
+
+def _placeholders(prompt: list[int]) -> int:
+    """How many positions at the start of `prompt` are media placeholders (negative ids)."""
+    count = 0
+    for token in prompt:
+        if token >= 0:
+            break
+        count += 1
+    return count
 
 
 def _common_prefix(cached: list[int], prompt: list[int]) -> int:
