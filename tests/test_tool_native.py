@@ -127,3 +127,20 @@ def test_thinking_goes_to_reasoning_content_never_to_content(client):
     deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == thinking
     assert "".join(d.content or "" for d in deltas) == message.content
+
+
+def test_answers_with_reasoning_and_native_calls_conform_to_the_upstream_schemas(service):
+    import httpx
+
+    from tests.contract import upstream
+
+    for body in ({"messages": ASK_THINKING}, {"messages": ASK_CALL, "tools": [WEATHER]}):
+        body = {"model": MODEL, "max_tokens": 60, **GREEDY, **body}
+        whole = httpx.post(service.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        upstream().assert_conforms("CreateChatCompletionResponse", whole.json(), "a native answer")
+        with httpx.stream("POST", service.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    upstream().assert_conforms("CreateChatCompletionStreamResponse", json.loads(line[6:]), "a chunk")

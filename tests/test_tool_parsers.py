@@ -6,6 +6,8 @@ that are exactly the model's JSON, and syntax errors (truncated or malformed cal
 
 from __future__ import annotations
 
+import codecs
+
 import json
 import random
 from dataclasses import dataclass, field
@@ -217,6 +219,21 @@ def test_every_splitting_gives_the_same_result(case):
     whole = parse(parser_class, [output])
     for pieces in splittings(output, seed=len(case)):
         assert parse(parser_class, pieces) == whole, pieces
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_byte_boundary_gives_the_same_result(case):
+    """Token pieces split UTF-8 anywhere; the backend's incremental decoder (as in
+    `workers.backends.llama_cpp.Generation`) holds a split character back, then the parser sees text."""
+    parser_class, output, _, _ = CASES[case]
+    whole = parse(parser_class, [output])
+    data = output.encode("utf-8")
+    for cut in range(1, len(data)):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = [decoder.decode(data[:cut]), decoder.decode(data[cut:]), decoder.decode(b"", final=True)]
+        assert parse(parser_class, pieces) == whole, cut
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    assert parse(parser_class, [decoder.decode(bytes([b])) for b in data]) == whole
 
 
 def test_arguments_are_one_event_per_call_per_feed():
