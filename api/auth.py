@@ -1,23 +1,32 @@
 """API keys on `/v1` and browser access (CORS), both configured by `Settings`.
 
-With `LOCALQ_API_KEYS` / `LOCALQ_API_KEYS_FILE` set, every `/v1` request must carry one of the
-keys as `Authorization: Bearer <key>` or `x-api-key: <key>`. Everything outside `/v1`
-(`/healthz`, `/readyz`, `/docs`, `/openapi.json`, `/metrics`) stays open, and so do CORS
-preflights (`OPTIONS`), which browsers send without credentials.
+Keys come from two places: `LOCALQ_API_KEYS` / `LOCALQ_API_KEYS_FILE` (each listed key is a
+project of its own), and the projects' keys kept in Redis (`localq keys create`,
+`store.api_keys`). When either has a key, every `/v1` request must carry one as
+`Authorization: Bearer <key>` or `x-api-key: <key>`; with none anywhere the server stays open,
+as a single tenant. Everything outside `/v1` (`/healthz`, `/readyz`, `/docs`, `/openapi.json`,
+`/metrics`) stays open, and so do CORS preflights (`OPTIONS`), which browsers send without
+credentials. The request's `Tenant` (project, role, key) is in `flask.g.tenant`.
 
-Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured key
-with no early exit, so neither the length of a key nor which key matched shows in the timing.
+Listed keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured
+key with no early exit, so neither the length of a key nor which key matched shows in the timing.
+A Redis key is looked up by its digest on every request, so a revoked key is refused at once on
+every API process; whether Redis holds any key at all is read at most once a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from flask import Flask, current_app, request
+import redis
+from flask import Flask, current_app, g, request
 
 from api.errors import APIError
+from store.api_keys import KEYS, MEMBER, OWNER, KeyStore
 
 #: Routes under this prefix need a key when keys are configured.
 PROTECTED_PREFIX = "/v1"
@@ -29,14 +38,21 @@ MISSING_KEY_MESSAGE = "You didn't provide an API key. Provide it in an Authoriza
 WRONG_KEY_MESSAGE = "Incorrect API key provided."
 
 _DIGESTS = "localq.api_key_digests"
+_STORED = "localq.stored_keys"  # (read at, whether Redis holds any key)
+STORED_KEYS_MAX_AGE = 1.0  # seconds
+OPEN = None  # the tenant of a server without keys: everything is one project's
+
+
+@dataclass(frozen=True)
+class Tenant:
+    project_id: str
+    role: str  # OWNER of the server, or MEMBER of its project
+    key_id: str
 
 
 def install_auth(app: Flask, api_keys: Iterable[str]) -> None:
-    """Require one of `api_keys` on `/v1`; does nothing when there are none."""
-    digests = tuple(_digest(key) for key in sorted(api_keys))
-    if not digests:
-        return
-    app.extensions[_DIGESTS] = digests
+    """Require a key on `/v1` once one is configured (`api_keys`) or created (in Redis)."""
+    app.extensions[_DIGESTS] = tuple(_digest(key) for key in sorted(api_keys))
     app.before_request(_require_api_key)
 
 
@@ -77,16 +93,55 @@ def key_matches(presented: str, digests: Iterable[bytes]) -> bool:
 
 
 def _require_api_key() -> None:
+    g.tenant = OPEN
     if request.method == "OPTIONS" or not _is_protected(request.path):
+        return
+    listed, stored_any = current_app.extensions[_DIGESTS], _redis_has_keys()
+    if not listed and not stored_any:
         return
     key = presented_key(request.headers)
     if key is None:
         raise APIError(401, MISSING_KEY_MESSAGE, type="invalid_request_error", headers=_challenge())
-    if not key_matches(key, current_app.extensions[_DIGESTS]):
+    if listed and key_matches(key, listed):
+        own = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        g.tenant = Tenant(project_id=f"proj_{own}", role=MEMBER, key_id=f"key_{own}")  # a project of its own
+        return
+    stored = _stored_key(key) if stored_any else None
+    if stored is None:
         raise APIError(
             401, WRONG_KEY_MESSAGE, type="invalid_request_error", code="invalid_api_key",
             headers=_challenge(),
         )
+    g.tenant = Tenant(project_id=stored.project_id, role=stored.role, key_id=stored.id)
+
+
+def is_owner() -> bool:
+    """Whether the request may see every project's objects: a server without keys, or an owner key."""
+    tenant = g.get("tenant")
+    return tenant is None or tenant.role == OWNER
+
+
+def _redis_has_keys() -> bool:
+    """Whether Redis holds any project key, read at most once a second per API process."""
+    read_at, present = current_app.extensions.get(_STORED, (float("-inf"), False))
+    now = time.monotonic()
+    if now - read_at >= STORED_KEYS_MAX_AGE:
+        try:
+            present = bool(_queue_redis().hlen(KEYS))
+        except redis.RedisError:
+            present = present  # Redis away: keep what was last known
+        current_app.extensions[_STORED] = (now, present)
+    return present
+
+
+def _stored_key(key: str):
+    return KeyStore(_queue_redis()).lookup(key)  # Redis away: the app's 503 queue_unavailable
+
+
+def _queue_redis():
+    from api.queue import queue_runtime  # late: auth is installed before the app's queue is first used
+
+    return queue_runtime().redis
 
 
 def _is_protected(path: str) -> bool:

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from api.settings import Settings
-from ops.commands import batch
+from ops.commands import batch, keys
 from ops.common import CELERY_POOLS, DEFAULT_CONNECTIONS, DEFAULT_REDIS_DIR, _shown
 from ops.gpus import parse_gpu_spec, parse_size
 from ops.redis_server import RedisServerError
@@ -153,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.set_defaults(command=_run_models_prepare)
 
     batch.add_parser(commands)  # `localq batch ...`: the Batch API through the openai SDK
+    keys.add_parser(commands)  # `localq keys ...`: projects' API keys
     return parser
 
 
