@@ -220,7 +220,7 @@ def test_a_batch_line_with_tools_answers_as_the_synchronous_call(client):
 
 
 def test_an_openai_agents_sdk_agent_runs_a_function_tool(service):
-    agents = pytest.importorskip("agents")
+    import agents
     from openai import AsyncOpenAI
 
     agents.set_tracing_disabled(True)

@@ -129,7 +129,7 @@ def test_relaxing_drops_keywords_never_names():
 
 
 def test_the_answer_schema_compiles_to_a_grammar_llama_cpp_parses():
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     schema = answer_schema(tool_request({"tools": [WEATHER, TIME]}))

@@ -720,3 +720,17 @@ def test_image_parts_are_read_only_by_a_model_with_a_vision_projector():
     assert found[0] == "messages[0].content[1]" and "only reads text" in found[1]
     system_image = {**looking, "messages": [{**looking["messages"][0], "role": "system"}]}
     assert capabilities.unsupported("chat", vision, system_image)[0] == "messages[0].content[1]"
+
+
+def test_tool_definitions_schemas_and_images_are_bounded():
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20_000)}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": big}}]
+    assert capabilities.unsupported("chat", LLAMA, {**CHAT, "tools": tools})[0] == "tools"
+    found = capabilities.unsupported("chat", LLAMA, {**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": big}}})
+    assert (found[0], found.code) == ("response_format.json_schema.schema", "invalid_value")
+    vision = make_config(name="chat", backend="llama-cpp", mmproj_ref="tiny-mmproj.gguf")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    nine = {**CHAT, "messages": [{"role": "user", "content": [image] * 9}]}
+    assert capabilities.unsupported("chat", vision, nine)[0] == "messages[0].content[8]"
+    assert capabilities.unsupported("chat", vision, {**CHAT, "messages": [{"role": "user", "content": [image] * 8}]}) is None

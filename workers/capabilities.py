@@ -11,6 +11,7 @@ too, so a field the upstream spec adds later is refused until someone implements
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -57,6 +58,8 @@ _KIND_LABELS = {
 }
 
 MAX_TOOLS = 128  # tools one request may offer (OpenAI's limit): each becomes part of the answer's grammar
+MAX_SCHEMA_BYTES = 256 * 1024  # JSON of a request's tools, or of its response schema: the grammar grows with it
+MAX_IMAGES = 8  # images one chat request may carry: each is decoded to RGB and encoded on the worker
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 # LocalAI's known_usecases names for the kinds that a config may switch off.
@@ -298,7 +301,14 @@ def _response_format(request, value, config, label) -> Problem | None:
     kind = value.get("type") if isinstance(value, Mapping) else None
     if kind not in ("text", "json_object", "json_schema"):
         return _reject("response_format", label, f"response format type {kind!r} is not supported")
+    if kind == "json_schema" and _too_large(value):
+        return Problem("response_format.json_schema.schema",
+                       f"Invalid schema: it takes more than {MAX_SCHEMA_BYTES} bytes of JSON.", INVALID_VALUE)
     return None
+
+
+def _too_large(value: Any) -> bool:
+    return len(json.dumps(value, separators=(",", ":"))) > MAX_SCHEMA_BYTES
 
 
 def _messages(request, value, config, label) -> Problem | None:
@@ -306,6 +316,7 @@ def _messages(request, value, config, label) -> Problem | None:
     # context has tokens cannot fit, and are refused before anything renders or tokenizes them.
     if isinstance(value, list) and len(value) >= config.context_tokens:
         return too_long("messages", config.context_tokens, len(value), at_least=True)
+    images = 0
     for index, message in enumerate(value or ()):
         if not isinstance(message, Mapping):
             continue
@@ -320,7 +331,11 @@ def _messages(request, value, config, label) -> Problem | None:
             for part_index, part in enumerate(content):
                 part_type = part.get("type") if isinstance(part, Mapping) else None
                 if part_type == "image_url" and config.mmproj_ref is not None and message.get("role") == "user":
-                    continue  # a vision projector reads it (workers/backends/llama_vision.py)
+                    images += 1  # a vision projector reads it (workers/backends/llama_vision.py)
+                    if images > MAX_IMAGES:
+                        return Problem(f"messages[{index}].content[{part_index}]",
+                                       f"A request may carry at most {MAX_IMAGES} images.", INVALID_VALUE)
+                    continue
                 if part_type not in ("text", "refusal"):
                     reads = "text and images" if config.mmproj_ref is not None else "text"
                     return _reject(
@@ -345,6 +360,9 @@ def _tools(request, value, config, label) -> Problem | None:
         if isinstance(listed, list) and len(listed) > MAX_TOOLS:
             return Problem(key, f"Invalid '{key}': array too long. Expected an array with maximum length {MAX_TOOLS}, "
                            f"but got an array with length {len(listed)} instead.", "array_above_max_length")
+        if listed and _too_large(listed):
+            return Problem(key, f"Invalid '{key}': the definitions take more than {MAX_SCHEMA_BYTES} bytes of JSON.",
+                           INVALID_VALUE)
     if request.get("tools") and request.get("functions"):
         return Problem("functions", "Send either 'tools' or the deprecated 'functions', not both.", INVALID_VALUE)
     for index, function in enumerate(tools.functions):

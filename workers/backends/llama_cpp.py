@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import json
 import secrets
 import threading
@@ -48,7 +49,7 @@ from workers.errors import JobError
 from workers.fingerprint import fingerprint
 from workers.image_inputs import ImageInputError, ImageLimits, load_image
 from workers.tools.formats import detect_format
-from workers.tools.schema_grammar import relaxed, schema_to_gbnf, unenforceable
+from workers.tools.schema_grammar import examine, relaxed
 
 THINK_MARKERS = ("<think>", "</think>")  # DeepSeek-R1's and Qwen3's; found in their chat templates
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed" value
@@ -305,21 +306,14 @@ class LlamaCppBackend:
             param = "response_format.json_schema.schema"
             described = response_format.get("json_schema") or {}
             schema = described.get("schema")
-            problem = unenforceable(schema) if schema is not None else None
+            problem, text = examine(schema) if schema is not None else (None, JSON_GBNF)
             if problem is not None and not described.get("strict"):  # enforce what can be
-                schema, problem = relaxed(schema), None
-            if schema is None:
-                text = JSON_GBNF
-            elif problem is not None:
+                loose = relaxed(schema)
+                problem, text = examine(loose) if loose is not None else (None, JSON_GBNF)
+            if problem is not None:
                 path, reason = problem
                 raise JobError(400, f"This JSON schema cannot be enforced: {reason}.",
                                param=f"{param}.{path}" if path else param, code="invalid_value")
-            else:
-                try:
-                    text = schema_to_gbnf(schema)
-                except ValueError as exc:
-                    raise JobError(400, f"This JSON schema cannot be enforced: {exc}", param=param,
-                                   code="invalid_value") from None
         if text is None:
             return None
         with self._lock:
@@ -373,11 +367,11 @@ class LlamaCppBackend:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def chat_template(self) -> str:
         return self.llm.metadata.get("tokenizer.chat_template") or CHATML_CHAT_TEMPLATE
 
-    @property
+    @functools.cached_property
     def tool_format(self) -> str:
         """How this model calls tools: a native format its template writes, else "constrained"."""
         chosen = self.config.tool_format
@@ -385,7 +379,7 @@ class LlamaCppBackend:
             return detect_format(self.chat_template) or "constrained"
         return chosen
 
-    @property
+    @functools.cached_property
     def reasoning_markers(self) -> tuple[str, ...]:
         """Where a reasoning model's thinking starts and ends (empty when it does not think aloud)."""
         if self.config.reasoning_markers is not None:

@@ -117,6 +117,12 @@ def unenforceable(schema: Any) -> tuple[str, str] | None:
     return _examine(schema)[0]
 
 
+def examine(schema: Any) -> tuple[tuple[str, str] | None, str]:
+    """(the first part the grammar would not enforce, or None; the grammar text when there is none),
+    from one walk and one conversion."""
+    return _examine(schema)
+
+
 def schema_to_gbnf(schema: dict) -> str:
     """The GBNF grammar (root rule `root`) that enforces `schema`; ValueError when it cannot."""
     problem, grammar = _examine(schema)
