@@ -72,10 +72,13 @@ class KeyStore:
         """The project named `name`; created (exactly once, whoever asks at the same time) with `create`."""
         found = self.client.hget(PROJECT_NAMES, name)
         if found is None and create:
+            # The record goes in before the name points at it, so whoever reads the name finds it;
+            # the loser of a race removes its unnamed record.
             candidate = "proj_" + secrets.token_hex(12)
-            if self.client.hsetnx(PROJECT_NAMES, name, candidate):
-                self.client.hset(PROJECTS, candidate, json.dumps(
-                    asdict(Project(id=candidate, name=name, created_at=int(time.time())))))
+            self.client.hset(PROJECTS, candidate, json.dumps(
+                asdict(Project(id=candidate, name=name, created_at=int(time.time())))))
+            if not self.client.hsetnx(PROJECT_NAMES, name, candidate):
+                self.client.hdel(PROJECTS, candidate)
             found = self.client.hget(PROJECT_NAMES, name)
         if found is None:
             return None
