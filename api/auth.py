@@ -48,6 +48,7 @@ class Tenant:
     project_id: str
     role: str  # OWNER of the server, or MEMBER of its project
     key_id: str
+    stored: bool = True  # a project kept in Redis (with settings of its own), not a LOCALQ_API_KEYS key's
 
 
 def install_auth(app: Flask, api_keys: Iterable[str]) -> None:
@@ -102,23 +103,58 @@ def _require_api_key() -> None:
     key = presented_key(request.headers)
     if key is None:
         raise APIError(401, MISSING_KEY_MESSAGE, type="invalid_request_error", headers=_challenge())
-    if listed and key_matches(key, listed):
-        own = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-        g.tenant = Tenant(project_id=f"proj_{own}", role=MEMBER, key_id=f"key_{own}")  # a project of its own
-        return
-    stored = _stored_key(key) if stored_any else None
-    if stored is None:
+    tenant = _tenant_of(key, listed, stored_any)
+    if tenant is None:
         raise APIError(
             401, WRONG_KEY_MESSAGE, type="invalid_request_error", code="invalid_api_key",
             headers=_challenge(),
         )
-    g.tenant = Tenant(project_id=stored.project_id, role=stored.role, key_id=stored.id)
+    g.tenant = tenant
+
+
+def keys_configured() -> bool:
+    """Whether this server asks for keys (listed in its settings, or created in Redis)."""
+    return bool(current_app.extensions[_DIGESTS]) or _redis_has_keys()
+
+
+def presented_tenant() -> Tenant | None:
+    """The tenant of the key this request carries, for routes outside `/v1` that serve a project's
+    objects; None without a key, with a key nobody issued, or on a server without keys."""
+    key = presented_key(request.headers)
+    listed, stored_any = current_app.extensions[_DIGESTS], _redis_has_keys()
+    if key is None or not (listed or stored_any):
+        return None
+    return _tenant_of(key, listed, stored_any)
+
+
+def _tenant_of(key: str, listed: tuple[bytes, ...], stored_any: bool) -> Tenant | None:
+    if listed and key_matches(key, listed):
+        own = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        return Tenant(project_id=f"proj_{own}", role=MEMBER, key_id=f"key_{own}", stored=False)  # its own project
+    stored = _stored_key(key) if stored_any else None
+    if stored is None:
+        return None
+    return Tenant(project_id=stored.project_id, role=stored.role, key_id=stored.id)
+
+
+def project_scope() -> str:
+    """The project the request acts for, which owns what it creates and is all it can see:
+    "" on a server without keys (one tenant; everything is its own)."""
+    tenant = g.get("tenant")
+    return "" if tenant is None else tenant.project_id
 
 
 def is_owner() -> bool:
     """Whether the request may see every project's objects: a server without keys, or an owner key."""
     tenant = g.get("tenant")
     return tenant is None or tenant.role == OWNER
+
+
+def require_owner() -> None:
+    """Admin operations (`/v1/organization/...`) need an owner key (or a server without keys)."""
+    if not is_owner():
+        raise APIError(403, "You have insufficient permissions for this operation: it needs an owner key.",
+                       type="invalid_request_error", code="insufficient_permissions")
 
 
 def _redis_has_keys() -> bool:

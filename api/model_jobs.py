@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Response, current_app, request
+from flask import Response, request
 
+from api.auth import project_scope
 from api.errors import APIError
+from api.model_access import usable_model
 from api.sse import (
     CLIENT_CHECK,
     JOB_HEADER,
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model(name: str, kind: str, body: dict):
-    config = current_app.extensions["localq.models"].resolve(name)
+    config = usable_model(name)  # another project's model is as unknown as a missing one
     if config is None:
         raise errors.model_not_found(name)
     problem = unsupported(kind, config, body)
@@ -71,7 +73,8 @@ def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, mode
         job = submit(rt, kind=kind, model=model, queue=choose_queue(config, live_workers_cached()),
                      fallback_queue=queue_for(config), request=body,
                      priority=extensions.get("priority", "interactive"), timeout=extensions.get("timeout"),
-                     max_depth=setting("max_queue_depth"), files=files, base_url=request.host_url)
+                     max_depth=setting("max_queue_depth"), files=files, base_url=request.host_url,
+                     project=project_scope())
     except QueueFull as full:
         raise APIError(429, f"The {full.queue} queue is full ({full.depth} jobs waiting); retry later.",
                        type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None

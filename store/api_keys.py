@@ -6,8 +6,8 @@ cannot be turned back into a key by guessing; a slow password hash would add not
 to every request. The secret is returned once, by `create`.
 
 Redis layout (all hashes of JSON records):
-- `localq:projects`: project id -> {id, name, created_at}; `localq:project_names`: name -> id;
-- `localq:api_keys`: secret digest -> {id, project_id, role, name, redacted_value, created_at};
+- `localq:projects`: project id -> {id, name, created_at, archived_at}; `localq:project_names`: name -> id;
+- `localq:api_keys`: secret digest -> {id, project_id, role, name, redacted_value, created_at, archived};
 - `localq:api_key_ids`: key id -> secret digest (to list and revoke by id).
 """
 
@@ -28,11 +28,16 @@ ROLES = (OWNER, MEMBER)
 SECRET_PREFIX = "sk-lq-"
 
 
+class ArchivedProject(ValueError):
+    """Keys are neither made for nor accepted from an archived project."""
+
+
 @dataclass(frozen=True)
 class Project:
     id: str
     name: str
     created_at: int
+    archived_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class ApiKey:
     name: str
     redacted_value: str  # what a listing shows: the prefix and the last four characters
     created_at: int
+    archived: bool = False  # its project was archived: the key is refused
 
 
 def digest(secret: str) -> str:
@@ -58,6 +64,8 @@ class KeyStore:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         project = self.project(project_name, create=True)
+        if project.archived_at is not None:
+            raise ArchivedProject(f"project {project_name!r} is archived")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = ApiKey(id="key_" + secrets.token_hex(12), project_id=project.id, role=role, name=name,
                         redacted_value=f"{SECRET_PREFIX}...{secret[-4:]}", created_at=int(time.time()))
@@ -86,11 +94,52 @@ class KeyStore:
         return Project(**json.loads(raw)) if raw else None
 
     def projects(self) -> list[Project]:
-        return sorted((Project(**json.loads(raw)) for raw in self.client.hvals(PROJECTS)), key=lambda p: p.created_at)
+        return sorted((Project(**json.loads(raw)) for raw in self.client.hvals(PROJECTS)),
+                      key=lambda p: (p.created_at, p.id))
+
+    def project_by_id(self, project_id: str) -> Project | None:
+        raw = self.client.hget(PROJECTS, project_id)
+        return Project(**json.loads(raw)) if raw else None
+
+    def rename(self, project_id: str, name: str) -> Project | None:
+        """Give project `project_id` the name `name`; None when there is no such project.
+        ValueError when another project has that name."""
+        project = self.project_by_id(project_id)
+        if project is None or project.name == name:
+            return project
+        if not self.client.hsetnx(PROJECT_NAMES, name, project_id):
+            raise ValueError(f"a project named {name!r} exists")
+        renamed = Project(**{**asdict(project), "name": name})
+        pipe = self.client.pipeline()
+        pipe.hset(PROJECTS, project_id, json.dumps(asdict(renamed)))
+        pipe.hdel(PROJECT_NAMES, project.name)
+        pipe.execute()
+        return renamed
+
+    def archive(self, project_id: str) -> Project | None:
+        """Archive a project: its keys are refused from now on, and no key is made for it again."""
+        project = self.project_by_id(project_id)
+        if project is None or project.archived_at is not None:
+            return project
+        archived = Project(**{**asdict(project), "archived_at": int(time.time())})
+        pipe = self.client.pipeline()
+        pipe.hset(PROJECTS, project_id, json.dumps(asdict(archived)))
+        for key in self.keys(project_id):
+            hashed = self.client.hget(KEY_IDS, key.id)
+            if hashed:
+                pipe.hset(KEYS, hashed, json.dumps({**asdict(key), "archived": True}))
+        pipe.execute()
+        return archived
 
     def lookup(self, secret: str) -> ApiKey | None:
-        """The key `secret` is, or None (never issued, or revoked)."""
+        """The key `secret` is, or None (never issued, revoked, or its project archived)."""
         raw = self.client.hget(KEYS, digest(secret))
+        key = ApiKey(**json.loads(raw)) if raw else None
+        return None if key is None or key.archived else key
+
+    def key(self, key_id: str) -> ApiKey | None:
+        hashed = self.client.hget(KEY_IDS, key_id)
+        raw = self.client.hget(KEYS, hashed) if hashed else None
         return ApiKey(**json.loads(raw)) if raw else None
 
     def keys(self, project_id: str | None = None) -> list[ApiKey]:

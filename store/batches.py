@@ -4,6 +4,10 @@ A line's outcome is stored with HSETNX under its `custom_id` and the request cou
 same atomic script only when that store succeeded, so a line task that is redelivered after its
 worker died (and runs again) can neither be counted twice nor appear twice in the output files.
 Records have no TTL: a batch outlives Redis restarts (AOF) and lives until deleted.
+
+A batch belongs to the project of the key that created it (`project`, "" without keys); its
+output and error files belong to the same project. `get` and `list` take the reader's project:
+another project's batch is not found, exactly as an unknown id.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ return 0
 """
 
 
+def project_index(project: str) -> str:
+    """The list index of one project's batches; "" (a server without keys) lists them all."""
+    return f"{INDEX}:project:{project}" if project else INDEX
+
+
 def batch_key(batch_id: str) -> str:
     return f"localq:batch:{batch_id}"
 
@@ -107,19 +116,22 @@ class BatchStore:
         self._start = client.register_script(_START)
 
     def create(self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
-               window_seconds: int, base_url: str = "") -> dict:
-        """A new `validating` batch; `base_url` is where the API that took it serves generated files."""
+               window_seconds: int, base_url: str = "", project: str = "") -> dict:
+        """A new `validating` batch of `project`; `base_url` is where the API that took it serves
+        generated files."""
         batch_id = new_batch_id()
         now = int(time.time())
         fields = {
             "id": batch_id, "input_file_id": input_file_id, "endpoint": endpoint,
             "completion_window": completion_window, "status": "validating", "created_at": now,
             "expires_at": now + window_seconds, "metadata": json.dumps(metadata) if metadata is not None else "",
-            "total": 0, "completed": 0, "failed": 0, "base_url": base_url,
+            "total": 0, "completed": 0, "failed": 0, "base_url": base_url, "project": project,
         }
         pipe = self.client.pipeline()
         pipe.hset(batch_key(batch_id), mapping=fields)
         pipe.zadd(INDEX, {batch_id: now})
+        if project:
+            pipe.zadd(project_index(project), {batch_id: now})
         pipe.execute()
         return self.get(batch_id)
 
@@ -127,19 +139,24 @@ class BatchStore:
         raw = self.client.hgetall(batch_key(batch_id))
         return {_text(k): _text(v) for k, v in raw.items()} or None
 
-    def get(self, batch_id: str) -> dict | None:
+    def get(self, batch_id: str, project: str | None = None) -> dict | None:
+        """The Batch object; None when there is none, or it is not `project`'s (None: any project's)."""
         record = self.record(batch_id)
-        return batch_object(record) if record else None
+        if not record or (project is not None and record.get("project", "") != project):
+            return None
+        return batch_object(record)
 
-    def list(self, *, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        """Newest first, as OpenAI lists batches; `after` is the id the previous page ended with."""
+    def list(self, *, after: str | None = None, limit: int = 20, project: str = "") -> tuple[list[dict], bool]:
+        """`project`'s batches ("" all of them), newest first, as OpenAI lists batches; `after` is
+        the id the previous page ended with."""
+        index = project_index(project)
         start = 0
         if after:
-            rank = self.client.zrevrank(INDEX, after)
+            rank = self.client.zrevrank(index, after)
             if rank is None:
                 return [], False
             start = rank + 1
-        ids = [_text(i) for i in self.client.zrevrange(INDEX, start, start + limit)]
+        ids = [_text(i) for i in self.client.zrevrange(index, start, start + limit)]
         batches = [b for b in (self.get(i) for i in ids[:limit]) if b]
         return batches, len(ids) > limit
 

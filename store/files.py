@@ -69,27 +69,39 @@ def url_maker(base_url: str | None) -> Callable[[str], str]:
     return lambda name: f"{base}/{GENERATED_PATH}/{name}"
 
 
-def publish_outputs(client: redis.Redis, value: Any, url_for: Callable[[str], str], ttl: int) -> Any:
-    """`value` with every `FileOutput` stored under a new unguessable name and replaced by its URL."""
+def publish_outputs(client: redis.Redis, value: Any, url_for: Callable[[str], str], ttl: int,
+                    project: str = "") -> Any:
+    """`value` with every `FileOutput` stored under a new unguessable name and replaced by its URL;
+    each file is recorded as `project`'s."""
     if isinstance(value, FileOutput):
         extension = value.extension if value.extension in _SAFE_EXTENSIONS else "bin"
         name = f"{secrets.token_urlsafe(24)}.{extension}"
-        client.set(GENERATED_PREFIX + name, value.data, ex=ttl)
-        client.set(GENERATED_PREFIX + name + ":type", value.media_type, ex=ttl)
+        pipe = client.pipeline(transaction=False)
+        pipe.set(GENERATED_PREFIX + name, value.data, ex=ttl)
+        pipe.set(GENERATED_PREFIX + name + ":type", value.media_type, ex=ttl)
+        if project:
+            pipe.set(GENERATED_PREFIX + name + ":project", project, ex=ttl)
+        pipe.execute()
         return url_for(name)
     if isinstance(value, dict):
-        return {key: publish_outputs(client, item, url_for, ttl) for key, item in value.items()}
+        return {key: publish_outputs(client, item, url_for, ttl, project) for key, item in value.items()}
     if isinstance(value, list):
-        return [publish_outputs(client, item, url_for, ttl) for item in value]
+        return [publish_outputs(client, item, url_for, ttl, project) for item in value]
     return value
 
 
-def generated_file(client: redis.Redis, name: str) -> tuple[bytes, str] | None:
-    """(bytes, media type) of a generated file, or None once it expired or if it never existed."""
+def generated_file(client: redis.Redis, name: str) -> tuple[bytes, str, str] | None:
+    """(bytes, media type, owning project) of a generated file, or None once it expired or if it
+    never existed."""
     pipe = client.pipeline(transaction=False)
     pipe.get(GENERATED_PREFIX + name)
     pipe.get(GENERATED_PREFIX + name + ":type")
-    data, media_type = pipe.execute()
+    pipe.get(GENERATED_PREFIX + name + ":project")
+    data, media_type, project = (_text(value) if index else value for index, value in enumerate(pipe.execute()))
     if data is None:
         return None
-    return data, media_type.decode() if isinstance(media_type, bytes) else (media_type or "application/octet-stream")
+    return data, media_type or "application/octet-stream", project or ""
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

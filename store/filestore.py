@@ -8,6 +8,12 @@ it depends on nothing but redis-py and the standard library. Layout:
 * `localq:file:<id>`: a hash with the OpenAI file object's fields, written after the bytes.
 * `localq:files`: every file id, scored by creation time (the list order); `localq:files:purpose:<p>`
   the same per purpose; `localq:files:expiring`: files with an `expires_at`, scored by it.
+* `localq:files:project:<project id>` (and `...:purpose:<p>`): the same indexes for one project.
+
+Ownership: a file belongs to the project of the key that created it (`project`, "" on a server
+without keys). Every reading and deleting call takes `project`: a file of another project is
+"not found", exactly as an unknown id, so nobody learns it exists. `project=None` means every
+project (the server's own housekeeping: the sweeper, a batch worker reading its input).
 
 None of these keys has a TTL, so with Redis's append-only file a restart loses nothing. A file whose
 `expires_at` has passed is treated as gone and removed the next time anyone looks.
@@ -61,6 +67,12 @@ def purpose_key(purpose: str) -> str:
     return f"{INDEX_KEY}:purpose:{purpose}"
 
 
+def project_index(project: str, purpose: str | None = None) -> str:
+    """The list index of one project's files (of one purpose); "" (no keys) lists the whole server."""
+    base = f"{INDEX_KEY}:project:{project}" if project else INDEX_KEY
+    return f"{base}:purpose:{purpose}" if purpose else base
+
+
 def new_file_id() -> str:
     return "file-" + secrets.token_urlsafe(18)  # 24 url-safe characters
 
@@ -86,12 +98,13 @@ class FileStore:
         source: bytes | IO[bytes] | Iterable[bytes],
         max_bytes: int | None = None,
         expires_after: int | None = None,
+        project: str = "",
     ) -> dict:
         """Store `source` (bytes, a binary file object read in chunks, or an iterable of byte chunks)
         and return the new OpenAI file object. Raises FileTooLarge past `max_bytes` (nothing kept).
 
         `expires_after`: seconds after creation at which the file is gone (OpenAI's `expires_after`
-        with anchor `created_at`); None keeps it until it is deleted."""
+        with anchor `created_at`); None keeps it until it is deleted. `project`: who owns it."""
         if purpose not in PURPOSES:
             raise ValueError(f"unknown file purpose {purpose!r}")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -106,6 +119,7 @@ class FileStore:
             "filename": filename,
             "purpose": purpose,
             "status": "processed",
+            "project": project,
         }
         expires_at = None if expires_after is None else int(created) + int(expires_after)
         if expires_at is not None:
@@ -115,6 +129,9 @@ class FileStore:
             pipe.hset(file_key(file_id), mapping=record)
             pipe.zadd(INDEX_KEY, {file_id: created})
             pipe.zadd(purpose_key(purpose), {file_id: created})
+            if project:
+                pipe.zadd(project_index(project), {file_id: created})
+                pipe.zadd(project_index(project, purpose), {file_id: created})
             if expires_at is not None:
                 pipe.zadd(EXPIRING_KEY, {file_id: expires_at})
             pipe.execute()
@@ -143,19 +160,24 @@ class FileStore:
         _fsync_dir(self.root)
         return size
 
-    def delete(self, file_id: str) -> bool:
-        """Remove the metadata, then the bytes; False if there was no such file."""
-        record = self._record(file_id)
+    def delete(self, file_id: str, project: str | None = None) -> bool:
+        """Remove the metadata, then the bytes; False if there was no such file (in `project`)."""
+        record = self._record(file_id, project)
         if record is None:
             return False
-        return self._remove(file_id, record.get("purpose", ""))
+        return self._remove(file_id, record)
 
-    def _remove(self, file_id: str, purpose: str) -> bool:
+    def _remove(self, file_id: str, record: dict) -> bool:
+        purpose, project = record.get("purpose", ""), record.get("project", "")
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(file_key(file_id))
         pipe.zrem(INDEX_KEY, file_id)
         if purpose:
             pipe.zrem(purpose_key(purpose), file_id)
+        if project:
+            pipe.zrem(project_index(project), file_id)
+            if purpose:
+                pipe.zrem(project_index(project, purpose), file_id)
         pipe.zrem(EXPIRING_KEY, file_id)
         existed = bool(pipe.execute()[0])
         (self.root / file_id).unlink(missing_ok=True)  # open readers keep reading (POSIX)
@@ -166,32 +188,36 @@ class FileStore:
         now = time.time() if now is None else now
         due = self.client.zrangebyscore(EXPIRING_KEY, "-inf", now)
         for file_id in due:
-            purpose = self.client.hget(file_key(file_id), "purpose") or ""
-            self._remove(file_id, purpose)
+            purpose, project = self.client.hmget(file_key(file_id), "purpose", "project")
+            self._remove(file_id, {"purpose": purpose or "", "project": project or ""})
         return len(due)
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def get(self, file_id: str) -> dict | None:
-        """The OpenAI file object, or None (malformed, unknown, deleted or expired id)."""
-        record = self._record(file_id)
+    def get(self, file_id: str, project: str | None = None) -> dict | None:
+        """The OpenAI file object, or None (malformed, unknown, deleted, expired, another project's)."""
+        record = self._record(file_id, project)
         return None if record is None else file_object(record)
 
-    def _record(self, file_id: str) -> dict | None:
+    def _record(self, file_id: str, project: str | None = None) -> dict | None:
         if not valid_file_id(file_id):
             return None
         record = self.client.hgetall(file_key(file_id))
         if not record:
             return None
         if _expired(record, time.time()):
-            self._remove(file_id, record.get("purpose", ""))
+            self._remove(file_id, record)
+            return None
+        if project is not None and record.get("project", "") != project:
             return None
         return record
 
     def list(
-        self, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc"
+        self, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc",
+        project: str = "",
     ) -> tuple[list[dict], bool]:
-        """A page of file objects, newest first by default, and whether more follow.
+        """A page of file objects, newest first by default, and whether more follow: the files of
+        `project` ("" lists every file, as a server without keys does).
 
         `after` is the id of the last file of the previous page; an unknown one raises FileNotFound.
         """
@@ -200,7 +226,7 @@ class FileStore:
         if limit < 1:
             raise ValueError("limit must be positive")
         self.purge_expired()
-        index = purpose_key(purpose) if purpose else INDEX_KEY
+        index = project_index(project, purpose)
         start = 0
         if after is not None:
             rank = self._rank(index, after, order) if valid_file_id(after) else None
@@ -231,18 +257,18 @@ class FileStore:
     def _range(self, index: str, start: int, stop: int, order: str) -> list[str]:
         return (self.client.zrange if order == "asc" else self.client.zrevrange)(index, start, stop)
 
-    def path(self, file_id: str) -> Path:
-        """Where a stored file's bytes are; FileNotFound if there is no such file."""
-        if self._record(file_id) is None:
+    def path(self, file_id: str, project: str | None = None) -> Path:
+        """Where a stored file's bytes are; FileNotFound if there is no such file (in `project`)."""
+        if self._record(file_id, project) is None:
             raise FileNotFound(file_id)
         path = self.root / file_id
         if not path.is_file():
             raise FileNotFound(file_id)
         return path
 
-    def open(self, file_id: str) -> IO[bytes]:
-        """The stored bytes, opened for reading; FileNotFound if there is no such file."""
-        path = self.path(file_id)
+    def open(self, file_id: str, project: str | None = None) -> IO[bytes]:
+        """The stored bytes, opened for reading; FileNotFound if there is no such file (in `project`)."""
+        path = self.path(file_id, project)
         try:
             return open(path, "rb")
         except FileNotFoundError:

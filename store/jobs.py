@@ -44,18 +44,30 @@ class JobStore:
         self.ttl = int(ttl)
 
     def create(self, job_id: str, *, kind: str, model: str, queue: str, priority: str, deadline: float,
-               attached: bool, pipe=None) -> None:
+               attached: bool, project: str = "", pipe=None) -> None:
+        """A queued job's record; `project` owns the job, its events and its result."""
         self.update(
             job_id, pipe, id=job_id, kind=kind, model=model, queue=queue, priority=priority, status="queued",
             created_at=f"{time.time():.6f}", deadline=f"{deadline:.6f}", attached="1" if attached else "0",
-            attempts="0",
+            attempts="0", project=project,
         )
 
-    def get(self, job_id: str) -> dict[str, str] | None:
+    def get(self, job_id: str, project: str | None = None) -> dict[str, str] | None:
+        """The job's record; None when there is none, or it is not `project`'s (None: any project's)."""
         raw = self.client.hgetall(job_key(job_id))
         if not raw:
             return None
-        return {_text(k): _text(v) for k, v in raw.items()}
+        record = {_text(k): _text(v) for k, v in raw.items()}
+        if project is not None and record.get("project", "") != project:
+            return None
+        return record
+
+    def projects(self, job_ids: list[str]) -> list[str | None]:
+        """The owning project of each job (None for a job with no record), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "project")
+        return [None if found is None else _text(found) for found in pipe.execute()]
 
     def update(self, job_id: str, pipe=None, **fields: Any) -> None:
         """Set fields (JSON-encoding non-strings); queued on `pipe` if given, else sent at once."""

@@ -37,6 +37,7 @@ from store.batches import (FINAL, BatchStore, batch_key, cancel_key, deliveries_
                            finalize_key, lines_key, results_key)
 from store.files import publish_outputs, url_maker
 from store.filestore import FileNotFound, FileStore
+from store.model_permissions import permissions
 from store.metrics import completion_tokens, record_jobs
 from tasks.batch_input import check_lines
 from tasks.cancel_check import CancelCheck, soft_deadline
@@ -109,9 +110,11 @@ def start_batch(batch_id: str) -> None:
 
     devices: dict[str, str] = {}  # model -> its queue
 
+    allowed = permissions(rt.redis, record.get("project", ""))
+
     def model_problem(model, body):
         config = registry.resolve(model) if isinstance(model, str) else None
-        if config is None:
+        if config is None or not allowed.allows(config.names):  # a model the project may not use
             return "model_not_found", f"The model '{model}' does not exist"
         problem = unsupported(kind, config, body)
         if problem is not None:
@@ -261,7 +264,8 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
 
     kind = KINDS[record["endpoint"]]
     jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
-             "created": int(time.time()), "base_url": record.get("base_url")} for line, _, body in pending]
+             "created": int(time.time()), "base_url": record.get("base_url"),
+             "project": record.get("project", "")} for line, _, body in pending]
     is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL, deadline)
 
     registry, cache = model_runtime()
@@ -284,7 +288,8 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
             _drop(batch_id, custom_id)
         elif isinstance(result, dict):
             # generated pictures asked for as `url`: kept in Redis, served by the API like a sync call's
-            body = publish_outputs(rt.blobs, result, url_maker(job["base_url"]), int(rt.settings.generated_ttl))
+            body = publish_outputs(rt.blobs, result, url_maker(job["base_url"]), int(rt.settings.generated_ttl),
+                                   job.get("project", ""))
             outcomes.append((custom_id, _success(custom_id, job["id"], body), False))
         else:
             outcomes.append((custom_id, _line_failure(batch_id, line, custom_id, job["id"], result), True))
@@ -356,11 +361,13 @@ def finalize_batch(batch_id: str) -> None:
     succeeded = [o for o in ranked if o.get("response") and o["response"].get("status_code") == 200]
     failed = [o for o in ranked if not (o.get("response") and o["response"].get("status_code") == 200)]
     files = _files()
+    project = record.get("project", "")  # the output belongs to whoever owns the batch
     fields = {}
     for field, outcomes_in_file, suffix in (("output_file_id", succeeded, "output"), ("error_file_id", failed, "error")):
         if outcomes_in_file:
             fields[field] = _file_once(batch_id, field, lambda: files.create(
-                purpose="batch_output", filename=f"{batch_id}_{suffix}.jsonl", source=_jsonl(outcomes_in_file))["id"])
+                purpose="batch_output", filename=f"{batch_id}_{suffix}.jsonl", source=_jsonl(outcomes_in_file),
+                project=project)["id"])
     if cancelling:
         status = "cancelled"
     elif rt.redis.exists(expired_key(batch_id)):

@@ -27,8 +27,9 @@ class QueueFull(Exception):
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
            timeout: float | None = None, attached: bool = True, max_depth: int | None = None,
            files: dict[str, list] | None = None, base_url: str | None = None,
-           fallback_queue: str | None = None) -> dict:
-    """Enqueue one job; returns the job message (with its id). Raises QueueFull over `max_depth`.
+           fallback_queue: str | None = None, project: str = "") -> dict:
+    """Enqueue one job of `project` (its owner); returns the job message (with its id). Raises
+    QueueFull over `max_depth`.
 
     `fallback_queue`: where the job belongs if `queue` (a worker's own queue) loses its worker
     before the job is taken (`tasks.orphans`).
@@ -38,7 +39,7 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     limit = min(timeout or rt.settings.job_timeout, rt.settings.job_timeout)
     now = time.time()
     job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
-           "deadline": now + limit, "base_url": base_url}
+           "deadline": now + limit, "base_url": base_url, "project": project}
     if fallback_queue and fallback_queue != queue:
         job["fallback_queue"] = fallback_queue
     pipe = rt.redis.pipeline(transaction=False)
@@ -48,7 +49,7 @@ def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, pri
     for key in keys:
         pipe.llen(key)
     rt.jobs.create(job["id"], kind=kind, model=model, queue=queue, priority=priority, deadline=now + limit,
-                   attached=attached, pipe=pipe)
+                   attached=attached, project=project, pipe=pipe)
     depth = sum(pipe.execute()[:len(keys)])
     if max_depth is not None and depth >= max_depth:
         rt.redis.delete(job_key(job["id"]))

@@ -200,7 +200,8 @@ def _run_job(self, job: dict) -> None:
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:
         tokens = completion_tokens(publisher.result)
-        result = publish_outputs(rt.blobs, publisher.result, url_maker(job.get("base_url")), int(rt.settings.generated_ttl))
+        result = publish_outputs(rt.blobs, publisher.result, url_maker(job.get("base_url")),
+                                 int(rt.settings.generated_ttl), job.get("project", ""))
         _end(rt, job_id, outcome, "result", result, result=result)
     config = registry.resolve(job["model"])  # the model's own name: aliases share its series
     _record(rt, job, outcome, model=config.name if config else job["model"], duration=time.monotonic() - started,

@@ -9,6 +9,7 @@ import re
 
 from flask import request
 
+from api.auth import project_scope
 from api.errors import APIError
 from api.pages import page, page_limit
 from api.queue import queue_runtime, setting
@@ -39,7 +40,7 @@ def _not_found(batch_id: str) -> APIError:
 def _get(batch_id: str) -> dict:
     if not BATCH_ID.fullmatch(batch_id or ""):
         raise _not_found(batch_id)
-    found = _store().get(batch_id)
+    found = _store().get(batch_id, project_scope())
     if found is None:
         raise _not_found(batch_id)
     return found
@@ -52,7 +53,7 @@ def create_batch(call):
         raise APIError(400, f"The endpoint {endpoint} is not supported by localq batches; use one of "
                             f"{', '.join(BATCH_ENDPOINTS)}.", param="endpoint", code="unsupported_endpoint")
     file_id = body["input_file_id"]
-    found = file_store().get(file_id)
+    found = file_store().get(file_id, project_scope())
     if found is None:
         raise APIError(404, f"No such File object: {file_id}", param="input_file_id", code="file_not_found")
     if found["purpose"] != "batch":
@@ -60,7 +61,7 @@ def create_batch(call):
                        param="input_file_id", code="invalid_file_purpose")
     batch = _store().create(input_file_id=file_id, endpoint=endpoint, completion_window=body["completion_window"],
                             metadata=body.get("metadata"), window_seconds=_window_seconds(body["completion_window"]),
-                            base_url=request.host_url)
+                            base_url=request.host_url, project=project_scope())
     app.send_task(START_TASK, args=[batch["id"]], queue="cpu", priority=PRIORITIES["batch"])
     return batch
 
@@ -73,7 +74,7 @@ def list_batches(call):
     query = call.query
     limit = page_limit(query, 20, MAX_LIST_LIMIT)
     after = query.get("after") or None
-    items, has_more = _store().list(after=after, limit=limit)
+    items, has_more = _store().list(after=after, limit=limit, project=project_scope())
     # ListBatchesResponse has no null ids: an empty page leaves them out.
     return {key: value for key, value in page(items, has_more).items() if value is not None}
 

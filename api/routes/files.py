@@ -14,6 +14,7 @@ from urllib.parse import quote
 from flask import Response, current_app, request
 from werkzeug.wsgi import wrap_file
 
+from api.auth import project_scope
 from api.errors import APIError
 from api.pages import page, page_limit
 from api.queue import queue_runtime, setting
@@ -80,7 +81,7 @@ def create_file(call):
         if size is not None and size > max_bytes:
             raise FileTooLarge(max_bytes)
         return store.create(purpose=purpose, filename=filename, source=part.stream, max_bytes=max_bytes,
-                            expires_after=seconds)
+                            expires_after=seconds, project=project_scope())
     except FileTooLarge as exc:
         which = " for purpose=batch" if purpose == "batch" else ""
         raise APIError(413, f"File '{filename}' is too large: the limit{which} is {exc.limit} bytes.",
@@ -94,7 +95,8 @@ def list_files(call):
     purpose = query.get("purpose") or None
     after = query.get("after") or None
     try:
-        items, has_more = file_store().list(purpose=purpose, limit=limit, after=after, order=order)
+        items, has_more = file_store().list(purpose=purpose, limit=limit, after=after, order=order,
+                                             project=project_scope())
     except FileNotFound:
         raise not_found(after, param="after") from None
     listed = page(items, has_more)
@@ -104,7 +106,7 @@ def list_files(call):
 
 def retrieve_file(call):
     file_id = call.path["file_id"]
-    found = file_store().get(file_id)
+    found = file_store().get(file_id, project_scope())
     if found is None:
         raise not_found(file_id)
     return found
@@ -112,7 +114,7 @@ def retrieve_file(call):
 
 def delete_file(call):
     file_id = call.path["file_id"]
-    if not file_store().delete(file_id):
+    if not file_store().delete(file_id, project_scope()):
         raise not_found(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
@@ -121,11 +123,11 @@ def download_file(call):
     """The bytes, streamed from disk in blocks (by the server's sendfile where it has one)."""
     file_id = call.path["file_id"]
     store = file_store()
-    found = store.get(file_id)
+    found = store.get(file_id, project_scope())
     if found is None:
         raise not_found(file_id)
     try:
-        handle = store.open(file_id)
+        handle = store.open(file_id, project_scope())
     except FileNotFound:
         raise not_found(file_id) from None
     response = Response(wrap_file(request.environ, handle), mimetype="application/octet-stream",

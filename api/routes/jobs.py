@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flask import Response
 
+from api.auth import project_scope
 from api.errors import APIError
 from api.model_jobs import client_socket, job_headers, last_event_id
 from api.queue import queue_runtime, setting
@@ -20,7 +21,7 @@ from store.jobs import public_view
 
 
 def _record(job_id: str) -> dict:
-    record = queue_runtime().jobs.get(job_id)
+    record = queue_runtime().jobs.get(job_id, project_scope())  # another project's job: not found
     if record is None:
         raise APIError(404, f"No job found with id '{job_id}'.", param="job_id", code="job_not_found")
     return record

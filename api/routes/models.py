@@ -1,16 +1,11 @@
-"""`/v1/models`: the configured models, each listed under its name and every alias."""
+"""`/v1/models`: the configured models the key's project may use, each listed under its name and
+every alias."""
 
 from __future__ import annotations
 
-from flask import current_app
-
+from api.model_access import usable_model, usable_models
 from schemas.openai_errors import model_not_found
 from workers.config import ModelConfig
-from workers.registry import ModelRegistry
-
-
-def _registry() -> ModelRegistry:
-    return current_app.extensions["localq.models"]
 
 
 def _model_object(model_id: str, config: ModelConfig) -> dict:
@@ -21,7 +16,7 @@ def list_models(call) -> dict:
     """One entry per id a client may send, so aliases such as gpt-4o-mini show up."""
     data = [
         _model_object(model_id, config)
-        for config in _registry().list()
+        for config in usable_models()
         for model_id in config.names
     ]
     return {"object": "list", "data": data}
@@ -30,7 +25,7 @@ def list_models(call) -> dict:
 def retrieve_model(call) -> dict:
     """The model object for a name or alias, or OpenAI's model_not_found error."""
     model_id = call.path["model"]
-    config = _registry().resolve(model_id)
+    config = usable_model(model_id)
     if config is None:
         raise model_not_found(model_id)
     return _model_object(model_id, config)

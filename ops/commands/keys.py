@@ -15,7 +15,7 @@ from rich.table import Table
 
 from api.settings import Settings
 from ops.common import read_redis
-from store.api_keys import MEMBER, ROLES, KeyStore
+from store.api_keys import ArchivedProject, MEMBER, ROLES, KeyStore
 
 
 def add_parser(commands) -> None:
@@ -37,8 +37,12 @@ def add_parser(commands) -> None:
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    secret, key = read_redis(settings.queue.redis_url, "API keys",
-                             lambda client: KeyStore(client).create(args.project, role=args.role, name=args.name))
+    try:
+        secret, key = read_redis(settings.queue.redis_url, "API keys",
+                                 lambda client: KeyStore(client).create(args.project, role=args.role, name=args.name))
+    except ArchivedProject as err:
+        Console(stderr=True).print(f"localq keys: {escape(str(err))}; no key was made", highlight=False)
+        return 1
     Console(stderr=True).print(f"key {key.id} ({key.role}) in project {escape(args.project)} ({key.project_id}); "
                                "the secret is shown only now:", highlight=False)
     print(secret)
