@@ -16,6 +16,7 @@ from api.health import blueprint as health_blueprint
 from api.metrics import install_metrics
 from api.openapi import blueprint as openapi_blueprint
 from api.operations import register_operations
+from api.rate_limits import install_rate_limits
 from api.routes import collect_handlers
 from api.settings import Settings
 from workers.registry import ModelRegistry
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(docs_blueprint)
     app.register_blueprint(generated_blueprint)
     register_operations(app, collect_handlers())
+    install_rate_limits(app)  # x-ratelimit-* headers on the answers to rate-limited requests
     # /healthz, /readyz and /metrics: plain routes outside /v1, so no key is asked for them
     app.register_blueprint(health_blueprint)
     install_metrics(app)

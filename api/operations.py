@@ -18,6 +18,7 @@ from typing import Any
 from flask import Flask, current_app, request
 
 from api.errors import APIError
+from api.rate_limits import admit
 from schemas.errors import Invalid
 from schemas.generated import OPERATIONS
 from schemas.json_bounds import check_bounds
@@ -88,6 +89,7 @@ def _view(ops: list[dict], handlers: dict[str, Handler]):
                 f"{op['method']} /v1{op['path']} ({op['operation_id']}) is not implemented by this localq server.",
                 code="not_implemented",
             )
+        admit(call)  # rate limits: 429 before anything is queued (api.rate_limits)
         return handler(call)
 
     return view

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from store.rate_limits import Limits
 from tasks.settings import DEFAULT_MODELS_DIR, QueueSettings, optional_positive_int, positive_int, positive_number
 
 UNKNOWN_FIELDS_CHOICES = ("reject", "ignore")
@@ -42,6 +43,9 @@ class Settings:
     #: Tests and experiments: seconds every batch gets as its completion window instead of the one
     #: it asked for (24h); None: the requested window.
     batch_window: int | None = None
+    #: Server-wide rate limits of every project (LOCALQ_RATE_LIMIT_RPM, LOCALQ_RATE_LIMIT_TPM,
+    #: LOCALQ_BATCH_TOKENS_PER_DAY); unset: none, unless a project has its own (`store.rate_limits`).
+    rate_limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -68,6 +72,7 @@ class Settings:
             relay_ride_over=positive_number(environ, "LOCALQ_RELAY_RIDE_OVER", cls.relay_ride_over,
                                             allow_zero=True),
             batch_window=optional_positive_int(environ, "LOCALQ_BATCH_WINDOW"),
+            rate_limits=Limits.from_env(environ),
         )
 
 
