@@ -7,11 +7,8 @@ operation whose body names a `model` is counted. A request over a limit is answe
 `rate_limit_exceeded` with `Retry-After`; every answer to a counted request carries OpenAI's
 `x-ratelimit-*` headers (added when the response is made, so a stream has them before its body).
 
-Tokens are estimated before the request runs, as OpenAI does: a quarter of the characters of its
-text (messages, prompt, input, instructions, suffix; token id arrays count one per id), plus the
-completion it may produce: `max_completion_tokens` or `max_tokens` (times `n`), else the model
-config's `max_tokens`, else 16 for completions (OpenAI's default there) and
-`DEFAULT_CHAT_COMPLETION_TOKENS` for chat. The estimate is not corrected by the actual usage.
+Tokens are estimated before the request runs, as OpenAI does (`store.rate_limits.estimate_tokens`):
+a quarter of the characters of its text plus the completion it may produce.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Any
 
 import redis
 from flask import Flask, current_app, g
@@ -37,17 +33,8 @@ from store.rate_limits import (
     State,
     admit_request,
     duration,
+    estimate_tokens,
 )
-
-#: Completion tokens counted for a chat request that sets no maximum (and whose model config has none).
-DEFAULT_CHAT_COMPLETION_TOKENS = 1024
-COMPLETION_DEFAULT = {"createCompletion": 16, "createChatCompletion": DEFAULT_CHAT_COMPLETION_TOKENS}
-#: Body fields whose text is the request's input.
-TEXT_FIELDS = ("messages", "prompt", "input", "instructions", "suffix", "content")
-#: Keys inside those whose values are not text (images, audio, files, ids).
-NOT_TEXT = frozenset({"image_url", "input_audio", "file", "file_data", "file_id", "data", "url", "id",
-                      "tool_call_id", "role", "type", "detail", "format"})
-MAX_WALK = 100_000  # values looked at, at most, while estimating (bodies are bounded already)
 
 _HEADERS = "localq_rate_limit_headers"
 _ROWS_PRESENT = "localq.rate_limit_rows"  # (read at, whether any project has rows of its own)
@@ -152,53 +139,3 @@ def listed_projects() -> set[str]:
     """The projects of the keys listed in LOCALQ_API_KEYS (each key a project of its own)."""
     keys = current_app.config["LOCALQ"].api_keys
     return {"proj_" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24] for key in keys}
-
-
-# --- the token estimate ---------------------------------------------------------------------------
-
-def estimate_tokens(operation_id: str, body: dict, config: Any = None) -> int:
-    """Prompt tokens (characters / 4, rounded up, plus token ids) and the completion allowance."""
-    counter = _TextCounter()
-    for field in TEXT_FIELDS:
-        if field in body:
-            counter.walk(body[field])
-    prompt = math.ceil(counter.chars / 4) + counter.token_ids
-    return prompt + completion_allowance(operation_id, body, config)
-
-
-def completion_allowance(operation_id: str, body: dict, config: Any = None) -> int:
-    if operation_id not in COMPLETION_DEFAULT:
-        return 0
-    asked = next((body[name] for name in ("max_completion_tokens", "max_tokens")
-                  if isinstance(body.get(name), int) and not isinstance(body.get(name), bool)), None)
-    if asked is None:
-        configured = ((getattr(config, "parameters", None) or {}).get("max_tokens")) if config is not None else None
-        asked = configured if isinstance(configured, int) else COMPLETION_DEFAULT[operation_id]
-    choices = body.get("n") if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
-    best_of = body.get("best_of") if operation_id == "createCompletion" else None
-    if isinstance(best_of, int) and not isinstance(best_of, bool):
-        choices = max(choices, best_of)
-    return max(0, asked) * max(1, choices)
-
-
-class _TextCounter:
-    def __init__(self):
-        self.chars = 0
-        self.token_ids = 0
-        self.seen = 0
-
-    def walk(self, value: Any) -> None:
-        stack = [value]
-        while stack and self.seen < MAX_WALK:
-            item = stack.pop()
-            self.seen += 1
-            if isinstance(item, str):
-                self.chars += len(item)
-            elif isinstance(item, bool):
-                continue
-            elif isinstance(item, int):
-                self.token_ids += 1  # an element of a token id array
-            elif isinstance(item, dict):
-                stack.extend(child for key, child in item.items() if key not in NOT_TEXT)
-            elif isinstance(item, list):
-                stack.extend(item)

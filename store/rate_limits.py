@@ -32,6 +32,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import redis
 
@@ -359,6 +360,76 @@ def batch_tokens_left(client: redis.Redis, project: str | None, model: str | Non
     if not found:
         return None
     return min(state.remaining for state in charge(client, found).states)
+
+
+# --- the token estimate ---------------------------------------------------------------------------
+
+#: Completion tokens counted for a chat request that sets no maximum (and whose model config has none).
+DEFAULT_CHAT_COMPLETION_TOKENS = 1024
+COMPLETION_DEFAULT = {"createCompletion": 16, "createChatCompletion": DEFAULT_CHAT_COMPLETION_TOKENS}
+#: Body fields whose text is the request's input.
+TEXT_FIELDS = ("messages", "prompt", "input", "instructions", "suffix", "content")
+#: Keys inside those whose values are not text (images, audio, files, ids).
+NOT_TEXT = frozenset({"image_url", "input_audio", "file", "file_data", "file_id", "data", "url", "id",
+                      "tool_call_id", "role", "type", "detail", "format"})
+MAX_WALK = 100_000  # values looked at, at most, while estimating (bodies are bounded already)
+
+
+def prompt_tokens(body: dict) -> int:
+    """A request body's input tokens, estimated: its text's characters / 4, rounded up, plus the
+    ids of token id arrays. What a batch line costs its batch budget."""
+    counter = _TextCounter()
+    for field in TEXT_FIELDS:
+        if field in body:
+            counter.walk(body[field])
+    return math.ceil(counter.chars / 4) + counter.token_ids
+
+
+def estimate_tokens(operation_id: str, body: dict, config: Any = None) -> int:
+    """What a request costs its tokens per minute: its prompt tokens and the completion it may
+    produce (`completion_allowance`)."""
+    return prompt_tokens(body) + completion_allowance(operation_id, body, config)
+
+
+def completion_allowance(operation_id: str, body: dict, config: Any = None) -> int:
+    """Chat and completions: `max_completion_tokens` or `max_tokens` (times `n`, or `best_of`),
+    else the model config's (`config.parameters["max_tokens"]`), else 16 for completions (OpenAI's
+    default there) and `DEFAULT_CHAT_COMPLETION_TOKENS` for chat. Other operations: 0."""
+    if operation_id not in COMPLETION_DEFAULT:
+        return 0
+    asked = next((body[name] for name in ("max_completion_tokens", "max_tokens")
+                  if isinstance(body.get(name), int) and not isinstance(body.get(name), bool)), None)
+    if asked is None:
+        configured = ((getattr(config, "parameters", None) or {}).get("max_tokens")) if config is not None else None
+        asked = configured if isinstance(configured, int) else COMPLETION_DEFAULT[operation_id]
+    choices = body.get("n") if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
+    best_of = body.get("best_of") if operation_id == "createCompletion" else None
+    if isinstance(best_of, int) and not isinstance(best_of, bool):
+        choices = max(choices, best_of)
+    return max(0, asked) * max(1, choices)
+
+
+class _TextCounter:
+    def __init__(self):
+        self.chars = 0
+        self.token_ids = 0
+        self.seen = 0
+
+    def walk(self, value: Any) -> None:
+        stack = [value]
+        while stack and self.seen < MAX_WALK:
+            item = stack.pop()
+            self.seen += 1
+            if isinstance(item, str):
+                self.chars += len(item)
+            elif isinstance(item, bool):
+                continue
+            elif isinstance(item, int):
+                self.token_ids += 1  # an element of a token id array
+            elif isinstance(item, dict):
+                stack.extend(child for key, child in item.items() if key not in NOT_TEXT)
+            elif isinstance(item, list):
+                stack.extend(item)
 
 
 def duration(ms: int) -> str:

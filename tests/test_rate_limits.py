@@ -173,7 +173,7 @@ def test_the_default_batch_budget_is_read_from_the_environment(redis_db, monkeyp
 
 
 def test_token_estimates():
-    from api.rate_limits import estimate_tokens
+    from store.rate_limits import estimate_tokens, prompt_tokens
 
     chat = {"model": CHAT, "messages": [
         {"role": "system", "content": "x" * 40},
@@ -187,6 +187,9 @@ def test_token_estimates():
     assert estimate_tokens("createEmbedding", {"model": "e", "input": [[1, 2, 3], [4]]}) == 4
     assert estimate_tokens("createEmbedding", {"model": "e", "input": ["abcd", "efgh"]}) == 2
     assert estimate_tokens("createImage", {"model": "i", "prompt": "a cat", "n": 4}) == 2
+    assert prompt_tokens(chat) == 20  # a batch line's cost: its input only
+    assert prompt_tokens({"model": CHAT, "messages": [{"role": "user", "content": "hi"}],
+                          "x-localai-extensions": {"grammar": "x" * 400}}) == 1
 
 
 # --- the API, in process ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from flask import current_app
 
-from api.auth import is_owner
+from api.auth import require_owner
 from api.errors import APIError
 from api.pages import page
 from api.queue import queue_runtime, setting
@@ -31,16 +31,10 @@ MAX_LIMIT = 10**12
 ID_PREFIXES = ("rl-", "rl_")
 
 
-def _require_owner() -> None:
-    if not is_owner():
-        raise APIError(403, "You have insufficient permissions for this operation: it needs an owner key.",
-                       type="invalid_request_error", code="insufficient_permissions")
-
-
 def _project(project_id: str) -> str:
     client = queue_runtime().redis
-    known = project_id == OPEN_PROJECT or project_id in listed_projects() or any(
-        project.id == project_id for project in KeyStore(client).projects())
+    known = (project_id == OPEN_PROJECT or project_id in listed_projects()
+             or KeyStore(client).project_by_id(project_id) is not None)
     if not known:
         raise APIError(404, f"No project found with id '{project_id}'.", param="project_id", code="not_found")
     return project_id
@@ -82,7 +76,7 @@ def _limit(query: dict) -> int:
 
 
 def list_project_rate_limits(call):
-    _require_owner()
+    require_owner()
     project = _project(call.path["project_id"])
     items = _rows(project, _models())
     limit = _limit(call.query)
@@ -127,7 +121,7 @@ def _changes(body) -> dict[str, int | None]:
 
 
 def update_project_rate_limits(call):
-    _require_owner()
+    require_owner()
     project = _project(call.path["project_id"])
     model = _model_of(call.path["rate_limit_id"])
     changes = _changes(call.body)
