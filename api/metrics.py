@@ -23,6 +23,14 @@ Two sources, one scrape:
   (see `store.metrics` for what each measures), `localq_dead_letters_total{reason}` (job messages
   the workers set aside: see `store.dead_letters`), and `localq_redis_up` (0 when Redis did not
   answer: the cluster metrics are then left out of the scrape rather than reported as zeros).
+- What each project used (`store.usage`, see docs/usage.md): `localq_project_tokens_total{project,
+  model, direction}` (input, output), `localq_project_requests_total{project, kind}` and
+  `localq_project_batch_lines_total{project, kind}` (kind: the usage category, `completions`,
+  `embeddings`, `images`, `audio_speeches`, `audio_transcriptions`),
+  `localq_project_images_total{project, model}`, `localq_project_audio_seconds_total{project,
+  model}`, `localq_project_audio_characters_total{project, model}`. `project` is the project id
+  (`default` on a server without keys); the 50 projects with the most requests are named, the
+  others added up as `other`, so the series stay bounded however many projects there are.
 
 `/metrics` asks for no API key, like most Prometheus targets: it shows model names, counts and
 timings, never a request's content. Keep it off the public network (or behind the proxy's
@@ -46,7 +54,8 @@ from flask import Flask, Response, current_app, request
 
 from api.health import monitor_client
 from store.heartbeats import live_workers
-from store.metrics import parse_job_metrics, queue_reads
+from store.metrics import READ_KEYS, parse_job_metrics, queue_reads
+from store.usage import MAX_PROJECT_LABELS, TOTALS_KEY, parse_totals, project_series
 from store.worker_slots import with_slots
 from tasks.routing import DEVICES, queue_for, queue_keys
 
@@ -228,6 +237,7 @@ class ClusterCollector:
                 for key in keys[queue]:
                     pipe.llen(key)
             queue_reads(pipe)
+            pipe.hgetall(TOTALS_KEY)
             replies = pipe.execute()
         except (redis.RedisError, OSError):
             up.add_metric([], 0)
@@ -256,7 +266,7 @@ class ClusterCollector:
         yield alive
         yield from worker_slot_metrics([with_slots(worker) for worker in workers])
 
-        jobs = parse_job_metrics(replies[position:])
+        jobs = parse_job_metrics(replies[position:position + len(READ_KEYS)])
         total = CounterMetricFamily("localq_jobs", "Jobs finished, by kind and final status.",
                                     labels=["kind", "outcome"])
         for (kind, outcome), count in sorted(jobs.jobs.items()):
@@ -288,6 +298,39 @@ class ClusterCollector:
                 family.add_metric([kind, model], [(floatToGoString(b), n) for b, n in histogram.buckets],
                                   histogram.sum)
             yield family
+        yield from project_usage_metrics(parse_totals(replies[position + len(READ_KEYS)]))
+
+
+PROJECT_NOTE = (f"; at most {MAX_PROJECT_LABELS} projects (those with the most requests) are named, "
+                "the others added up as project=\"other\"")
+
+
+def project_usage_metrics(totals):
+    """What each project used since the first job (`store.usage`'s totals), as counters labelled
+    by project: tokens by model and direction, requests and batch lines by usage category
+    (completions, embeddings, images, audio_speeches, audio_transcriptions), images, audio seconds
+    and characters by model."""
+    from prometheus_client.core import CounterMetricFamily
+
+    series = project_series(totals)
+    for name, doc, labels, values in (
+        ("localq_project_tokens", "Tokens used, by project, model and direction (input: prompt tokens, "
+         "output: generated tokens)", ["project", "model", "direction"], series.tokens),
+        ("localq_project_requests", "Requests that succeeded (batch lines included), by project and usage category",
+         ["project", "kind"], series.requests),
+        ("localq_project_batch_lines", "Batch lines that succeeded, by project and usage category",
+         ["project", "kind"], series.batch_lines),
+        ("localq_project_images", "Images generated or edited, by project and model", ["project", "model"],
+         series.images),
+        ("localq_project_audio_seconds", "Seconds of audio transcribed or translated, by project and model",
+         ["project", "model"], series.audio_seconds),
+        ("localq_project_audio_characters", "Characters of text spoken (speech), by project and model",
+         ["project", "model"], series.audio_characters),
+    ):
+        family = CounterMetricFamily(name, doc + PROJECT_NOTE + ".", labels=labels)
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key), value)
+        yield family
 
 
 ENGINE_GAUGES = (

@@ -76,9 +76,15 @@ def record_job(client, *, kind: str, outcome: str, model: str | None = None, dur
 def record_jobs(client, jobs: list[dict]) -> None:
     """`record_job` for several jobs (each a dict of its keyword arguments), in one round trip."""
     pipe = client.pipeline(transaction=True)
+    queue_jobs(pipe, jobs)
+    pipe.execute()
+
+
+def queue_jobs(pipe, jobs: list[dict]) -> None:
+    """Queue the counts of `record_jobs` on the caller's `pipe` (which may carry more: a job's
+    usage, `store.usage.queue_usage`, goes in the same round trip)."""
     for job in jobs:
         _add(pipe, **job)
-    pipe.execute()
 
 
 def _add(pipe, *, kind: str, outcome: str, model: str | None = None, duration: float | None = None,

@@ -19,7 +19,8 @@ from schemas.openai_errors import OpenAIError
 from store import dead_letters
 from store.files import fetch_uploads, publish_outputs, url_maker
 from store.jobs import FINAL_STATUSES, cancel_key
-from store.metrics import FirstToken, completion_tokens, record_job
+from store.metrics import FirstToken, completion_tokens, queue_jobs
+from store.usage import Usage, configured_retention, queue_usage, transcribed_seconds, usage_of
 from tasks import publisher as publishing
 from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
@@ -27,6 +28,7 @@ from tasks.publisher import BackgroundPublisher
 from tasks.routing import RUN_TASK as TASK_NAME
 from tasks.runtime import model_runtime, runtime, worker_settings
 from workers.execute import execute  # light at import: model libraries load inside the backends
+from workers.files import UploadedFile
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 CANCEL_POLL = 0.05
 # Job kinds whose output arrives token by token (and whose log says when they start running).
 STREAMING_KINDS = frozenset({"chat", "completion"})
+# Job kinds that read an uploaded audio file, counted in seconds of audio (`store.usage`).
+AUDIO_INPUT_KINDS = frozenset({"transcription", "translation"})
+# What Whisper resamples its input to (`workers.audio.decode`'s default).
+AUDIO_RATE = 16000
 
 
 def _end(rt, job_id: str, status: str, event: str, data, *, result=None, error=None) -> None:
@@ -50,13 +56,41 @@ def _fail(rt, job_id: str, payload: dict, status: str = "failed") -> None:
     _end(rt, job_id, status, "error", payload, error=payload["error"])
 
 
-def _record(rt, job: dict, outcome: str, **measures) -> None:
-    """Count the finished job in the cluster-wide metrics (`store.metrics`); called after its
-    terminal event is out, so the client never waits for it; never fails the job."""
+def _record(rt, job: dict, outcome: str, usage: Usage | None = None, **measures) -> None:
+    """Count the finished job in the cluster-wide metrics (`store.metrics`) and what it used in its
+    project's usage (`store.usage`), in one round trip; called after its terminal event is out, so
+    the client never waits for it; never fails the job."""
     try:
-        record_job(rt.redis, kind=job["kind"], outcome=outcome, **measures)
+        pipe = rt.redis.pipeline(transaction=True)
+        queue_jobs(pipe, [{"kind": job["kind"], "outcome": outcome, **measures}])
+        if usage is not None:
+            queue_usage(pipe, [usage], time.time(), configured_retention())
+        pipe.execute()
     except Exception:
         log.warning("job %s: metrics not recorded", job["id"], exc_info=True)
+
+
+def _usage(job: dict, model: str, result) -> Usage | None:
+    """What a successful job's answer used; None (logged) if it cannot be read, never a failure."""
+    try:
+        seconds = None
+        if job["kind"] in AUDIO_INPUT_KINDS and transcribed_seconds(result) is None:
+            seconds = _audio_seconds(job["request"].get("file"))  # text, srt, vtt: the answer has no usage
+        return usage_of(project=job.get("project", ""), kind=job["kind"], model=model, request=job["request"],
+                        result=result, audio_seconds=seconds)
+    except Exception:
+        log.warning("job %s: usage not read", job["id"], exc_info=True)
+        return None
+
+
+def _audio_seconds(upload) -> float | None:
+    """The length of an uploaded audio file as Whisper read it (decoded again: the answers in
+    text, srt and vtt do not say); None for anything but an uploaded file."""
+    if not isinstance(upload, UploadedFile):
+        return None
+    from workers.audio import decode  # PyAV and NumPy: loaded by audio jobs only
+
+    return len(decode(upload.data, rate=AUDIO_RATE)) / AUDIO_RATE
 
 
 def give_up(rt, job_id: str, payload: dict) -> bool:
@@ -204,5 +238,7 @@ def _run_job(self, job: dict) -> None:
                                  int(rt.settings.generated_ttl), job.get("project", ""))
         _end(rt, job_id, outcome, "result", result, result=result)
     config = registry.resolve(job["model"])  # the model's own name: aliases share its series
-    _record(rt, job, outcome, model=config.name if config else job["model"], duration=time.monotonic() - started,
-            ttft=first_token.seconds, completion_tokens=tokens)
+    model = config.name if config else job["model"]
+    usage = _usage(job, model, publisher.result) if outcome == "succeeded" else None
+    _record(rt, job, outcome, usage, model=model, duration=time.monotonic() - started, ttft=first_token.seconds,
+            completion_tokens=tokens)
