@@ -34,15 +34,20 @@ from schemas import openai_errors as errors
 from schemas.openai_errors import OpenAIError
 from store import dead_letters
 from store.batches import (FINAL, BatchStore, batch_key, cancel_key, deliveries_key, dropped_key, expired_key,
-                           finalize_key, lines_key, results_key)
+                           lines_key, results_key)
 from store.files import publish_outputs, url_maker
 from store.filestore import FileNotFound, FileStore
 from store.model_permissions import permissions
-from store.metrics import completion_tokens, record_jobs
+from store.rate_limits import admit_batch, prompt_tokens
+from store.metrics import completion_tokens, queue_jobs, record_jobs
+from store.usage import configured_retention, queue_usage, usage_of
+from store.admission import Chunk
+from tasks import fair_share
+from tasks.batch_messages import maybe_finalize, send_finalize
 from tasks.batch_input import check_lines
 from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
-from tasks.routing import FINALIZE_TASK, LINES_TASK, PRIORITIES, START_TASK, queue_for
+from tasks.routing import FINALIZE_TASK, LINES_TASK, START_TASK, queue_for
 from tasks.runtime import model_runtime, runtime
 from workers.capabilities import unsupported
 from workers.execute import execute_embeddings, run_job  # light at import: model libraries load in the backends
@@ -64,25 +69,6 @@ def _store() -> BatchStore:
 def _files() -> FileStore:
     rt = runtime()
     return FileStore(rt.redis, rt.settings.files_dir)
-
-
-def send_finalize(batch_id: str, client=None) -> None:
-    """Send `localq.batch.finalize` once (SETNX on its key); the sweep sends it again if it is lost."""
-    client = client or runtime().redis
-    if client.set(finalize_key(batch_id), "1", nx=True):
-        try:
-            app.send_task(FINALIZE_TASK, args=[batch_id], queue="cpu", priority=PRIORITIES["interactive"])
-        except Exception:
-            client.delete(finalize_key(batch_id))  # not sent: the next line or the sweep sends it
-            raise
-
-
-def send_lines(batch_id: str, items: list, queue: str) -> None:
-    """One `localq.batch.lines` task for `items` (`[line, custom_id, body]` each, one model)."""
-    lines = [list(item) for item in items]
-    # argsrepr: logs and Flower show which lines, not a repr of every line's body built per send
-    app.send_task(LINES_TASK, args=[batch_id, lines], queue=queue, priority=PRIORITIES["batch"],
-                  argsrepr=f"[{batch_id!r}, <lines {', '.join(str(line[0]) for line in lines)}>]", kwargsrepr="{}")
 
 
 def _request_id() -> str:
@@ -133,15 +119,42 @@ def start_batch(batch_id: str) -> None:
     if not checked.valid:
         store.set_status(batch_id, "failed", errors={"object": "list", "data": checked.errors})
         return
+    if not _within_token_budget(rt, store, record, batch_id, checked.lines, registry):
+        return
     pipe = rt.redis.pipeline(transaction=False)
     for item in checked.lines:
         pipe.hset(lines_key(batch_id), item.custom_id, item.line)
     pipe.execute()
     if not store.start(batch_id, len(checked.lines)):
         return  # expired by the sweep while we validated: its lines never run
-    for chunk in _chunks(checked.lines, CHUNK_SIZES.get(kind, 1)):
-        send_lines(batch_id, [[item.line, item.custom_id, item.body] for item in chunk],
-                   devices.get(chunk[0].body["model"], "cpu"))
+    # the lines wait for their project's turn (`store.admission`), then go to their model's queue
+    project = record.get("project", "")
+    seconds = fair_share.line_seconds(rt.redis, sorted({item.body["model"] for item in checked.lines}))
+    chunks = [Chunk(token=f"{batch_id}:{chunk[0].line}", batch_id=batch_id, project=project,
+                    queue=devices.get(chunk[0].body["model"], "cpu"), cost=seconds[chunk[0].body["model"]] * len(chunk),
+                    items=[[item.line, item.custom_id, item.body] for item in chunk])
+              for chunk in _chunks(checked.lines, CHUNK_SIZES.get(kind, 1))]
+    fair_share.admission(rt.redis).enqueue(chunks)
+    for queue in sorted({chunk.queue for chunk in chunks}):
+        fair_share.admit_and_send(queue, rt.redis)
+
+
+def _within_token_budget(rt, store: BatchStore, record: dict, batch_id: str, lines: list, registry) -> bool:
+    """Charge the batch's estimated input tokens to its project's daily batch budget, all or nothing
+    (`store.rate_limits`); over it, the batch fails with `token_limit_exceeded`, as OpenAI's does."""
+    tokens: dict[str, int] = {}
+    for item in lines:
+        name = registry.resolve(item.body["model"]).name  # aliases share their model's budget
+        tokens[name] = tokens.get(name, 0) + prompt_tokens(item.body)
+    admitted, retry_after = admit_batch(rt.redis, record.get("project", ""), tokens)
+    if admitted:
+        return True
+    wait = "." if retry_after == float("inf") else f"; try again in {int(retry_after) + 1} s."
+    store.set_status(batch_id, "failed", errors={"object": "list", "data": [{
+        "line": None, "param": None, "code": "token_limit_exceeded",
+        "message": f"Enqueued token limit reached: the batch's {sum(tokens.values())} estimated input tokens "
+                   f"exceed what is left of the project's batch_1_day_max_input_tokens{wait}"}]})
+    return False
 
 
 def _chunks(lines: list, size: int):
@@ -166,19 +179,14 @@ def _drop(batch_id: str, custom_id: str) -> None:
     _store().drop(batch_id, custom_id, dropped_key(batch_id))
 
 
-def _maybe_finalize(batch_id: str, client=None) -> None:
-    client = client or runtime().redis
-    total, completed, failed = BatchStore(client).counts(batch_id)
-    dropped = int(client.hget(batch_key(batch_id), "dropped") or 0)
-    if total and completed + failed + dropped >= total:
-        send_finalize(batch_id, client)
-
-
-def give_up_lines(client, batch_id: str, items: list, payload: dict) -> int:
+def give_up_lines(client, batch_id: str, items: list, payload: dict, chunk: dict | None = None) -> int:
     """Record `payload` (`{"status", "error"}`) as the outcome of every line of `items` that has none:
     a lines message no worker can run (`tasks.handoff`). Sends finalize if that was the last line;
     the number of lines recorded now. `client`: the caller's own Redis client (the worker's main
-    process must not wait on the task runtime's long retries)."""
+    process must not wait on the task runtime's long retries). `chunk`: the message's admission
+    ticket, settled here."""
+    if chunk:
+        fair_share.admission(client).finish(chunk["token"], chunk["queue"], chunk["project"], 0.0)
     store = BatchStore(client)
     record = store.record(batch_id)
     if record is None or record["status"] in FINAL:
@@ -191,7 +199,7 @@ def give_up_lines(client, batch_id: str, items: list, payload: dict) -> int:
                              for first in recorded if first])
     except Exception:
         log.warning("batch line metrics not recorded", exc_info=True)
-    _maybe_finalize(batch_id, client)
+    maybe_finalize(batch_id, client)
     return sum(recorded)
 
 
@@ -213,18 +221,24 @@ def _expired(custom_id: str) -> dict:
 
 
 @app.task(name=LINES_TASK, bind=True)
-def run_lines(self, batch_id: str, items: list) -> None:
-    """Run `items` (`[line, custom_id, body]` each) of one batch, all for the same model."""
-    store = _store()
-    record = store.record(batch_id)
-    if record is None or record["status"] in FINAL:
-        return
+def run_lines(self, batch_id: str, items: list, chunk: dict | None = None) -> None:
+    """Run `items` (`[line, custom_id, body]` each) of one batch, all for the same model; then
+    settle the admission `chunk` it came with, which lets the next chunk in."""
+    began = time.monotonic()
     try:
-        if not _given_up(runtime(), self.request, batch_id, items):
-            _run_lines(runtime(), store, record, batch_id, items,
-                       soft_deadline(self.request, runtime().settings.job_timeout))
+        store = _store()
+        record = store.record(batch_id)
+        if record is None or record["status"] in FINAL:
+            return
+        try:
+            if not _given_up(runtime(), self.request, batch_id, items):
+                _run_lines(runtime(), store, record, batch_id, items,
+                           soft_deadline(self.request, runtime().settings.job_timeout))
+        finally:
+            maybe_finalize(batch_id)
     finally:
-        _maybe_finalize(batch_id)
+        model = items[0][2].get("model") if items and isinstance(items[0][2], dict) else None
+        fair_share.finished(chunk, time.monotonic() - began, model, len(items))
 
 
 def _given_up(rt, request, batch_id: str, items: list) -> bool:
@@ -295,18 +309,26 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
             outcomes.append((custom_id, _line_failure(batch_id, line, custom_id, job["id"], result), True))
     recorded = store.record_outcomes(batch_id, outcomes)
     _count(rt, registry, kind, jobs[0]["model"], (time.monotonic() - began) / len(jobs),
-           [outcome for outcome, first in zip(outcomes, recorded, strict=True) if first])
+           [outcome for outcome, first in zip(outcomes, recorded, strict=True) if first], record.get("project", ""))
 
 
-def _count(rt, registry, kind: str, model: str, seconds_per_line: float, outcomes: list) -> None:
-    """Batch lines in the job metrics (`store.metrics`), like any other job; never fails the lines."""
+def _count(rt, registry, kind: str, model: str, seconds_per_line: float, outcomes: list, project: str = "") -> None:
+    """Batch lines in the job metrics (`store.metrics`), like any other job, and what the successful
+    ones used in their project's usage (`store.usage`, as batch lines), in one round trip; never
+    fails the lines."""
     config = registry.resolve(model)
+    model = config.name if config else model
     try:
-        record_jobs(rt.redis, [{
-            "kind": kind, "outcome": "failed" if failed else "succeeded",
-            "model": config.name if config else model, "duration": seconds_per_line,
+        pipe = rt.redis.pipeline(transaction=True)
+        queue_jobs(pipe, [{
+            "kind": kind, "outcome": "failed" if failed else "succeeded", "model": model,
+            "duration": seconds_per_line,
             "completion_tokens": completion_tokens((outcome.get("response") or {}).get("body")),
         } for _, outcome, failed in outcomes])
+        queue_usage(pipe, [usage_of(project=project, kind=kind, model=model, request=None,
+                                    result=outcome["response"]["body"], batch=True)
+                           for _, outcome, failed in outcomes if not failed], time.time(), configured_retention())
+        pipe.execute()
     except Exception:
         log.warning("batch line metrics not recorded", exc_info=True)
 
@@ -375,3 +397,4 @@ def finalize_batch(batch_id: str) -> None:
     else:
         status = "completed"
     store.set_status(batch_id, status, **fields)
+    fair_share.admission(rt.redis).discard(batch_id, project)  # chunks still waiting (expired lines)

@@ -104,7 +104,7 @@ def set_aside(settings: QueueSettings, *, reason: str, task: str, queue: str | N
         if task == RUN_TASK and job_id:
             give_up(rt, job_id, payload)
         elif task == LINES_TASK and job_id and args is not None:
-            give_up_lines(rt.redis, job_id, list(args[1]), payload)
+            give_up_lines(rt.redis, job_id, list(args[1]), payload, args[2] if len(args) > 2 else None)
         else:  # undecodable lines: which lines is unknown; the batch's expiry fails them at the latest
             log.error("a %r message (%s) set aside; no job of it could be failed", task, job_id or "no id")
     except Exception:  # noqa: BLE001 - Redis away, or a message of an unexpected shape

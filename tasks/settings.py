@@ -51,6 +51,11 @@ class QueueSettings:
     batch_sweep_interval: float = 60.0
     # model configs (and, by default, weights); the API reads them too (`api.settings.Settings`)
     models_dir: Path = DEFAULT_MODELS_DIR
+    # batch chunks admitted into one queue at a time (`store.admission`); None: twice the job slots
+    # of the live workers that consume the queue (at least 2)
+    batch_admit: int | None = None
+    # seconds of work a project that starts waiting may be served ahead of the others (`store.admission`)
+    fair_lag: float = 30.0
 
     def hard_limit_for(self, soft_limit: float) -> float:
         """Celery's hard time limit for a job given `soft_limit` seconds (a request may ask for less)."""
@@ -80,6 +85,12 @@ class QueueSettings:
         timeout's span), never less than behind a job of the default timeout."""
         return max(type(self).job_timeout, self.job_timeout) + 2 * HARD_LIMIT_MARGIN
 
+    @property
+    def admission_stale(self) -> float:
+        """How long an admitted batch chunk may go unfinished before its room is given back: every
+        delivery it may have had has met its hard time limit by then."""
+        return self.visibility_timeout * (self.max_deliveries + 1)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
         return cls(
@@ -94,6 +105,8 @@ class QueueSettings:
             max_batch_file_bytes=positive_int(environ, "LOCALQ_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes),
             batch_sweep_interval=positive_number(environ, "LOCALQ_BATCH_SWEEP_INTERVAL", cls.batch_sweep_interval),
             models_dir=_directory(environ, "LOCALQ_MODELS_DIR", cls.models_dir),
+            batch_admit=optional_positive_int(environ, "LOCALQ_BATCH_ADMIT"),
+            fair_lag=positive_number(environ, "LOCALQ_FAIR_LAG", cls.fair_lag, allow_zero=True),
         )
 
 

@@ -21,7 +21,9 @@ The same pass looks after finalize, whatever the window: a batch whose lines all
 batch in that state (the message was lost: a publish that failed, a worker that died mid-way).
 finalize is safe to run twice: a second one finds the batch final, or reuses the files.
 
-And it sends again the lines a broker lost. kombu's Redis transport takes a message off its queue
+Batches whose lines wait for their project's turn (`store.admission`) are not lost; each tick also
+admits waiting chunks where room was freed (an admitted chunk whose message was lost gives its room
+back once it is stale). And it sends again the lines a broker lost. kombu's Redis transport takes a message off its queue
 (BRPOP) before it records it as unacknowledged: a Redis restart between the two (the reply lost with
 the server, or the record refused) loses that message, and its line would never get an outcome.
 A batch `in_progress` or `cancelling` with lines that have no outcome, none of whose messages is on
@@ -58,7 +60,8 @@ from redis.retry import Retry
 from store.batches import (FINAL, INDEX, BatchStore, batch_key, dropped_key, expired_key, finalize_key, lines_key,
                            results_key)
 from store.filestore import FileNotFound, FileStore
-from tasks import batch_run  # sends finalize and lines (the Celery app no longer imports this module)
+from store.admission import Admission
+from tasks import batch_messages, fair_share
 from tasks.batch_input import check_lines
 from tasks.orphans import registry_resolver, rescue_gone
 from tasks.routing import DEVICE_QUEUES, queue_for, queue_keys
@@ -175,7 +178,7 @@ def _expire_lines(client: redis.Redis, store: BatchStore, batch_id: str) -> None
         pending = [custom_id for custom_id, outcome in zip(pending, have, strict=True) if outcome is None]
     for start in range(0, len(pending), RECORD_CHUNK):
         _record_expired(store, batch_id, pending[start:start + RECORD_CHUNK])
-    batch_run.send_finalize(batch_id)
+    batch_messages.send_finalize(batch_id)
 
 
 def _watch_finalize(client: redis.Redis, batch_id: str, now: float, grace: float) -> None:
@@ -183,7 +186,7 @@ def _watch_finalize(client: redis.Redis, batch_id: str, now: float, grace: float
     watch = finalize_watch_key(batch_id)
     if not client.exists(finalize_key(batch_id)):
         log.warning("batch %s: every line is done but no finalize was sent; sending it", batch_id)
-        batch_run.send_finalize(batch_id)  # SETNX: a line task sending it right now sends it alone
+        batch_messages.send_finalize(batch_id)  # SETNX: a line task sending it right now sends it alone
         client.set(watch, now, ex=WATCH_TTL)
         return
     client.set(watch, now, nx=True, ex=WATCH_TTL)
@@ -193,7 +196,7 @@ def _watch_finalize(client: redis.Redis, batch_id: str, now: float, grace: float
     log.warning("batch %s: finalize has not run %.0f s after the last line; sending it again", batch_id,
                 now - first_seen)
     client.delete(finalize_key(batch_id))
-    batch_run.send_finalize(batch_id)
+    batch_messages.send_finalize(batch_id)
     client.set(watch, now, ex=WATCH_TTL)
 
 
@@ -207,9 +210,10 @@ def _watch_lost_lines(client: redis.Redis, store: BatchStore, batch_ids: list[st
     present = _batches_with_messages(client)
     if present is None:
         return  # too many messages to read now: a later sweep looks again
+    waiting = Admission(client)
     for batch_id in batch_ids:
         watch = lost_watch_key(batch_id)
-        if batch_id in present:
+        if batch_id in present or waiting.waiting_chunks(batch_id, _batch_queues()):  # or awaiting its turn
             client.delete(watch)
             continue
         client.set(watch, now, nx=True, ex=WATCH_TTL)
@@ -305,7 +309,7 @@ def _resend_lost_lines(client: redis.Redis, store: BatchStore, batch_id: str, fi
     sent = []
     for item in checked.lines:
         if item.line in wanted and numbers[item.line] == item.custom_id:
-            batch_run.send_lines(batch_id, [[item.line, item.custom_id, item.body]],
+            batch_messages.send_lines(batch_id, [[item.line, item.custom_id, item.body]],
                                  queues.get(item.body["model"], "cpu"))
             sent.append(item.custom_id)
     return sent
@@ -337,6 +341,10 @@ class Sweeper:
             return None
         if expired:
             log.warning("batches past their completion window expired: %s", ", ".join(expired))
+        try:
+            fair_share.admit_waiting(self.client)  # room freed by chunks whose messages were lost
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("admitting waiting batch chunks failed")
         try:
             rescue_gone(self.client, registry_resolver())
         except Exception:  # noqa: BLE001 - as above

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import redis
 
 from api.settings import Settings
 from ops.redis_server import free_port

@@ -1,6 +1,6 @@
 """`tasks.sweeper` against a real Redis: which batches the expiry sweep touches, and how.
 
-The sweep's finalize goes through `tasks.batch_run.send_finalize`; here its Redis is the test's
+The sweep's finalize goes through `tasks.batch_messages.send_finalize`; here its Redis is the test's
 and the Celery message it would send is captured instead, so no worker is needed.
 """
 
@@ -18,7 +18,7 @@ from kombu.asynchronous.timer import Timer
 from ops.redis_server import free_port
 from store.batches import BatchStore, expired_key, finalize_key, lines_key, results_key
 from store.filestore import FileStore
-from tasks import batch_run, sweeper
+from tasks import batch_messages, batch_run, sweeper
 from tasks.routing import FINALIZE_TASK
 from tasks.settings import QueueSettings
 from tasks.sweeper import LOCK_KEY, BatchSweep, Sweeper, sweep_client, sweep_expired
@@ -36,6 +36,7 @@ def sent(client, monkeypatch):
     """Finalize messages the sweep sends (and `send_finalize`'s SETNX on the test's Redis)."""
     messages = []
     monkeypatch.setattr(batch_run, "runtime", lambda: SimpleNamespace(redis=client))
+    monkeypatch.setattr(batch_messages, "runtime", lambda: SimpleNamespace(redis=client))
     monkeypatch.setattr(batch_run.app, "send_task", lambda name, args=None, **kw: messages.append((name, args)))
     return messages
 

@@ -129,6 +129,30 @@ def test_batches_and_their_output_belong_to_their_project(http, sdk):
     assert output in [f.id for f in sdk["a1"].files.list(purpose="batch_output")]
 
 
+def test_a_batch_over_its_projects_daily_token_budget_fails(http):
+    a1, b, owner = http["a1"], http["b"], http["owner"]
+    alpha = {p["name"]: p["id"] for p in owner.get("/v1/organization/projects").json()["data"]}["alpha"]
+    limited = owner.post(f"/v1/organization/projects/{alpha}/rate_limits/rl-*",
+                         json={"batch_1_day_max_input_tokens": 10})
+    assert limited.status_code == 200, limited.text
+    try:
+        batches = {}
+        for name, client in (("a1", a1), ("b", b)):
+            file_id = client.post("/v1/files", files={"file": ("big.jsonl", _batch_file(3))},
+                                  data={"purpose": "batch"}).json()["id"]
+            batches[name] = client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/embeddings",
+                                                             "completion_window": "24h"}).json()["id"]
+        final = {name: wait_until(lambda c=client, i=batches[name]: (found := c.get(f"/v1/batches/{i}").json())[
+                     "status"] in ("completed", "failed") and found, 120, "the batch to end")
+                 for name, client in (("a1", a1), ("b", b))}
+        assert final["a1"]["status"] == "failed"
+        assert [error["code"] for error in final["a1"]["errors"]["data"]] == ["token_limit_exceeded"]
+        assert final["a1"]["request_counts"]["completed"] == 0
+        assert final["b"]["status"] == "completed", "another project's budget is its own"
+    finally:
+        owner.post(f"/v1/organization/projects/{alpha}/rate_limits/rl-*", json={"batch_1_day_max_input_tokens": None})
+
+
 def test_jobs_and_their_events_belong_to_their_project(http):
     a1, a2, b = http["a1"], http["a2"], http["b"]
     answered = a1.post("/v1/chat/completions", json={"model": CHAT, "max_tokens": 4, "temperature": 0,

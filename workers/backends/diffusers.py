@@ -38,7 +38,6 @@ from diffusers import (
 from schemas.openai_errors import context_length_exceeded, unsupported_parameter
 from workers import devices
 from workers.config import ModelConfig, ModelConfigError
-from workers.errors import JobError
 from workers.images import image_limits, scheduler_names, scheduler_spec
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
