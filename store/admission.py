@@ -5,10 +5,11 @@ A batch's lines do not all go to the broker when it starts. They wait here in ch
 `localq.batch.lines` message each), and each device queue holds at most `limit` admitted chunks
 at a time (`tasks.fair_share` sets it from the live workers' job slots). Whenever room opens
 (a chunk finished, a batch started, the sweep ticked), chunks are admitted from the project that
-has been served least: every project has a *virtual time*, the seconds of work its admitted chunks
-were estimated to cost and then actually cost. A project that starts waiting again is put no more
-than `lag` seconds behind the least-served waiting project, so a newcomer is served first for at
-most `lag` seconds of work and a project that was idle for a day cannot take the queue for a day.
+has been served least while waiting: every waiting project has a *virtual time*, to which the
+seconds of work of its admitted chunks are added (estimated at admission, corrected when they
+finish). A project that starts waiting is put `lag` seconds ahead of the least-served waiting
+project, whatever it used before: a newcomer is served first for at most `lag` seconds of work,
+then the projects take turns; an idle project neither banks credit nor carries debt.
 Within a project, its batches are served in the order they started. Interactive calls are not
 admitted here at all: they keep their higher priority on the broker.
 
@@ -59,7 +60,7 @@ if was == 0 then redis.call('RPUSH', KEYS[3], ARGV[2]) end
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   local served = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
   local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if lowest[2] then served = math.max(served, tonumber(lowest[2]) - tonumber(ARGV[3])) end
+  if lowest[2] then served = tonumber(lowest[2]) - tonumber(ARGV[3]) end
   redis.call('HSET', KEYS[2], ARGV[1], tostring(served))
   redis.call('ZADD', KEYS[1], served, ARGV[1])
 end

@@ -1,8 +1,9 @@
 """Batch lines into the broker by fair shares (`store.admission`): what the batch tasks and the
 sweep call to queue a batch's chunks, send the ones whose turn has come, and settle a finished one.
 
-The room per queue is twice the job slots of the live workers that consume it (so a worker that
-finishes a chunk finds the next one queued), or `LOCALQ_BATCH_ADMIT`. A chunk admitted for a batch
+The room per queue is the job slots of the live workers that consume it, plus one (a chunk
+that finishes sends the next at once, and one more is queued; a project whose turn comes waits
+for at most that one), or `LOCALQ_BATCH_ADMIT`. A chunk admitted for a batch
 that was cancelled or became final meanwhile is settled here without a message: its lines are
 dropped (counted once, as a running line of a cancelled batch is) and the next chunk is admitted.
 """
@@ -42,7 +43,7 @@ def queue_room(client, queue: str) -> int:
     if fixed:
         return fixed
     slots = sum(int(worker.get("slots") or 1) for worker in live_workers(client) if queue in worker.get("queues", ()))
-    return max(2, 2 * slots)
+    return slots + 1
 
 
 def admit_and_send(queue: str, client=None) -> int:

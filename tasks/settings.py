@@ -51,8 +51,8 @@ class QueueSettings:
     batch_sweep_interval: float = 60.0
     # model configs (and, by default, weights); the API reads them too (`api.settings.Settings`)
     models_dir: Path = DEFAULT_MODELS_DIR
-    # batch chunks admitted into one queue at a time (`store.admission`); None: twice the job slots
-    # of the live workers that consume the queue (at least 2)
+    # batch chunks admitted into one queue at a time (`store.admission`); None: the job slots of the
+    # live workers that consume the queue, plus one
     batch_admit: int | None = None
     # seconds of work a project that starts waiting may be served ahead of the others (`store.admission`)
     fair_lag: float = 30.0

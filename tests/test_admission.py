@@ -26,7 +26,7 @@ def test_a_newcomer_is_served_ahead_for_at_most_the_lag(redis_db):
     assert tokens(first) == ["batch_a:0", "batch_a:1"] and fair.admit("cpu", 2, now=100) == [], "room for 2"
     finish_all(fair, first)
     finish_all(fair, fair.admit("cpu", 2, now=100))  # A has been served 4 seconds
-    fair.enqueue(chunks("batch_b", "B", 10))  # B starts 3 s (the lag) behind A: 1 s of virtual time
+    fair.enqueue(chunks("batch_b", "B", 10))  # B starts 3 s (the lag) ahead of A: 1 s of virtual time
     order = []
     for _ in range(8):
         admitted = fair.admit("cpu", 1, now=100)
@@ -94,3 +94,19 @@ def test_a_batch_that_ends_early_leaves_nothing_waiting(redis_db):
     assert fair.discard("batch_a", "A") == 4
     assert fair.waiting_queues() == ["cpu"] and tokens(fair.admit("cpu", 5, now=0)) == ["batch_a2:0"]
     assert fair.waiting_queues() == [] and redis_db.keys("localq:admission:queues:*") == ["localq:admission:queues:batch_a2"]
+
+
+def test_a_returning_project_neither_banks_credit_nor_carries_debt(redis_db):
+    fair = Admission(redis_db, lag=2.0)
+    fair.enqueue(chunks("batch_b1", "B", 6))
+    for _ in range(6):
+        finish_all(fair, fair.admit("cpu", 1, now=1))  # B alone, served 6 s
+    fair.enqueue(chunks("batch_a", "A", 10))
+    finish_all(fair, fair.admit("cpu", 1, now=1))  # A alone, served 1 s
+    fair.enqueue(chunks("batch_b2", "B", 4))  # B comes back: 2 s ahead of A, its past 6 s forgotten
+    order = []
+    for _ in range(6):
+        admitted = fair.admit("cpu", 1, now=1)
+        order += [chunk.project for chunk in admitted]
+        finish_all(fair, admitted)
+    assert order == ["B", "B", "A", "B", "A", "B"]

@@ -25,7 +25,7 @@ SCHEMA_FILE = REPO_ROOT.parent / "shared" / "compose-spec" / "compose-spec.json"
 DOCKERFILE = REPO_ROOT / "ops" / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 #: Where the code that reads settings lives (tests and benchmarks' own knobs do not count).
-SOURCE_PACKAGES = ("api", "tasks", "workers", "ops", "schemas")
+SOURCE_PACKAGES = ("api", "tasks", "workers", "ops", "schemas", "store")
 
 APP_SERVICES = ("api", "worker-cpu", "worker-gpu")
 WORKERS = ("worker-cpu", "worker-gpu")

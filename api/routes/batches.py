@@ -62,7 +62,9 @@ def create_batch(call):
     batch = _store().create(input_file_id=file_id, endpoint=endpoint, completion_window=body["completion_window"],
                             metadata=body.get("metadata"), window_seconds=_window_seconds(body["completion_window"]),
                             base_url=request.host_url, project=project_scope())
-    app.send_task(START_TASK, args=[batch["id"]], queue="cpu", priority=PRIORITIES["batch"])
+    # ahead of the batch lines already queued (as finalize is): validating the input is short, and a
+    # project's batch must not wait behind another's admitted lines to take its turn at all
+    app.send_task(START_TASK, args=[batch["id"]], queue="cpu", priority=PRIORITIES["interactive"])
     return batch
 
 
