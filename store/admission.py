@@ -211,5 +211,15 @@ class Admission:
     def in_flight(self, queue: str) -> int:
         return int(self.client.zcard(self._keys(queue)[2]))
 
+    def admitted(self, queue: str, before: float) -> list[str]:
+        """Tokens of the chunks admitted to `queue` before `before` and not finished yet."""
+        found = self.client.zrangebyscore(self._keys(queue)[2], "-inf", before)
+        return [token.decode() if isinstance(token, bytes) else token for token in found]
+
+    def forget(self, queue: str, tokens: list[str]) -> int:
+        """Give back the room of chunks whose messages were lost (their lines are sent again by the
+        batch sweep); how many were still in flight."""
+        return int(self.client.zrem(self._keys(queue)[2], *tokens)) if tokens else 0
+
     def virtual_time(self, queue: str, project: str) -> float:
         return float(self.client.hget(self._keys(queue)[1], project) or 0)

@@ -207,10 +207,12 @@ def _record_expired(store: BatchStore, batch_id: str, custom_ids: list[str]) -> 
 
 def _watch_lost_lines(client: redis.Redis, store: BatchStore, batch_ids: list[str], now: float, grace: float,
                       files_dir: Path | None) -> None:
-    present = _batches_with_messages(client)
-    if present is None:
+    messages = _messages(client)
+    if messages is None:
         return  # too many messages to read now: a later sweep looks again
+    present, tickets = messages
     waiting = Admission(client)
+    _forget_lost_chunks(waiting, tickets, now - grace)
     for batch_id in batch_ids:
         watch = lost_watch_key(batch_id)
         if batch_id in present or waiting.waiting_chunks(batch_id, _batch_queues()):  # or awaiting its turn
@@ -226,9 +228,19 @@ def _watch_lost_lines(client: redis.Redis, store: BatchStore, batch_ids: list[st
                         batch_id, len(sent), ", ".join(sent[:20]) + (" ..." if len(sent) > 20 else ""))
 
 
-def _batches_with_messages(client: redis.Redis) -> set[str] | None:
-    """Batch ids named by a task message on a queue batch work goes to, or delivered and not yet
-    acknowledged; None if those hold more than SCAN_LIMIT messages."""
+def _forget_lost_chunks(admission: Admission, tickets: set[str], before: float) -> None:
+    """Give back the room of admitted chunks that have no message anywhere since `before`: lost
+    by the broker. Their lines are sent again once their batch has nothing else waiting."""
+    for queue in _batch_queues():
+        lost = [token for token in admission.admitted(queue, before) if token not in tickets]
+        if admission.forget(queue, lost):
+            log.warning("%s: admitted batch chunks with no message left, their room given back: %s",
+                        queue, ", ".join(lost[:20]) + (" ..." if len(lost) > 20 else ""))
+
+
+def _messages(client: redis.Redis) -> tuple[set[str], set[str]] | None:
+    """(batch ids, admission tokens) named by the task messages on the queues batch work goes to,
+    or delivered and not yet acknowledged; None if those hold more than SCAN_LIMIT messages."""
     keys = [key for queue in _batch_queues() for key in queue_keys(queue)]
     pipe = client.pipeline(transaction=False)
     for key in keys:
@@ -240,12 +252,14 @@ def _batches_with_messages(client: redis.Redis) -> set[str] | None:
     for key in keys:
         pipe.lrange(key, 0, -1)
     pipe.hvals(UNACKED_KEY)
-    found = set()
+    found, tickets = set(), set()
     for raw in (item for items in pipe.execute() for item in items):
-        batch_id = _message_batch(raw)
+        batch_id, token = _message_batch(raw)
         if batch_id:
             found.add(batch_id)
-    return found
+        if token:
+            tickets.add(token)
+    return found, tickets
 
 
 @cache
@@ -259,8 +273,9 @@ def _batch_queues() -> list[str]:
     return sorted({*DEVICE_QUEUES, *(queue_for(config) for config in _registry().list())})
 
 
-def _message_batch(raw) -> str | None:
-    """The batch a Celery task message is about: its first argument, if that is a batch id."""
+def _message_batch(raw) -> tuple[str | None, str | None]:
+    """The batch a Celery task message is about (its first argument, if that is a batch id), and
+    the admission token of a lines message (in its third)."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # an unacknowledged one: [message, exchange, routing key]
@@ -270,9 +285,11 @@ def _message_batch(raw) -> str | None:
             body = base64.b64decode(body)
         args = json.loads(body)[0]
     except (ValueError, TypeError, KeyError, IndexError):
-        return None
+        return None, None
     first = args[0] if isinstance(args, list) and args else None
-    return first if isinstance(first, str) and first.startswith("batch_") else None
+    ticket = args[2] if isinstance(args, list) and len(args) > 2 and isinstance(args[2], dict) else {}
+    token = ticket.get("token") if isinstance(ticket.get("token"), str) else None
+    return (first if isinstance(first, str) and first.startswith("batch_") else None), token
 
 
 def _resend_lost_lines(client: redis.Redis, store: BatchStore, batch_id: str, files_dir: Path | None) -> list[str]:

@@ -32,6 +32,7 @@ from tasks.routing import queue_keys
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
 from tasks.sweeper import LOCK_KEY
+from store.admission import Admission
 from tests.service import running_service, wait_until
 
 FINISH_WITHIN = 120  # seconds after Redis is back; the visibility timeout is 660
@@ -118,7 +119,8 @@ def test_batch_completes_across_a_redis_restart(service, endpoint, lines):
 
 def test_a_line_whose_message_the_broker_lost_still_runs(service):
     """What a restart can do to the message being fetched at that moment, done on purpose: the
-    worker's sweep notices the line has no message left anywhere and sends it again."""
+    worker's sweep notices the line has no message left anywhere, gives back the room its chunk
+    held in the fair-share admission, and sends the line again."""
     client = OpenAI(base_url=service.base_url + "/v1", api_key="unused", timeout=60, max_retries=0)
     lines = 40
     source = client.files.create(file=("lost.jsonl", batch_input("/v1/chat/completions", lines)), purpose="batch")
@@ -126,25 +128,28 @@ def test_a_line_whose_message_the_broker_lost_still_runs(service):
     store = redis.Redis.from_url(service.redis.url, decode_responses=True)
     batch_list = queue_keys("cpu")[-1]  # where batch lines wait (priority 9)
 
-    def last_line_message():
+    def take_a_line_message():
+        """Remove a queued line message of the batch (one admitted, waiting for a free slot)."""
         for raw in store.lrange(batch_list, 0, -1):
-            message = json.loads(raw)
-            args = json.loads(base64.b64decode(message["body"]))[0]
-            if args[0] == batch.id and any(item[1] == f"line-{lines - 1}" for item in args[1]):
-                return raw
+            args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+            if args[0] == batch.id and store.lrem(batch_list, 1, raw) == 1:  # the broker "lost" it
+                return args
         return None
 
-    raw = wait_until(last_line_message, 30, "the batch's lines to be queued")
-    assert store.lrem(batch_list, 1, raw) == 1  # the broker "lost" the last line's message
+    args = wait_until(take_a_line_message, 30, "a line message of the batch to take", interval=0.01)
+    lost = [item[1] for item in args[1]]
+    assert len(args) == 3 and args[2]["token"].startswith(batch.id), "an admitted chunk carries its ticket"
 
-    final = wait_until(lambda: (f := client.batches.retrieve(batch.id)).status in FINAL and f, 60,
+    final = wait_until(lambda: (f := client.batches.retrieve(batch.id)).status in FINAL and f, 90,
                        "the batch to finish", interval=0.25)
     assert final.status == "completed" and final.request_counts.completed == lines, final
     output = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines() if x]
     assert [o["custom_id"] for o in output] == [f"line-{i}" for i in range(lines)]
     log = (service.log_dir / "worker-cpu.log").read_text()
-    assert (f"batch {batch.id}: no message left for 1 line(s) without an outcome; "
-            f"sent them again: line-{lines - 1}") in log
+    assert f"cpu: admitted batch chunks with no message left, their room given back: {args[2]['token']}" in log
+    assert (f"batch {batch.id}: no message left for {len(lost)} line(s) without an outcome; "
+            f"sent them again: {', '.join(lost)}") in log
+    assert Admission(store).in_flight("cpu") == 0, "no room is held by a lost chunk"
 
 
 def test_worker_clients_ride_over_a_redis_restart(tmp_path):

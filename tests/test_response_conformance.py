@@ -26,11 +26,15 @@ import io
 import json
 import struct
 
+import time
+
 import httpx
 import pytest
+import redis
 from PIL import Image
 
 from api.routes import collect_handlers
+from store.api_keys import OWNER, KeyStore
 from tests import sse
 from tests.contract import Contract, upstream
 from tests.service import wait_until
@@ -69,6 +73,22 @@ CHECKED = {
     "getJob": ["LocalqJob"],
     "streamJobEvents": ["LocalqJobEvent"],
     "listWorkers": ["LocalqWorkerList"],
+    # admin operations (owner keys): projects, their keys, model permissions, rate limits, usage
+    "list-projects": ["ProjectListResponse"],
+    "create-project": ["Project"],
+    "retrieve-project": ["Project"],
+    "modify-project": ["Project"],
+    "archive-project": ["Project"],
+    "list-project-api-keys": ["ProjectApiKeyListResponse"],
+    "retrieve-project-api-key": ["ProjectApiKey"],
+    "delete-project-api-key": ["ProjectApiKeyDeleteResponse"],
+    "retrieve-project-model-permissions": ["ProjectModelPermissions"],
+    "update-project-model-permissions": ["ProjectModelPermissions"],
+    "delete-project-model-permissions": ["ProjectModelPermissionsDeleteResponse"],
+    "list-project-rate-limits": ["ProjectRateLimitListResponse"],
+    "update-project-rate-limits": ["ProjectRateLimit"],
+    **{f"usage-{kind}": ["UsageResponse"] for kind in ("completions", "embeddings", "images", "audio-speeches",
+                                                       "audio-transcriptions", "moderations")},
 }
 
 
@@ -399,3 +419,51 @@ def test_batches(api, conforms):
     outputs = ok_json(api.get("/files", params={"purpose": "batch_output"}))
     conforms("ListFilesResponse", outputs, "the batch output files")
 
+
+
+# ----- admin operations ----------------------------------------------------------------------------
+
+
+def test_admin_operations(service, api, conforms):
+    """Projects, their keys, model permissions, rate limits and usage, with an owner key (the
+    service asks for keys while one exists; it is open again at the end)."""
+    client = redis.Redis.from_url(service.redis.url, decode_responses=True)
+    keys = KeyStore(client)
+    secret, owner = keys.create("conformance-admins", role=OWNER, name="admin")
+    _, member = keys.create("conformance-team", name="ci")
+    wait_until(lambda: api.get("/models").status_code == 401, 10, "keys to be asked for")
+    headers = {"Authorization": f"Bearer {secret}"}
+    try:
+        created = ok_json(api.post("/organization/projects", json={"name": "conformance-new"}, headers=headers))
+        conforms("Project", created, "a created project")
+        conforms("ProjectListResponse", ok_json(api.get("/organization/projects", headers=headers)))
+        conforms("Project", ok_json(api.get(f"/organization/projects/{created['id']}", headers=headers)))
+        conforms("Project", ok_json(api.post(f"/organization/projects/{created['id']}", json={"name": "renamed"},
+                                             headers=headers)))
+        conforms("Project", ok_json(api.post(f"/organization/projects/{created['id']}/archive", headers=headers)))
+        team = member.project_id
+        conforms("ProjectApiKeyListResponse", ok_json(api.get(f"/organization/projects/{team}/api_keys",
+                                                              headers=headers)))
+        conforms("ProjectApiKey", ok_json(api.get(f"/organization/projects/{team}/api_keys/{member.id}",
+                                                  headers=headers)))
+        permissions = f"/organization/projects/{team}/model_permissions"
+        conforms("ProjectModelPermissions", ok_json(api.get(permissions, headers=headers)))
+        conforms("ProjectModelPermissions", ok_json(api.post(permissions, headers=headers, json={
+            "mode": "deny_list", "model_ids": ["dall-e-2"]})))
+        conforms("ProjectModelPermissionsDeleteResponse", ok_json(api.delete(permissions, headers=headers)))
+        limits = ok_json(api.get(f"/organization/projects/{team}/rate_limits", headers=headers))
+        conforms("ProjectRateLimitListResponse", limits)
+        conforms("ProjectRateLimit", ok_json(api.post(f"/organization/projects/{team}/rate_limits/{limits['data'][0]['id']}",
+                                                      json={"max_requests_per_1_minute": 1000}, headers=headers)))
+        for kind in ("completions", "embeddings", "images", "audio_speeches", "audio_transcriptions", "moderations"):
+            conforms("UsageResponse", ok_json(api.get(f"/organization/usage/{kind}", headers=headers,
+                                                      params={"start_time": int(time.time()) - 3600})), kind)
+        ok_json(api.post(f"/organization/projects/{team}/rate_limits/{limits['data'][0]['id']}",
+                         json={"max_requests_per_1_minute": None}, headers=headers))  # as it was
+        conforms("ProjectApiKeyDeleteResponse", ok_json(api.delete(
+            f"/organization/projects/{team}/api_keys/{member.id}", headers=headers)))
+    finally:
+        keys.revoke(owner.id)
+        keys.revoke(member.id)
+        wait_until(lambda: api.get("/models").status_code == 200, 10, "the service to be open again")
+        client.close()
