@@ -25,6 +25,8 @@ SCOPE_PREFIXES = (
     "/files",
     "/batches",
     "/moderations",
+    "/organization/projects",
+    "/organization/usage/",
 )
 
 EXTENSIONS_MARKER = "x-localq-extensions-property"

@@ -34,10 +34,14 @@ define_type('ParallelToolCalls', lambda: Bool(metadata={'default': True}))
 define_type('PartialImages', lambda: Int(allow_none=True, validate=[Range(min=0, max=3)], metadata={'default': 0}))
 define_type('PromptCacheModeEnum', lambda: Str(validate=[OneOf(['implicit', 'explicit'])]))
 define_type('PromptCacheTTLEnum', lambda: Str(validate=[OneOf(['30m'])]))
+define_type('PublicProjectResidency', lambda: Str(validate=[OneOf(['GLOBAL', 'US_STORAGE_PROCESSING', 'EU_STORAGE_PROCESSING', 'JP_STORAGE', 'KR_STORAGE', 'CA_STORAGE', 'SG_STORAGE', 'IN_STORAGE', 'AU_STORAGE', 'GB_STORAGE', 'AE_STORAGE', 'AE_STORAGE_PROCESSING'])]))
 define_type('ReasoningEffort', lambda: Str(allow_none=True, validate=[OneOf(['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'])], metadata={'default': 'medium'}))
 define_type('ResponseFormatJsonSchemaSchema', lambda: MapOf())
 define_type('ResponseModalities', lambda: ListOf(Str(validate=[OneOf(['text', 'audio'])]), allow_none=True))
 define_type('ServiceTier', lambda: Str(allow_none=True, validate=[OneOf(['auto', 'default', 'flex', 'scale', 'priority', 'fast'])], metadata={'default': 'auto'}))
+define_type('SpendLimitCurrency', lambda: Union([Str(), Str(validate=[OneOf(['USD'])])]))
+define_type('SpendLimitEnforcementStatus', lambda: Union([Str(), Str(validate=[OneOf(['inactive', 'enforcing'])])]))
+define_type('SpendLimitInterval', lambda: Union([Str(), Str(validate=[OneOf(['month'])])]))
 define_type('StopConfiguration', lambda: Union([Str(allow_none=True, metadata={'default': '<|endoftext|>'}), ListOf(Str(), validate=[Length(min=1, max=4)])], allow_none=True))
 define_type('TranscriptionInclude', lambda: Str(validate=[OneOf(['logprobs'])]))
 define_type('Verbosity', lambda: Str(allow_none=True, validate=[OneOf(['low', 'medium', 'high'])], metadata={'default': 'medium'}))
@@ -383,6 +387,19 @@ object_schema('CompletionUsage_PromptTokensDetails', {
     'image_tokens': Int(),
     'cache_write_tokens': Int(metadata={'default': 0}),
 }, unknown='raise')
+object_schema('CostsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.costs.result'])]),
+    'amount': nested('CostsResult_Amount'),
+    'line_item': Str(allow_none=True),
+    'project_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'quantity': Num(allow_none=True),
+    'quantity_unit': Union([Str(), Str(validate=[OneOf(['tokens', '1000_tokens', 'duration_seconds', 'duration_minutes', 'duration_hours', 'gibibyte_hours', 'images', 'characters'])])], allow_none=True),
+}, unknown='raise')
+object_schema('CostsResult_Amount', {
+    'value': Num(),
+    'currency': Str(),
+}, unknown='raise')
 object_schema('CreateBatchRequest', {
     'input_file_id': Str(required=True),
     'endpoint': Str(required=True, validate=[OneOf(['/v1/responses', '/v1/chat/completions', '/v1/embeddings', '/v1/completions', '/v1/moderations', '/v1/images/generations', '/v1/images/edits', '/v1/videos'])]),
@@ -665,6 +682,10 @@ object_schema('CreateModerationResponse_ResultsItem_CategoryScores', {
     'violence': Num(required=True),
     'violence/graphic': Num(required=True),
 }, unknown='raise')
+object_schema('CreateProjectServiceAccountApiKeyBody', {
+    'name': Str(),
+    'scopes': ListOf(Str()),
+}, unknown='raise')
 object_schema('CreateSpeechRequest', {
     'model': Union([Str(), Str(validate=[OneOf(['tts-1', 'tts-1-hd', 'gpt-4o-mini-tts', 'gpt-4o-mini-tts-2025-12-15'])])], required=True),
     'input': Str(required=True, validate=[Length(min=None, max=4096)]),
@@ -674,6 +695,12 @@ object_schema('CreateSpeechRequest', {
     'speed': Num(validate=[Range(min=0.25, max=4)], metadata={'default': 1}),
     'stream_format': Str(validate=[OneOf(['sse', 'audio'])], metadata={'default': 'audio'}),
     'x-localai-extensions': nested('LocalqSpeechExtensions'),
+}, unknown='raise')
+object_schema('CreateSpendAlertBody', {
+    'threshold_amount': Int(required=True, validate=[Range(min=0, max=None)]),
+    'currency': Str(required=True, validate=[OneOf(['USD'])]),
+    'interval': Str(required=True, validate=[OneOf(['month'])]),
+    'notification_channel': nested('SpendAlertNotificationChannel', required=True),
 }, unknown='raise')
 object_schema('CreateTranscriptionRequest', {
     'file': Binary(required=True),
@@ -777,6 +804,12 @@ object_schema('GetChatCompletionMessagesQuery', {
     'limit': Int(metadata={'default': 20}),
     'order': Str(validate=[OneOf(['asc', 'desc'])], metadata={'default': 'asc'}),
 }, unknown='include')
+object_schema('HostedToolPermission', {
+    'enabled': Bool(required=True),
+}, unknown='raise')
+object_schema('HostedToolPermissionUpdate', {
+    'enabled': Bool(required=True),
+}, unknown='raise')
 object_schema('Image', {
     'b64_json': Str(),
     'url': Str(metadata={'format': 'uri'}),
@@ -860,6 +893,10 @@ object_schema('ImagesUsage_InputTokensDetails', {
     'text_tokens': Int(required=True),
     'image_tokens': Int(required=True),
 }, unknown='raise')
+object_schema('InviteProjectGroupBody', {
+    'group_id': Str(required=True),
+    'role': Str(required=True),
+}, unknown='raise')
 object_schema('ListBatchesQuery', {
     'after': Str(),
     'limit': Int(metadata={'default': 20}),
@@ -895,6 +932,52 @@ object_schema('ListModelsResponse', {
     'object': Str(required=True, validate=[OneOf(['list'])]),
     'data': ListOf(nested('Model'), required=True),
 }, unknown='raise')
+object_schema('ListProjectApiKeysQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'after': Str(),
+    'owner_project_access': Str(validate=[OneOf(['active', 'inactive', 'any'])]),
+}, unknown='include')
+object_schema('ListProjectCertificatesQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'after': Str(),
+    'order': Str(validate=[OneOf(['asc', 'desc'])], metadata={'default': 'desc'}),
+}, unknown='include')
+object_schema('ListProjectCertificatesResponse', {
+    'data': ListOf(nested('OrganizationProjectCertificate'), required=True),
+    'first_id': Str(required=True, allow_none=True),
+    'last_id': Str(required=True, allow_none=True),
+    'has_more': Bool(required=True),
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+}, unknown='raise')
+object_schema('ListProjectGroupsQuery', {
+    'limit': Int(validate=[Range(min=0, max=100)], metadata={'default': 20}),
+    'after': Str(),
+    'order': Str(validate=[OneOf(['asc', 'desc'])], metadata={'default': 'asc'}),
+}, unknown='include')
+object_schema('ListProjectRateLimitsQuery', {
+    'limit': Int(metadata={'default': 100}),
+    'after': Str(),
+    'before': Str(),
+}, unknown='include')
+object_schema('ListProjectServiceAccountsQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'after': Str(),
+}, unknown='include')
+object_schema('ListProjectSpendAlertsQuery', {
+    'limit': Int(validate=[Range(min=0, max=100)]),
+    'order': Str(validate=[OneOf(['asc', 'desc'])], metadata={'default': 'asc'}),
+    'after': Str(),
+    'before': Str(),
+}, unknown='include')
+object_schema('ListProjectUsersQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'after': Str(),
+}, unknown='include')
+object_schema('ListProjectsQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'after': Str(),
+    'include_archived': Bool(metadata={'default': False}),
+}, unknown='include')
 object_schema('LocalqCommonExtensions', {
     'priority': Ref('LocalqPriority', metadata={'default': 'interactive'}),
     'timeout': Ref('LocalqTimeout'),
@@ -1061,9 +1144,267 @@ object_schema('OpenAIFile', {
     'status': Str(required=True, validate=[OneOf(['uploaded', 'processed', 'error'])]),
     'status_details': Str(),
 }, unknown='raise')
+object_schema('OrganizationProjectCertificate', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.certificate'])]),
+    'id': Str(required=True),
+    'name': Str(required=True, allow_none=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'certificate_details': nested('OrganizationProjectCertificate_CertificateDetails', required=True),
+    'active': Bool(required=True),
+}, unknown='raise')
+object_schema('OrganizationProjectCertificateActivationResponse', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.certificate.activation'])]),
+    'data': ListOf(nested('OrganizationProjectCertificate'), required=True),
+}, unknown='raise')
+object_schema('OrganizationProjectCertificateDeactivationResponse', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.certificate.deactivation'])]),
+    'data': ListOf(nested('OrganizationProjectCertificate'), required=True),
+}, unknown='raise')
+object_schema('OrganizationProjectCertificate_CertificateDetails', {
+    'valid_at': Int(metadata={'format': 'unixtime'}),
+    'expires_at': Int(metadata={'format': 'unixtime'}),
+}, unknown='raise')
 object_schema('PredictionContent', {
     'type': Str(required=True, validate=[OneOf(['content'])]),
     'content': Union([Str(), ListOf(nested('ChatCompletionRequestMessageContentPartText'), validate=[Length(min=1, max=None)])], required=True),
+}, unknown='raise')
+object_schema('Project', {
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['organization.project'])]),
+    'name': Str(allow_none=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'archived_at': Int(allow_none=True, metadata={'format': 'unixtime'}),
+    'status': Str(allow_none=True),
+    'external_key_id': Str(allow_none=True),
+    'residency': Ref('PublicProjectResidency'),
+}, unknown='raise')
+object_schema('ProjectApiKey', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.api_key'])]),
+    'redacted_value': Str(required=True),
+    'name': Str(required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'last_used_at': Int(required=True, allow_none=True, metadata={'format': 'unixtime'}),
+    'id': Str(required=True),
+    'owner_project_access': Str(required=True, validate=[OneOf(['active', 'inactive'])]),
+    'owner': nested('ProjectApiKey_Owner', required=True),
+}, unknown='raise')
+object_schema('ProjectApiKeyDeleteResponse', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.api_key.deleted'])]),
+    'id': Str(required=True),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectApiKeyListResponse', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('ProjectApiKey'), required=True),
+    'first_id': Str(allow_none=True),
+    'last_id': Str(allow_none=True),
+    'has_more': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectApiKeyOwnerServiceAccount', {
+    'id': Str(required=True),
+    'name': Str(required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'role': Str(required=True),
+}, unknown='raise')
+object_schema('ProjectApiKeyOwnerUser', {
+    'id': Str(required=True),
+    'email': Str(required=True),
+    'name': Str(required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'role': Str(required=True),
+}, unknown='raise')
+object_schema('ProjectApiKey_Owner', {
+    'type': Str(validate=[OneOf(['user', 'service_account'])]),
+    'user': nested('ProjectApiKeyOwnerUser'),
+    'service_account': nested('ProjectApiKeyOwnerServiceAccount'),
+}, unknown='raise')
+object_schema('ProjectCreateRequest', {
+    'name': Str(required=True),
+    'residency': Ref('PublicProjectResidency', allow_none=True),
+    'external_key_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('ProjectDataRetention', {
+    'object': Str(required=True, validate=[OneOf(['project.data_retention'])]),
+    'type': Str(required=True, validate=[OneOf(['organization_default', 'none', 'zero_data_retention', 'modified_abuse_monitoring', 'enhanced_zero_data_retention', 'enhanced_modified_abuse_monitoring'])]),
+}, unknown='raise')
+object_schema('ProjectGroup', {
+    'object': Str(required=True, validate=[OneOf(['project.group'])]),
+    'project_id': Str(required=True),
+    'group_id': Str(required=True),
+    'group_name': Str(required=True),
+    'group_type': Str(required=True, validate=[OneOf(['group', 'tenant_group'])]),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+}, unknown='raise')
+object_schema('ProjectGroupDeletedResource', {
+    'object': Str(required=True, validate=[OneOf(['project.group.deleted'])]),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectGroupListResource', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('ProjectGroup'), required=True),
+    'has_more': Bool(required=True),
+    'next': Str(required=True, allow_none=True),
+}, unknown='raise')
+object_schema('ProjectHostedToolPermissions', {
+    'file_search': nested('HostedToolPermission', required=True),
+    'web_search': nested('HostedToolPermission', required=True),
+    'image_generation': nested('HostedToolPermission', required=True),
+    'mcp': nested('HostedToolPermission', required=True),
+    'code_interpreter': nested('HostedToolPermission', required=True),
+}, unknown='raise')
+object_schema('ProjectHostedToolPermissionsUpdateRequest', {
+    'file_search': nested('HostedToolPermissionUpdate', allow_none=True),
+    'web_search': nested('HostedToolPermissionUpdate', allow_none=True),
+    'image_generation': nested('HostedToolPermissionUpdate', allow_none=True),
+    'mcp': nested('HostedToolPermissionUpdate', allow_none=True),
+    'code_interpreter': nested('HostedToolPermissionUpdate', allow_none=True),
+}, unknown='raise')
+object_schema('ProjectListResponse', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('Project'), required=True),
+    'first_id': Str(allow_none=True),
+    'last_id': Str(allow_none=True),
+    'has_more': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectModelPermissions', {
+    'object': Str(required=True, validate=[OneOf(['project.model_permissions'])]),
+    'mode': Str(required=True, validate=[OneOf(['allow_list', 'deny_list'])]),
+    'model_ids': ListOf(Str(), required=True),
+}, unknown='raise')
+object_schema('ProjectModelPermissionsDeleteResponse', {
+    'object': Str(required=True, validate=[OneOf(['project.model_permissions.deleted'])]),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectModelPermissionsUpdateRequest', {
+    'mode': Str(required=True, validate=[OneOf(['allow_list', 'deny_list'])]),
+    'model_ids': ListOf(Str(), required=True),
+}, unknown='raise')
+object_schema('ProjectRateLimit', {
+    'object': Str(required=True, validate=[OneOf(['project.rate_limit'])]),
+    'id': Str(required=True),
+    'model': Str(required=True),
+    'max_requests_per_1_minute': Int(required=True),
+    'max_tokens_per_1_minute': Int(required=True),
+    'max_images_per_1_minute': Int(),
+    'max_audio_megabytes_per_1_minute': Int(),
+    'max_requests_per_1_day': Int(),
+    'batch_1_day_max_input_tokens': Int(),
+}, unknown='raise')
+object_schema('ProjectRateLimitListResponse', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('ProjectRateLimit'), required=True),
+    'first_id': Str(allow_none=True),
+    'last_id': Str(allow_none=True),
+    'has_more': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectRateLimitUpdateRequest', {
+    'max_requests_per_1_minute': Int(allow_none=True, metadata={'description': "The maximum requests per minute; 0 for no limit, null for the server's default."}),
+    'max_tokens_per_1_minute': Int(allow_none=True, metadata={'description': "The maximum tokens per minute; 0 for no limit, null for the server's default."}),
+    'max_images_per_1_minute': Int(),
+    'max_audio_megabytes_per_1_minute': Int(),
+    'max_requests_per_1_day': Int(),
+    'batch_1_day_max_input_tokens': Int(allow_none=True, metadata={'description': "The maximum batch input tokens per day; 0 for no limit, null for the server's default."}),
+}, unknown='raise')
+object_schema('ProjectServiceAccount', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.service_account'])]),
+    'id': Str(required=True),
+    'name': Str(required=True),
+    'role': Str(required=True, validate=[OneOf(['owner', 'member', 'none'])]),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+}, unknown='raise')
+object_schema('ProjectServiceAccountApiKey', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.service_account.api_key'])]),
+    'value': Str(required=True),
+    'name': Str(required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('ProjectServiceAccountCreateRequest', {
+    'name': Str(required=True),
+    'create_service_account_only': Bool(allow_none=True),
+}, unknown='raise')
+object_schema('ProjectServiceAccountCreateResponse', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.service_account'])]),
+    'id': Str(required=True),
+    'name': Str(required=True),
+    'role': Str(required=True, validate=[OneOf(['member', 'none'])]),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'api_key': nested('ProjectServiceAccountApiKey', required=True, allow_none=True),
+}, unknown='raise')
+object_schema('ProjectServiceAccountDeleteResponse', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.service_account.deleted'])]),
+    'id': Str(required=True),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectServiceAccountListResponse', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('ProjectServiceAccount'), required=True),
+    'first_id': Str(allow_none=True),
+    'last_id': Str(allow_none=True),
+    'has_more': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectSpendAlert', {
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['project.spend_alert'])]),
+    'threshold_amount': Int(required=True),
+    'currency': Str(required=True, validate=[OneOf(['USD'])]),
+    'interval': Str(required=True, validate=[OneOf(['month'])]),
+    'notification_channel': nested('SpendAlertNotificationChannel', required=True),
+}, unknown='raise')
+object_schema('ProjectSpendAlertDeletedResource', {
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['project.spend_alert.deleted'])]),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectSpendAlertListResource', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('ProjectSpendAlert'), required=True),
+    'first_id': Str(required=True, allow_none=True),
+    'last_id': Str(required=True, allow_none=True),
+    'has_more': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectSpendLimitDeletedResource', {
+    'object': Str(required=True, validate=[OneOf(['project.spend_limit.deleted'])], metadata={'default': 'project.spend_limit.deleted'}),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectSpendLimitResource', {
+    'object': Str(required=True, validate=[OneOf(['project.spend_limit'])], metadata={'default': 'project.spend_limit'}),
+    'threshold_amount': Int(required=True),
+    'currency': Ref('SpendLimitCurrency', required=True),
+    'interval': Ref('SpendLimitInterval', required=True),
+    'enforcement': nested('SpendLimitEnforcement', required=True),
+}, unknown='raise')
+object_schema('ProjectUpdateRequest', {
+    'name': Str(allow_none=True),
+    'external_key_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('ProjectUser', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.user'])]),
+    'id': Str(required=True),
+    'name': Str(allow_none=True),
+    'email': Str(allow_none=True),
+    'role': Str(required=True),
+    'added_at': Int(required=True, metadata={'format': 'unixtime'}),
+}, unknown='raise')
+object_schema('ProjectUserCreateRequest', {
+    'user_id': Str(allow_none=True),
+    'email': Str(allow_none=True),
+    'role': Str(required=True),
+}, unknown='raise')
+object_schema('ProjectUserDeleteResponse', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.user.deleted'])]),
+    'id': Str(required=True),
+    'deleted': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectUserListResponse', {
+    'object': Str(required=True),
+    'data': ListOf(nested('ProjectUser'), required=True),
+    'first_id': Str(allow_none=True),
+    'last_id': Str(allow_none=True),
+    'has_more': Bool(required=True),
+}, unknown='raise')
+object_schema('ProjectUserUpdateRequest', {
+    'role': Str(allow_none=True),
 }, unknown='raise')
 object_schema('PromptCacheBreakpointParam', {
     'mode': Str(required=True, validate=[OneOf(['explicit'])], metadata={'default': 'explicit'}),
@@ -1088,6 +1429,16 @@ object_schema('ResponseFormatJsonSchema_JsonSchema', {
 object_schema('ResponseFormatText', {
     'type': Str(required=True, validate=[OneOf(['text'])]),
 }, unknown='raise')
+object_schema('RetrieveProjectGroupQuery', {
+    'group_type': Str(validate=[OneOf(['group', 'tenant_group'])], metadata={'default': 'group'}),
+}, unknown='include')
+object_schema('ServiceAccountApiKeyBody', {
+    'object': Str(required=True, validate=[OneOf(['organization.project.service_account.api_key'])], metadata={'default': 'organization.project.service_account.api_key'}),
+    'value': Str(required=True),
+    'name': Str(required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'id': Str(required=True),
+}, unknown='raise')
 object_schema('SpeechAudioDeltaEvent', {
     'type': Str(required=True, validate=[OneOf(['speech.audio.delta'])]),
     'audio': Str(required=True),
@@ -1100,6 +1451,17 @@ object_schema('SpeechAudioDoneEvent_Usage', {
     'input_tokens': Int(required=True),
     'output_tokens': Int(required=True),
     'total_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('SpendAlertNotificationChannel', {
+    'type': Str(required=True, validate=[OneOf(['email'])]),
+    'recipients': ListOf(Str(), required=True),
+    'subject_prefix': Str(allow_none=True),
+}, unknown='raise')
+object_schema('SpendLimitEnforcement', {
+    'status': Ref('SpendLimitEnforcementStatus', required=True),
+}, unknown='raise')
+object_schema('ToggleCertificatesRequest', {
+    'certificate_ids': ListOf(Str(), required=True, validate=[Length(min=1, max=10)]),
 }, unknown='raise')
 object_schema('TranscriptTextDeltaEvent', {
     'type': Str(required=True, validate=[OneOf(['transcript.text.delta'])]),
@@ -1148,6 +1510,247 @@ object_schema('TranscriptionLanguage', {
 }, unknown='raise')
 object_schema('UpdateChatCompletionRequest', {
     'metadata': Ref('Metadata', required=True, allow_none=True),
+}, unknown='raise')
+object_schema('UpdateProjectDataRetentionBody', {
+    'retention_type': Str(required=True, validate=[OneOf(['organization_default', 'none', 'zero_data_retention', 'modified_abuse_monitoring', 'enhanced_zero_data_retention', 'enhanced_modified_abuse_monitoring'])]),
+}, unknown='raise')
+object_schema('UpdateProjectServiceAccountBody', {
+    'name': Str(),
+    'role': Str(validate=[OneOf(['member', 'owner'])]),
+}, unknown='raise')
+object_schema('UpdateProjectSpendLimitBody', {
+    'threshold_amount': Int(required=True, validate=[Range(min=1, max=None)]),
+    'currency': Str(required=True, validate=[OneOf(['USD'])]),
+    'interval': Str(required=True, validate=[OneOf(['month'])]),
+}, unknown='raise')
+object_schema('UsageAudioSpeechesQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageAudioSpeechesResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.audio_speeches.result'])]),
+    'characters': Int(required=True),
+    'num_model_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageAudioTranscriptionsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageAudioTranscriptionsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.audio_transcriptions.result'])]),
+    'seconds': Int(required=True, metadata={'format': 'int64'}),
+    'num_model_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageCodeInterpreterSessionsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageCodeInterpreterSessionsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.code_interpreter_sessions.result'])]),
+    'num_sessions': Int(required=True),
+    'project_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageCompletionsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'batch': Bool(),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model', 'batch', 'service_tier'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageCompletionsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.completions.result'])]),
+    'input_tokens': Int(required=True),
+    'input_cached_tokens': Int(),
+    'input_cache_write_tokens': Int(),
+    'input_uncached_tokens': Int(),
+    'output_tokens': Int(required=True),
+    'input_text_tokens': Int(),
+    'output_text_tokens': Int(),
+    'input_cached_text_tokens': Int(),
+    'input_audio_tokens': Int(),
+    'input_cached_audio_tokens': Int(),
+    'output_audio_tokens': Int(),
+    'input_image_tokens': Int(),
+    'input_cached_image_tokens': Int(),
+    'output_image_tokens': Int(),
+    'num_model_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+    'batch': Bool(allow_none=True),
+    'service_tier': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageEmbeddingsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageEmbeddingsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.embeddings.result'])]),
+    'input_tokens': Int(required=True),
+    'num_model_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageFileSearchCallsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'vector_store_ids': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'vector_store_id'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageFileSearchCallsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.file_searches.result'])]),
+    'num_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'vector_store_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageImagesQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'sources': ListOf(Str(validate=[OneOf(['image.generation', 'image.edit', 'image.variation'])])),
+    'sizes': ListOf(Str(validate=[OneOf(['256x256', '512x512', '1024x1024', '1792x1792', '1024x1792'])])),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model', 'size', 'source'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageImagesResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.images.result'])]),
+    'images': Int(required=True),
+    'num_model_requests': Int(required=True),
+    'source': Str(allow_none=True),
+    'size': Str(allow_none=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageModerationsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageModerationsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.moderations.result'])]),
+    'input_tokens': Int(required=True),
+    'num_model_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageResponse', {
+    'object': Str(required=True, validate=[OneOf(['page'])]),
+    'data': ListOf(nested('UsageTimeBucket'), required=True),
+    'has_more': Bool(required=True),
+    'next_page': Str(required=True, allow_none=True),
+}, unknown='raise')
+object_schema('UsageTimeBucket', {
+    'object': Str(required=True, validate=[OneOf(['bucket'])]),
+    'start_time': Int(required=True),
+    'end_time': Int(required=True),
+    'results': ListOf(Tagged('object', {'organization.usage.completions.result': nested('UsageCompletionsResult'), 'organization.usage.embeddings.result': nested('UsageEmbeddingsResult'), 'organization.usage.moderations.result': nested('UsageModerationsResult'), 'organization.usage.images.result': nested('UsageImagesResult'), 'organization.usage.audio_speeches.result': nested('UsageAudioSpeechesResult'), 'organization.usage.audio_transcriptions.result': nested('UsageAudioTranscriptionsResult'), 'organization.usage.vector_stores.result': nested('UsageVectorStoresResult'), 'organization.usage.code_interpreter_sessions.result': nested('UsageCodeInterpreterSessionsResult'), 'organization.usage.file_searches.result': nested('UsageFileSearchCallsResult'), 'organization.usage.web_searches.result': nested('UsageWebSearchCallsResult'), 'organization.costs.result': nested('CostsResult')}), required=True),
+}, unknown='raise')
+object_schema('UsageVectorStoresQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageVectorStoresResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.vector_stores.result'])]),
+    'usage_bytes': Int(required=True),
+    'project_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('UsageWebSearchCallsQuery', {
+    'start_time': Int(required=True),
+    'end_time': Int(),
+    'bucket_width': Str(validate=[OneOf(['1m', '1h', '1d'])], metadata={'default': '1d'}),
+    'project_ids': ListOf(Str()),
+    'user_ids': ListOf(Str()),
+    'api_key_ids': ListOf(Str()),
+    'models': ListOf(Str()),
+    'context_levels': ListOf(Str(validate=[OneOf(['low', 'medium', 'high'])])),
+    'group_by': ListOf(Str(validate=[OneOf(['project_id', 'user_id', 'api_key_id', 'model', 'context_level'])])),
+    'limit': Int(),
+    'page': Str(),
+}, unknown='include')
+object_schema('UsageWebSearchCallsResult', {
+    'object': Str(required=True, validate=[OneOf(['organization.usage.web_searches.result'])]),
+    'num_model_requests': Int(required=True),
+    'num_requests': Int(required=True),
+    'project_id': Str(allow_none=True),
+    'user_id': Str(allow_none=True),
+    'api_key_id': Str(allow_none=True),
+    'model': Str(allow_none=True),
+    'context_level': Str(allow_none=True),
 }, unknown='raise')
 object_schema('VadConfig', {
     'type': Str(required=True, validate=[OneOf(['server_vad'])]),
@@ -1280,45 +1883,45 @@ OPERATIONS = (
     {'operation_id': 'inviteUser', 'method': 'POST', 'path': '/organization/invites', 'query': {}, 'tag': 'Invites', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'retrieve-invite', 'method': 'GET', 'path': '/organization/invites/{invite_id}', 'query': {}, 'tag': 'Invites', 'localq': False, 'path_params': ['invite_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'delete-invite', 'method': 'DELETE', 'path': '/organization/invites/{invite_id}', 'query': {}, 'tag': 'Invites', 'localq': False, 'path_params': ['invite_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-projects', 'method': 'GET', 'path': '/organization/projects', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'create-project', 'method': 'POST', 'path': '/organization/projects', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project', 'method': 'GET', 'path': '/organization/projects/{project_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'modify-project', 'method': 'POST', 'path': '/organization/projects/{project_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-project-api-keys', 'method': 'GET', 'path': '/organization/projects/{project_id}/api_keys', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-api-key', 'method': 'GET', 'path': '/organization/projects/{project_id}/api_keys/{api_key_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'api_key_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'delete-project-api-key', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/api_keys/{api_key_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'api_key_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'archive-project', 'method': 'POST', 'path': '/organization/projects/{project_id}/archive', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'listProjectCertificates', 'method': 'GET', 'path': '/organization/projects/{project_id}/certificates', 'query': {}, 'tag': 'Certificates', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'activateProjectCertificates', 'method': 'POST', 'path': '/organization/projects/{project_id}/certificates/activate', 'query': {}, 'tag': 'Certificates', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'deactivateProjectCertificates', 'method': 'POST', 'path': '/organization/projects/{project_id}/certificates/deactivate', 'query': {}, 'tag': 'Certificates', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-data-retention', 'method': 'GET', 'path': '/organization/projects/{project_id}/data_retention', 'query': {}, 'tag': 'Data retention', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'update-project-data-retention', 'method': 'POST', 'path': '/organization/projects/{project_id}/data_retention', 'query': {}, 'tag': 'Data retention', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-project-groups', 'method': 'GET', 'path': '/organization/projects/{project_id}/groups', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'add-project-group', 'method': 'POST', 'path': '/organization/projects/{project_id}/groups', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-group', 'method': 'GET', 'path': '/organization/projects/{project_id}/groups/{group_id}', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id', 'group_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'remove-project-group', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/groups/{group_id}', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id', 'group_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-hosted-tool-permissions', 'method': 'GET', 'path': '/organization/projects/{project_id}/hosted_tool_permissions', 'query': {}, 'tag': 'Hosted tools', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'update-project-hosted-tool-permissions', 'method': 'POST', 'path': '/organization/projects/{project_id}/hosted_tool_permissions', 'query': {}, 'tag': 'Hosted tools', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-model-permissions', 'method': 'GET', 'path': '/organization/projects/{project_id}/model_permissions', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'update-project-model-permissions', 'method': 'POST', 'path': '/organization/projects/{project_id}/model_permissions', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'delete-project-model-permissions', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/model_permissions', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-project-rate-limits', 'method': 'GET', 'path': '/organization/projects/{project_id}/rate_limits', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'update-project-rate-limits', 'method': 'POST', 'path': '/organization/projects/{project_id}/rate_limits/{rate_limit_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'rate_limit_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-project-service-accounts', 'method': 'GET', 'path': '/organization/projects/{project_id}/service_accounts', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'create-project-service-account', 'method': 'POST', 'path': '/organization/projects/{project_id}/service_accounts', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-service-account', 'method': 'GET', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'update-project-service-account', 'method': 'POST', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'delete-project-service-account', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-project-spend-alerts', 'method': 'GET', 'path': '/organization/projects/{project_id}/spend_alerts', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'create-project-spend-alert', 'method': 'POST', 'path': '/organization/projects/{project_id}/spend_alerts', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-spend-alert', 'method': 'GET', 'path': '/organization/projects/{project_id}/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id', 'alert_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'update-project-spend-alert', 'method': 'POST', 'path': '/organization/projects/{project_id}/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id', 'alert_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'delete-project-spend-alert', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id', 'alert_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'list-project-users', 'method': 'GET', 'path': '/organization/projects/{project_id}/users', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'create-project-user', 'method': 'POST', 'path': '/organization/projects/{project_id}/users', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'retrieve-project-user', 'method': 'GET', 'path': '/organization/projects/{project_id}/users/{user_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'user_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'modify-project-user', 'method': 'POST', 'path': '/organization/projects/{project_id}/users/{user_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'user_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'delete-project-user', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/users/{user_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'user_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '400': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-projects', 'method': 'GET', 'path': '/organization/projects', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectsQuery', 'responses': {'200': {'application/json': 'ProjectListResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'create-project', 'method': 'POST', 'path': '/organization/projects', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': [], 'request': {'application/json': 'ProjectCreateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'Project'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project', 'method': 'GET', 'path': '/organization/projects/{project_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'Project'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'modify-project', 'method': 'POST', 'path': '/organization/projects/{project_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ProjectUpdateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'Project'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-project-api-keys', 'method': 'GET', 'path': '/organization/projects/{project_id}/api_keys', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectApiKeysQuery', 'responses': {'200': {'application/json': 'ProjectApiKeyListResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-api-key', 'method': 'GET', 'path': '/organization/projects/{project_id}/api_keys/{api_key_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'api_key_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectApiKey'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'delete-project-api-key', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/api_keys/{api_key_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'api_key_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectApiKeyDeleteResponse'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'archive-project', 'method': 'POST', 'path': '/organization/projects/{project_id}/archive', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'Project'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'listProjectCertificates', 'method': 'GET', 'path': '/organization/projects/{project_id}/certificates', 'query': {}, 'tag': 'Certificates', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectCertificatesQuery', 'responses': {'200': {'application/json': 'ListProjectCertificatesResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'activateProjectCertificates', 'method': 'POST', 'path': '/organization/projects/{project_id}/certificates/activate', 'query': {}, 'tag': 'Certificates', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ToggleCertificatesRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'OrganizationProjectCertificateActivationResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'deactivateProjectCertificates', 'method': 'POST', 'path': '/organization/projects/{project_id}/certificates/deactivate', 'query': {}, 'tag': 'Certificates', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ToggleCertificatesRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'OrganizationProjectCertificateDeactivationResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-data-retention', 'method': 'GET', 'path': '/organization/projects/{project_id}/data_retention', 'query': {}, 'tag': 'Data retention', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectDataRetention'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'update-project-data-retention', 'method': 'POST', 'path': '/organization/projects/{project_id}/data_retention', 'query': {}, 'tag': 'Data retention', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'UpdateProjectDataRetentionBody'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectDataRetention'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-project-groups', 'method': 'GET', 'path': '/organization/projects/{project_id}/groups', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectGroupsQuery', 'responses': {'200': {'application/json': 'ProjectGroupListResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'add-project-group', 'method': 'POST', 'path': '/organization/projects/{project_id}/groups', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'InviteProjectGroupBody'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectGroup'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-group', 'method': 'GET', 'path': '/organization/projects/{project_id}/groups/{group_id}', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id', 'group_id'], 'request': {}, 'request_required': False, 'query_schema': 'RetrieveProjectGroupQuery', 'responses': {'200': {'application/json': 'ProjectGroup'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'remove-project-group', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/groups/{group_id}', 'query': {}, 'tag': 'Project groups', 'localq': False, 'path_params': ['project_id', 'group_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectGroupDeletedResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-hosted-tool-permissions', 'method': 'GET', 'path': '/organization/projects/{project_id}/hosted_tool_permissions', 'query': {}, 'tag': 'Hosted tools', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectHostedToolPermissions'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'update-project-hosted-tool-permissions', 'method': 'POST', 'path': '/organization/projects/{project_id}/hosted_tool_permissions', 'query': {}, 'tag': 'Hosted tools', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ProjectHostedToolPermissionsUpdateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectHostedToolPermissions'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-model-permissions', 'method': 'GET', 'path': '/organization/projects/{project_id}/model_permissions', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectModelPermissions'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'update-project-model-permissions', 'method': 'POST', 'path': '/organization/projects/{project_id}/model_permissions', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ProjectModelPermissionsUpdateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectModelPermissions'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'delete-project-model-permissions', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/model_permissions', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectModelPermissionsDeleteResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-project-rate-limits', 'method': 'GET', 'path': '/organization/projects/{project_id}/rate_limits', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectRateLimitsQuery', 'responses': {'200': {'application/json': 'ProjectRateLimitListResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'update-project-rate-limits', 'method': 'POST', 'path': '/organization/projects/{project_id}/rate_limits/{rate_limit_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'rate_limit_id'], 'request': {'application/json': 'ProjectRateLimitUpdateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectRateLimit'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-project-service-accounts', 'method': 'GET', 'path': '/organization/projects/{project_id}/service_accounts', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectServiceAccountsQuery', 'responses': {'200': {'application/json': 'ProjectServiceAccountListResponse'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'create-project-service-account', 'method': 'POST', 'path': '/organization/projects/{project_id}/service_accounts', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ProjectServiceAccountCreateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectServiceAccountCreateResponse'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-service-account', 'method': 'GET', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectServiceAccount'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'update-project-service-account', 'method': 'POST', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {'application/json': 'UpdateProjectServiceAccountBody'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectServiceAccount'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'delete-project-service-account', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectServiceAccountDeleteResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-project-spend-alerts', 'method': 'GET', 'path': '/organization/projects/{project_id}/spend_alerts', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectSpendAlertsQuery', 'responses': {'200': {'application/json': 'ProjectSpendAlertListResource'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'create-project-spend-alert', 'method': 'POST', 'path': '/organization/projects/{project_id}/spend_alerts', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'CreateSpendAlertBody'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendAlert'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-spend-alert', 'method': 'GET', 'path': '/organization/projects/{project_id}/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id', 'alert_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendAlert'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'update-project-spend-alert', 'method': 'POST', 'path': '/organization/projects/{project_id}/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id', 'alert_id'], 'request': {'application/json': 'CreateSpendAlertBody'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendAlert'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'delete-project-spend-alert', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['project_id', 'alert_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendAlertDeletedResource'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'list-project-users', 'method': 'GET', 'path': '/organization/projects/{project_id}/users', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListProjectUsersQuery', 'responses': {'200': {'application/json': 'ProjectUserListResponse'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'create-project-user', 'method': 'POST', 'path': '/organization/projects/{project_id}/users', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'ProjectUserCreateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectUser'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'retrieve-project-user', 'method': 'GET', 'path': '/organization/projects/{project_id}/users/{user_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'user_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectUser'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'modify-project-user', 'method': 'POST', 'path': '/organization/projects/{project_id}/users/{user_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'user_id'], 'request': {'application/json': 'ProjectUserUpdateRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectUser'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'delete-project-user', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/users/{user_id}', 'query': {}, 'tag': 'Projects', 'localq': False, 'path_params': ['project_id', 'user_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectUserDeleteResponse'}, '400': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'list-roles', 'method': 'GET', 'path': '/organization/roles', 'query': {}, 'tag': 'Roles', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'create-role', 'method': 'POST', 'path': '/organization/roles', 'query': {}, 'tag': 'Roles', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'retrieve-role', 'method': 'GET', 'path': '/organization/roles/{role_id}', 'query': {}, 'tag': 'Roles', 'localq': False, 'path_params': ['role_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
@@ -1329,16 +1932,16 @@ OPERATIONS = (
     {'operation_id': 'retrieve-organization-spend-alert', 'method': 'GET', 'path': '/organization/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['alert_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'update-organization-spend-alert', 'method': 'POST', 'path': '/organization/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['alert_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'delete-organization-spend-alert', 'method': 'DELETE', 'path': '/organization/spend_alerts/{alert_id}', 'query': {}, 'tag': 'Spend alerts', 'localq': False, 'path_params': ['alert_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-audio-speeches', 'method': 'GET', 'path': '/organization/usage/audio_speeches', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-audio-transcriptions', 'method': 'GET', 'path': '/organization/usage/audio_transcriptions', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-code-interpreter-sessions', 'method': 'GET', 'path': '/organization/usage/code_interpreter_sessions', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-completions', 'method': 'GET', 'path': '/organization/usage/completions', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-embeddings', 'method': 'GET', 'path': '/organization/usage/embeddings', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-file-search-calls', 'method': 'GET', 'path': '/organization/usage/file_search_calls', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-images', 'method': 'GET', 'path': '/organization/usage/images', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-moderations', 'method': 'GET', 'path': '/organization/usage/moderations', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-vector-stores', 'method': 'GET', 'path': '/organization/usage/vector_stores', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'usage-web-search-calls', 'method': 'GET', 'path': '/organization/usage/web_search_calls', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-audio-speeches', 'method': 'GET', 'path': '/organization/usage/audio_speeches', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageAudioSpeechesQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-audio-transcriptions', 'method': 'GET', 'path': '/organization/usage/audio_transcriptions', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageAudioTranscriptionsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-code-interpreter-sessions', 'method': 'GET', 'path': '/organization/usage/code_interpreter_sessions', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageCodeInterpreterSessionsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-completions', 'method': 'GET', 'path': '/organization/usage/completions', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageCompletionsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-embeddings', 'method': 'GET', 'path': '/organization/usage/embeddings', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageEmbeddingsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-file-search-calls', 'method': 'GET', 'path': '/organization/usage/file_search_calls', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageFileSearchCallsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-images', 'method': 'GET', 'path': '/organization/usage/images', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageImagesQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-moderations', 'method': 'GET', 'path': '/organization/usage/moderations', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageModerationsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-vector-stores', 'method': 'GET', 'path': '/organization/usage/vector_stores', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageVectorStoresQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'usage-web-search-calls', 'method': 'GET', 'path': '/organization/usage/web_search_calls', 'query': {}, 'tag': 'Usage', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'UsageWebSearchCallsQuery', 'responses': {'200': {'application/json': 'UsageResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'list-users', 'method': 'GET', 'path': '/organization/users', 'query': {}, 'tag': 'Users', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'retrieve-user', 'method': 'GET', 'path': '/organization/users/{user_id}', 'query': {}, 'tag': 'Users', 'localq': False, 'path_params': ['user_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'modify-user', 'method': 'POST', 'path': '/organization/users/{user_id}', 'query': {}, 'tag': 'Users', 'localq': False, 'path_params': ['user_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
@@ -1419,10 +2022,10 @@ OPERATIONS = (
     {'operation_id': 'Getorganizationspendlimit', 'method': 'GET', 'path': '/organization/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'Updateorganizationspendlimit', 'method': 'POST', 'path': '/organization/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'Deleteorganizationspendlimit', 'method': 'DELETE', 'path': '/organization/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'Getprojectspendlimit', 'method': 'GET', 'path': '/organization/projects/{project_id}/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'Updateprojectspendlimit', 'method': 'POST', 'path': '/organization/projects/{project_id}/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'Deleteprojectspendlimit', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'CreateanAPIkeyforaserviceaccount', 'method': 'POST', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}/api_keys', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'Getprojectspendlimit', 'method': 'GET', 'path': '/organization/projects/{project_id}/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendLimitResource'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'Updateprojectspendlimit', 'method': 'POST', 'path': '/organization/projects/{project_id}/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id'], 'request': {'application/json': 'UpdateProjectSpendLimitBody'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendLimitResource'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'Deleteprojectspendlimit', 'method': 'DELETE', 'path': '/organization/projects/{project_id}/spend_limit', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ProjectSpendLimitDeletedResource'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'CreateanAPIkeyforaserviceaccount', 'method': 'POST', 'path': '/organization/projects/{project_id}/service_accounts/{service_account_id}/api_keys', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['project_id', 'service_account_id'], 'request': {'application/json': 'CreateProjectServiceAccountApiKeyBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'ServiceAccountApiKeyBody'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'Createcontentprovenancecheck', 'method': 'POST', 'path': '/content_provenance_checks', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'multipart/form-data': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'ListVideos', 'method': 'GET', 'path': '/videos', 'query': {}, 'tag': 'Videos', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'createVideo', 'method': 'POST', 'path': '/videos', 'query': {}, 'tag': 'Videos', 'localq': False, 'path_params': [], 'request': {'multipart/form-data': None, 'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},

@@ -314,9 +314,9 @@ def test_admin_routes(redis_server, redis_db):
     for path, body, status, code in [
         (f"{url}/rl-{CHAT}", {"max_images_per_1_minute": 1}, 400, "unsupported_parameter"),
         (f"{url}/rl-{CHAT}", {"max_requests_per_1_minute": -1}, 400, "invalid_value"),
-        (f"{url}/rl-{CHAT}", {"max_requests_per_1_minute": True}, 400, "invalid_value"),
+        (f"{url}/rl-{CHAT}", {"max_requests_per_1_minute": True}, 400, "invalid_type"),
         (f"{url}/rl-{CHAT}", {"colour": 1}, 400, "unknown_parameter"),
-        (f"{url}/rl-{CHAT}", [1], 400, "invalid_value"),
+        (f"{url}/rl-{CHAT}", [1], 400, "invalid_type"),
         (f"{url}/rl-no-such-model", {}, 404, "not_found"),
         ("/v1/organization/projects/proj_nobody/rate_limits/rl-*", {}, 404, "not_found"),
     ]:

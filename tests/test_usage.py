@@ -434,7 +434,7 @@ def test_other_categories_answer_their_own_result(api, redis_db):
     ({"start_time": 100, "bucket_width": "1m", "limit": 1441}, "limit", "integer_out_of_range"),
     ({"start_time": 100, "limit": 0}, "limit", "integer_out_of_range"),
     ({"start_time": 100, "end_time": 100}, "end_time", "invalid_value"),
-    ({"start_time": 100, "group_by": "size"}, "group_by", "invalid_value"),
+    ({"start_time": 100, "group_by": "size"}, "group_by[0]", "invalid_value"),
     ({"start_time": 100, "api_key_ids": "key_1"}, "api_key_ids", "unsupported_parameter"),
     ({"start_time": 100, "batch": "maybe"}, "batch", "invalid_type"),
     ({"start_time": 100, "page": "page_nonsense"}, "page", "invalid_value"),
