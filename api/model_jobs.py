@@ -64,9 +64,14 @@ def run(kind: str, body: dict, *, stream: bool = False, frames: Renderer = compl
                            patience=setting("relay_ride_over"))
 
 
-def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, model: str | None = None):
+def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, model: str | None = None,
+            checked_as: str | None = None, job_id: str | None = None, extra: dict | None = None,
+            attached: bool = True):
+    """Queue a job of `kind` for `body`; the model is checked as for a job of `checked_as` (default:
+    `kind`). `job_id`, `extra` and `attached` (a client waits for it: leaving cancels it): see
+    `tasks.dispatch.submit`."""
     model = model or body["model"]
-    config = resolve_model(model, kind, body)
+    config = resolve_model(model, checked_as or kind, body)
     extensions = body.get(EXTENSIONS) or {}
     rt = queue_runtime()
     try:
@@ -74,7 +79,7 @@ def enqueue(kind: str, body: dict, *, files: dict[str, list] | None = None, mode
                      fallback_queue=queue_for(config), request=body,
                      priority=extensions.get("priority", "interactive"), timeout=extensions.get("timeout"),
                      max_depth=setting("max_queue_depth"), files=files, base_url=request.host_url,
-                     project=project_scope())
+                     project=project_scope(), job_id=job_id, extra=extra, attached=attached)
     except QueueFull as full:
         raise APIError(429, f"The {full.queue} queue is full ({full.depth} jobs waiting); retry later.",
                        type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None

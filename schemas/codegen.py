@@ -27,6 +27,7 @@ SCOPE_PREFIXES = (
     "/moderations",
     "/organization/projects",
     "/organization/usage/",
+    "/responses",
 )
 
 EXTENSIONS_MARKER = "x-localq-extensions-property"
@@ -276,7 +277,13 @@ class Generator:
                 return None
             expr = self.field(member, f"{owner}{index}")
             pairs.extend((value, expr) for value in values)
-        return pairs
+        # members sharing a tag value (a `message` that is an input or an output message) are
+        # tried in turn under it
+        grouped: dict[str, list[str]] = {}
+        for value, expr in pairs:
+            grouped.setdefault(value, []).append(expr)
+        return [(value, exprs[0] if len(exprs) == 1 else f"Union([{', '.join(exprs)}])")
+                for value, exprs in grouped.items()]
 
     def range_validator(self, node: dict) -> str | None:
         lo, hi = node.get("minimum"), node.get("maximum")

@@ -10,7 +10,97 @@ from schemas.runtime import (
 )
 
 # ---- non-object components: unions, enums, scalars ----
+define_type('Annotation', lambda: Tagged('type', {'file_citation': nested('FileCitationBody'), 'url_citation': nested('UrlCitationBody'), 'container_file_citation': nested('ContainerFileCitationBody'), 'file_path': nested('FilePath')}))
+define_type('ApplyPatchCallOutputStatus', lambda: Str(validate=[OneOf(['completed', 'failed'])]))
+define_type('ApplyPatchCallOutputStatusParam', lambda: Str(validate=[OneOf(['completed', 'failed'])]))
+define_type('ApplyPatchCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed'])]))
+define_type('ApplyPatchCallStatusParam', lambda: Str(validate=[OneOf(['in_progress', 'completed'])]))
+define_type('ApplyPatchOperationParam', lambda: Tagged('type', {'create_file': nested('ApplyPatchCreateFileOperationParam'), 'delete_file': nested('ApplyPatchDeleteFileOperationParam'), 'update_file': nested('ApplyPatchUpdateFileOperationParam')}))
 define_type('AudioResponseFormat', lambda: Str(validate=[OneOf(['json', 'text', 'srt', 'verbose_json', 'vtt', 'diarized_json'])], metadata={'default': 'json'}))
+define_type('BetaAnnotation', lambda: Tagged('type', {'file_citation': nested('BetaFileCitationBody'), 'url_citation': nested('BetaUrlCitationBody'), 'container_file_citation': nested('BetaContainerFileCitationBody'), 'file_path': nested('BetaFilePath')}))
+define_type('BetaApplyPatchCallOutputStatus', lambda: Str(validate=[OneOf(['completed', 'failed'])]))
+define_type('BetaApplyPatchCallOutputStatusParam', lambda: Str(validate=[OneOf(['completed', 'failed'])]))
+define_type('BetaApplyPatchCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed'])]))
+define_type('BetaApplyPatchCallStatusParam', lambda: Str(validate=[OneOf(['in_progress', 'completed'])]))
+define_type('BetaApplyPatchOperationParam', lambda: Tagged('type', {'create_file': nested('BetaApplyPatchCreateFileOperationParam'), 'delete_file': nested('BetaApplyPatchDeleteFileOperationParam'), 'update_file': nested('BetaApplyPatchUpdateFileOperationParam')}))
+define_type('BetaCallableToolAllowedCaller', lambda: Str(validate=[OneOf(['direct', 'programmatic'])]))
+define_type('BetaClickButtonType', lambda: Str(validate=[OneOf(['left', 'right', 'wheel', 'back', 'forward'])]))
+define_type('BetaComputerAction', lambda: Tagged('type', {'click': nested('BetaClickParam'), 'double_click': nested('BetaDoubleClickAction'), 'drag': nested('BetaDragParam'), 'keypress': nested('BetaKeyPressAction'), 'move': nested('BetaMoveParam'), 'screenshot': nested('BetaScreenshotParam'), 'scroll': nested('BetaScrollParam'), 'type': nested('BetaTypeParam'), 'wait': nested('BetaWaitParam')}))
+define_type('BetaComputerActionList', lambda: ListOf(Ref('BetaComputerAction')))
+define_type('BetaComputerCallOutputStatus', lambda: Str(validate=[OneOf(['completed', 'incomplete', 'failed'])]))
+define_type('BetaComputerEnvironment', lambda: Str(validate=[OneOf(['windows', 'mac', 'linux', 'ubuntu', 'browser'])]))
+define_type('BetaContainerMemoryLimit', lambda: Str(validate=[OneOf(['1g', '4g', '16g', '64g'])]))
+define_type('BetaConversationParam', lambda: Union([Str(), nested('BetaConversationParam-2')]))
+define_type('BetaDetailEnum', lambda: Str(validate=[OneOf(['low', 'high', 'auto', 'original'])]))
+define_type('BetaFileDetailEnum', lambda: Str(validate=[OneOf(['auto', 'low', 'high'])]))
+define_type('BetaFileInputDetail', lambda: Str(validate=[OneOf(['auto', 'low', 'high'])]))
+define_type('BetaFilters', lambda: Union([nested('BetaComparisonFilter'), nested('BetaCompoundFilter')]))
+define_type('BetaFunctionAndCustomToolCallOutput', lambda: Tagged('type', {'input_text': nested('BetaInputTextContent'), 'input_image': nested('BetaInputImageContent'), 'input_file': nested('BetaInputFileContent')}))
+define_type('BetaFunctionCallItemStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaFunctionCallOutputStatusEnum', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaFunctionCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaFunctionShellCallItemStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaFunctionShellCallOutputOutcomeParam', lambda: Tagged('type', {'timeout': nested('BetaFunctionShellCallOutputTimeoutOutcomeParam'), 'exit': nested('BetaFunctionShellCallOutputExitOutcomeParam')}))
+define_type('BetaFunctionShellCallOutputStatusEnum', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaFunctionShellCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaGrammarSyntax1', lambda: Str(validate=[OneOf(['lark', 'regex'])]))
+define_type('BetaImageDetail', lambda: Str(validate=[OneOf(['low', 'high', 'auto', 'original'])]))
+define_type('BetaImageGenActionEnum', lambda: Str(validate=[OneOf(['generate', 'edit', 'auto'])]))
+define_type('BetaIncludeEnum', lambda: Str(validate=[OneOf(['file_search_call.results', 'web_search_call.results', 'web_search_call.action.sources', 'message.input_image.image_url', 'computer_call_output.output.image_url', 'code_interpreter_call.outputs', 'reasoning.encrypted_content', 'message.output_text.logprobs'])]))
+define_type('BetaInputContent', lambda: Tagged('type', {'input_text': nested('BetaInputTextContent'), 'input_image': nested('BetaInputImageContent'), 'input_file': nested('BetaInputFileContent')}))
+define_type('BetaInputFidelity', lambda: Str(validate=[OneOf(['high', 'low'])]))
+define_type('BetaInputItem', lambda: Union([nested('BetaEasyInputMessage'), Ref('BetaItem'), nested('BetaCompactionTriggerItemParam'), nested('BetaItemReferenceParam'), nested('BetaProgramItemParam'), nested('BetaProgramOutputItemParam')]))
+define_type('BetaInputMessageContentList', lambda: ListOf(Ref('BetaInputContent')))
+define_type('BetaInputParam', lambda: Union([Str(), ListOf(Ref('BetaInputItem'))]))
+define_type('BetaItem', lambda: Tagged('type', {'message': Union([nested('BetaInputMessage'), nested('BetaOutputMessage')]), 'file_search_call': nested('BetaFileSearchToolCall'), 'computer_call': nested('BetaComputerToolCall'), 'computer_call_output': nested('BetaComputerCallOutputItemParam'), 'web_search_call': nested('BetaWebSearchToolCall'), 'function_call': nested('BetaFunctionToolCall'), 'function_call_output': nested('BetaFunctionCallOutputItemParam'), 'agent_message': nested('BetaAgentMessageItemParam'), 'multi_agent_call': nested('BetaMultiAgentCallItemParam'), 'multi_agent_call_output': nested('BetaMultiAgentCallOutputItemParam'), 'tool_search_call': nested('BetaToolSearchCallItemParam'), 'tool_search_output': nested('BetaToolSearchOutputItemParam'), 'additional_tools': nested('BetaAdditionalToolsItemParam'), 'reasoning': nested('BetaReasoningItem'), 'compaction': nested('BetaCompactionSummaryItemParam'), 'image_generation_call': nested('BetaImageGenToolCall'), 'code_interpreter_call': nested('BetaCodeInterpreterToolCall'), 'local_shell_call': nested('BetaLocalShellToolCall'), 'local_shell_call_output': nested('BetaLocalShellToolCallOutput'), 'shell_call': nested('BetaFunctionShellCallItemParam'), 'shell_call_output': nested('BetaFunctionShellCallOutputItemParam'), 'apply_patch_call': nested('BetaApplyPatchToolCallItemParam'), 'apply_patch_call_output': nested('BetaApplyPatchToolCallOutputItemParam'), 'mcp_list_tools': nested('BetaMCPListTools'), 'mcp_approval_request': nested('BetaMCPApprovalRequest'), 'mcp_approval_response': nested('BetaMCPApprovalResponse'), 'mcp_call': nested('BetaMCPToolCall'), 'custom_tool_call_output': nested('BetaCustomToolCallOutput'), 'custom_tool_call': nested('BetaCustomToolCall')}))
+define_type('BetaItemField', lambda: Tagged('type', {'message': nested('BetaMessage'), 'program': nested('BetaProgram'), 'program_output': nested('BetaProgramOutput'), 'function_call': nested('BetaFunctionToolCall'), 'multi_agent_call': nested('BetaMultiAgentCall'), 'multi_agent_call_output': nested('BetaMultiAgentCallOutput'), 'tool_search_call': nested('BetaToolSearchCall'), 'tool_search_output': nested('BetaToolSearchOutput'), 'additional_tools': nested('BetaAdditionalTools'), 'agent_message': nested('BetaAgentMessage'), 'function_call_output': nested('BetaFunctionToolCallOutput'), 'file_search_call': nested('BetaFileSearchToolCall'), 'web_search_call': nested('BetaWebSearchToolCall'), 'image_generation_call': nested('BetaImageGenToolCall'), 'computer_call': nested('BetaComputerToolCall'), 'computer_call_output': nested('BetaComputerToolCallOutputResource'), 'reasoning': nested('BetaReasoningItem'), 'compaction': nested('BetaCompactionBody'), 'code_interpreter_call': nested('BetaCodeInterpreterToolCall'), 'local_shell_call': nested('BetaLocalShellToolCall'), 'local_shell_call_output': nested('BetaLocalShellToolCallOutput'), 'shell_call': nested('BetaFunctionShellCall'), 'shell_call_output': nested('BetaFunctionShellCallOutput'), 'apply_patch_call': nested('BetaApplyPatchToolCall'), 'apply_patch_call_output': nested('BetaApplyPatchToolCallOutput'), 'mcp_list_tools': nested('BetaMCPListTools'), 'mcp_approval_request': nested('BetaMCPApprovalRequest'), 'mcp_approval_response': nested('BetaMCPApprovalResponseResource'), 'mcp_call': nested('BetaMCPToolCall'), 'custom_tool_call': nested('BetaCustomToolCall'), 'custom_tool_call_output': nested('BetaCustomToolCallOutput')}))
+define_type('BetaItemResource', lambda: Tagged('type', {'message': Union([nested('BetaInputMessageResource'), nested('BetaOutputMessage')]), 'file_search_call': nested('BetaFileSearchToolCall'), 'computer_call': nested('BetaComputerToolCall'), 'computer_call_output': nested('BetaComputerToolCallOutputResource'), 'web_search_call': nested('BetaWebSearchToolCall'), 'function_call': nested('BetaFunctionToolCallResource'), 'function_call_output': nested('BetaFunctionToolCallOutputResource'), 'agent_message': nested('BetaAgentMessage'), 'multi_agent_call': nested('BetaMultiAgentCall'), 'multi_agent_call_output': nested('BetaMultiAgentCallOutput'), 'tool_search_call': nested('BetaToolSearchCall'), 'tool_search_output': nested('BetaToolSearchOutput'), 'additional_tools': nested('BetaAdditionalTools'), 'reasoning': nested('BetaReasoningItem'), 'program': nested('BetaProgram'), 'program_output': nested('BetaProgramOutput'), 'compaction': nested('BetaCompactionBody'), 'image_generation_call': nested('BetaImageGenToolCall'), 'code_interpreter_call': nested('BetaCodeInterpreterToolCall'), 'local_shell_call': nested('BetaLocalShellToolCall'), 'local_shell_call_output': nested('BetaLocalShellToolCallOutput'), 'shell_call': nested('BetaFunctionShellCall'), 'shell_call_output': nested('BetaFunctionShellCallOutput'), 'apply_patch_call': nested('BetaApplyPatchToolCall'), 'apply_patch_call_output': nested('BetaApplyPatchToolCallOutput'), 'mcp_list_tools': nested('BetaMCPListTools'), 'mcp_approval_request': nested('BetaMCPApprovalRequest'), 'mcp_approval_response': nested('BetaMCPApprovalResponseResource'), 'mcp_call': nested('BetaMCPToolCall'), 'custom_tool_call': nested('BetaCustomToolCallResource'), 'custom_tool_call_output': nested('BetaCustomToolCallOutputResource')}))
+define_type('BetaMCPToolCallError', lambda: Tagged('type', {'mcp_protocol_error': nested('BetaMCPProtocolError'), 'mcp_tool_execution_error': nested('BetaMCPToolExecutionError'), 'http_error': nested('BetaHTTPError')}))
+define_type('BetaMCPToolCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete', 'calling', 'failed'])]))
+define_type('BetaMessagePhase', lambda: Str(validate=[OneOf(['commentary', 'final_answer'])]))
+define_type('BetaMessagePhase-2', lambda: Str(validate=[OneOf(['commentary', 'final_answer'])]))
+define_type('BetaMessageRole', lambda: Str(validate=[OneOf(['unknown', 'user', 'assistant', 'system', 'critic', 'discriminator', 'developer', 'tool'])]))
+define_type('BetaMessageStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('BetaMetadata', lambda: MapOf(Str(), allow_none=True))
+define_type('BetaModelIdsCompaction', lambda: Union([Ref('BetaModelIdsResponses'), Str()], allow_none=True))
+define_type('BetaModelIdsResponses', lambda: Union([Ref('BetaModelIdsShared'), Str(validate=[OneOf(['o1-pro', 'o1-pro-2025-03-19', 'o3-pro', 'o3-pro-2025-06-10', 'o3-deep-research', 'o3-deep-research-2025-06-26', 'o4-mini-deep-research', 'o4-mini-deep-research-2025-06-26', 'computer-use-preview', 'computer-use-preview-2025-03-11', 'gpt-5.5-pro', 'gpt-5.5-pro-2026-04-23', 'gpt-5-codex', 'gpt-5-pro', 'gpt-5-pro-2025-10-06', 'gpt-5.1-codex-max', 'gpt-daybreak-blue-latest', 'gpt-daybreak-red-latest', 'gpt-5.6-cyber'])])]))
+define_type('BetaModelIdsShared', lambda: Union([Str(), Str(validate=[OneOf(['gpt-5.6-sol', 'gpt-5.6-terra', 'gpt-5.6-luna', 'gpt-5.5', 'gpt-5.5-2026-04-23', 'gpt-5.4', 'gpt-5.4-mini', 'gpt-5.4-nano', 'gpt-5.4-mini-2026-03-17', 'gpt-5.4-nano-2026-03-17', 'gpt-5.3-chat-latest', 'gpt-5.2', 'gpt-5.2-2025-12-11', 'gpt-5.2-chat-latest', 'gpt-5.2-pro', 'gpt-5.2-pro-2025-12-11', 'gpt-5.1', 'gpt-5.1-2025-11-13', 'gpt-5.1-codex', 'gpt-5.1-mini', 'gpt-5.1-chat-latest', 'gpt-5', 'gpt-5-mini', 'gpt-5-nano', 'gpt-5-2025-08-07', 'gpt-5-mini-2025-08-07', 'gpt-5-nano-2025-08-07', 'gpt-5-chat-latest', 'gpt-4.1', 'gpt-4.1-mini', 'gpt-4.1-nano', 'gpt-4.1-2025-04-14', 'gpt-4.1-mini-2025-04-14', 'gpt-4.1-nano-2025-04-14', 'o4-mini', 'o4-mini-2025-04-16', 'o3', 'o3-2025-04-16', 'o3-mini', 'o3-mini-2025-01-31', 'o1', 'o1-2024-12-17', 'o1-preview', 'o1-preview-2024-09-12', 'o1-mini', 'o1-mini-2024-09-12', 'gpt-4o', 'gpt-4o-2024-11-20', 'gpt-4o-2024-08-06', 'gpt-4o-2024-05-13', 'gpt-4o-audio-preview', 'gpt-4o-audio-preview-2024-10-01', 'gpt-4o-audio-preview-2024-12-17', 'gpt-4o-audio-preview-2025-06-03', 'gpt-4o-mini-audio-preview', 'gpt-4o-mini-audio-preview-2024-12-17', 'gpt-4o-search-preview', 'gpt-4o-mini-search-preview', 'gpt-4o-search-preview-2025-03-11', 'gpt-4o-mini-search-preview-2025-03-11', 'chatgpt-4o-latest', 'codex-mini-latest', 'gpt-4o-mini', 'gpt-4o-mini-2024-07-18', 'gpt-4-turbo', 'gpt-4-turbo-2024-04-09', 'gpt-4-0125-preview', 'gpt-4-turbo-preview', 'gpt-4-1106-preview', 'gpt-4-vision-preview', 'gpt-4', 'gpt-4-0314', 'gpt-4-0613', 'gpt-4-32k', 'gpt-4-32k-0314', 'gpt-4-32k-0613', 'gpt-3.5-turbo', 'gpt-3.5-turbo-16k', 'gpt-3.5-turbo-0301', 'gpt-3.5-turbo-0613', 'gpt-3.5-turbo-1106', 'gpt-3.5-turbo-0125', 'gpt-3.5-turbo-16k-0613'])])]))
+define_type('BetaModerationInputType', lambda: Str(validate=[OneOf(['text', 'image'])]))
+define_type('BetaModerationMode', lambda: Str(validate=[OneOf(['score', 'block'])]))
+define_type('BetaMultiAgentAction', lambda: Str(validate=[OneOf(['spawn_agent', 'interrupt_agent', 'list_agents', 'send_message', 'followup_task', 'wait_agent'])]))
+define_type('BetaMultiAgentAction1', lambda: Str(validate=[OneOf(['spawn_agent', 'interrupt_agent', 'list_agents', 'send_message', 'followup_task', 'wait_agent'])]))
+define_type('BetaOutputContent', lambda: Tagged('type', {'output_text': nested('BetaOutputTextContent'), 'refusal': nested('BetaRefusalContent'), 'reasoning_text': nested('BetaReasoningTextContent')}))
+define_type('BetaOutputItem', lambda: Tagged('type', {'message': nested('BetaOutputMessage'), 'file_search_call': nested('BetaFileSearchToolCall'), 'function_call': nested('BetaFunctionToolCall'), 'function_call_output': nested('BetaFunctionToolCallOutputResource'), 'agent_message': nested('BetaAgentMessage'), 'multi_agent_call': nested('BetaMultiAgentCall'), 'multi_agent_call_output': nested('BetaMultiAgentCallOutput'), 'web_search_call': nested('BetaWebSearchToolCall'), 'computer_call': nested('BetaComputerToolCall'), 'computer_call_output': nested('BetaComputerToolCallOutputResource'), 'reasoning': nested('BetaReasoningItem'), 'program': nested('BetaProgram'), 'program_output': nested('BetaProgramOutput'), 'tool_search_call': nested('BetaToolSearchCall'), 'tool_search_output': nested('BetaToolSearchOutput'), 'additional_tools': nested('BetaAdditionalTools'), 'compaction': nested('BetaCompactionBody'), 'image_generation_call': nested('BetaImageGenToolCall'), 'code_interpreter_call': nested('BetaCodeInterpreterToolCall'), 'local_shell_call': nested('BetaLocalShellToolCall'), 'local_shell_call_output': nested('BetaLocalShellToolCallOutput'), 'shell_call': nested('BetaFunctionShellCall'), 'shell_call_output': nested('BetaFunctionShellCallOutput'), 'apply_patch_call': nested('BetaApplyPatchToolCall'), 'apply_patch_call_output': nested('BetaApplyPatchToolCallOutput'), 'mcp_call': nested('BetaMCPToolCall'), 'mcp_list_tools': nested('BetaMCPListTools'), 'mcp_approval_request': nested('BetaMCPApprovalRequest'), 'mcp_approval_response': nested('BetaMCPApprovalResponseResource'), 'custom_tool_call': nested('BetaCustomToolCall'), 'custom_tool_call_output': nested('BetaCustomToolCallOutputResource')}))
+define_type('BetaOutputMessageContent', lambda: Tagged('type', {'output_text': nested('BetaOutputTextContent'), 'refusal': nested('BetaRefusalContent')}))
+define_type('BetaPersonalityEnum', lambda: Union([Str(), Str(validate=[OneOf(['friendly', 'pragmatic'])])]))
+define_type('BetaProgramOutputItemStatus', lambda: Str(validate=[OneOf(['completed', 'incomplete'])]))
+define_type('BetaProgramOutputStatus', lambda: Str(validate=[OneOf(['completed', 'incomplete'])]))
+define_type('BetaPromptCacheModeEnum', lambda: Str(validate=[OneOf(['implicit', 'explicit'])]))
+define_type('BetaPromptCacheRetentionEnum', lambda: Str(validate=[OneOf(['in_memory', '24h'])]))
+define_type('BetaPromptCacheTTLEnum', lambda: Str(validate=[OneOf(['30m'])]))
+define_type('BetaRankerVersionType', lambda: Str(validate=[OneOf(['auto', 'default-2024-11-15'])]))
+define_type('BetaReasoningEffort', lambda: Str(allow_none=True, validate=[OneOf(['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'])], metadata={'default': 'medium'}))
+define_type('BetaReasoningModeEnum', lambda: Union([Str(), Str(validate=[OneOf(['standard', 'pro'])])]))
+define_type('BetaResponseErrorCode', lambda: Str(validate=[OneOf(['server_error', 'rate_limit_exceeded', 'invalid_prompt', 'data_residency_mismatch', 'bio_policy', 'vector_store_timeout', 'invalid_image', 'invalid_image_format', 'invalid_base64_image', 'invalid_image_url', 'image_too_large', 'image_too_small', 'image_parse_error', 'image_content_policy_violation', 'invalid_image_mode', 'image_file_too_large', 'unsupported_image_media_type', 'empty_image_file', 'failed_to_download_image', 'image_file_not_found'])]))
+define_type('BetaResponseFormatJsonSchemaSchema', lambda: MapOf())
+define_type('BetaResponsePromptVariables', lambda: MapOf(Union([Str(), nested('BetaInputTextContent'), nested('BetaInputImageContent'), nested('BetaInputFileContent')]), allow_none=True))
+define_type('BetaResponseStreamEvent', lambda: Tagged('type', {'response.audio.delta': nested('BetaResponseAudioDeltaEvent'), 'response.audio.done': nested('BetaResponseAudioDoneEvent'), 'response.audio.transcript.delta': nested('BetaResponseAudioTranscriptDeltaEvent'), 'response.audio.transcript.done': nested('BetaResponseAudioTranscriptDoneEvent'), 'response.code_interpreter_call_code.delta': nested('BetaResponseCodeInterpreterCallCodeDeltaEvent'), 'response.code_interpreter_call_code.done': nested('BetaResponseCodeInterpreterCallCodeDoneEvent'), 'response.code_interpreter_call.completed': nested('BetaResponseCodeInterpreterCallCompletedEvent'), 'response.code_interpreter_call.in_progress': nested('BetaResponseCodeInterpreterCallInProgressEvent'), 'response.code_interpreter_call.interpreting': nested('BetaResponseCodeInterpreterCallInterpretingEvent'), 'response.completed': nested('BetaResponseCompletedEvent'), 'response.content_part.added': nested('BetaResponseContentPartAddedEvent'), 'response.content_part.done': nested('BetaResponseContentPartDoneEvent'), 'response.created': nested('BetaResponseCreatedEvent'), 'error': nested('BetaResponseErrorEvent'), 'response.file_search_call.completed': nested('BetaResponseFileSearchCallCompletedEvent'), 'response.file_search_call.in_progress': nested('BetaResponseFileSearchCallInProgressEvent'), 'response.file_search_call.searching': nested('BetaResponseFileSearchCallSearchingEvent'), 'response.function_call_arguments.delta': nested('BetaResponseFunctionCallArgumentsDeltaEvent'), 'response.function_call_arguments.done': nested('BetaResponseFunctionCallArgumentsDoneEvent'), 'response.shell_call_command.added': nested('BetaResponseShellCallCommandAddedStreamingEvent'), 'response.shell_call_command.delta': nested('BetaResponseShellCallCommandDeltaStreamingEvent'), 'response.shell_call_command.done': nested('BetaResponseShellCallCommandDoneStreamingEvent'), 'response.shell_call_output_content.delta': nested('BetaResponseShellCallOutputContentDeltaStreamingEvent'), 'response.shell_call_output_content.done': nested('BetaResponseShellCallOutputContentDoneStreamingEvent'), 'response.in_progress': nested('BetaResponseInProgressEvent'), 'response.failed': nested('BetaResponseFailedEvent'), 'response.incomplete': nested('BetaResponseIncompleteEvent'), 'response.output_item.added': nested('BetaResponseOutputItemAddedEvent'), 'response.output_item.done': nested('BetaResponseOutputItemDoneEvent'), 'response.reasoning_summary_part.added': nested('BetaResponseReasoningSummaryPartAddedEvent'), 'response.reasoning_summary_part.done': nested('BetaResponseReasoningSummaryPartDoneEvent'), 'response.reasoning_summary_text.delta': nested('BetaResponseReasoningSummaryTextDeltaEvent'), 'response.reasoning_summary_text.done': nested('BetaResponseReasoningSummaryTextDoneEvent'), 'response.reasoning_text.delta': nested('BetaResponseReasoningTextDeltaEvent'), 'response.reasoning_text.done': nested('BetaResponseReasoningTextDoneEvent'), 'response.refusal.delta': nested('BetaResponseRefusalDeltaEvent'), 'response.refusal.done': nested('BetaResponseRefusalDoneEvent'), 'response.output_text.delta': nested('BetaResponseTextDeltaEvent'), 'response.output_text.done': nested('BetaResponseTextDoneEvent'), 'response.web_search_call.completed': nested('BetaResponseWebSearchCallCompletedEvent'), 'response.web_search_call.in_progress': nested('BetaResponseWebSearchCallInProgressEvent'), 'response.web_search_call.searching': nested('BetaResponseWebSearchCallSearchingEvent'), 'response.image_generation_call.completed': nested('BetaResponseImageGenCallCompletedEvent'), 'response.image_generation_call.generating': nested('BetaResponseImageGenCallGeneratingEvent'), 'response.image_generation_call.in_progress': nested('BetaResponseImageGenCallInProgressEvent'), 'response.image_generation_call.partial_image': nested('BetaResponseImageGenCallPartialImageEvent'), 'response.mcp_call_arguments.delta': nested('BetaResponseMCPCallArgumentsDeltaEvent'), 'response.mcp_call_arguments.done': nested('BetaResponseMCPCallArgumentsDoneEvent'), 'response.mcp_call.completed': nested('BetaResponseMCPCallCompletedEvent'), 'response.mcp_call.failed': nested('BetaResponseMCPCallFailedEvent'), 'response.mcp_call.in_progress': nested('BetaResponseMCPCallInProgressEvent'), 'response.mcp_list_tools.completed': nested('BetaResponseMCPListToolsCompletedEvent'), 'response.mcp_list_tools.failed': nested('BetaResponseMCPListToolsFailedEvent'), 'response.mcp_list_tools.in_progress': nested('BetaResponseMCPListToolsInProgressEvent'), 'response.output_text.annotation.added': nested('BetaResponseOutputTextAnnotationAddedEvent'), 'response.queued': nested('BetaResponseQueuedEvent'), 'response.custom_tool_call_input.delta': nested('BetaResponseCustomToolCallInputDeltaEvent'), 'response.custom_tool_call_input.done': nested('BetaResponseCustomToolCallInputDoneEvent')}))
+define_type('BetaSearchContentType', lambda: Str(validate=[OneOf(['text', 'image'])]))
+define_type('BetaSearchContextSize', lambda: Str(validate=[OneOf(['low', 'medium', 'high'])]))
+define_type('BetaServiceTierEnum', lambda: Str(validate=[OneOf(['auto', 'default', 'fast', 'flex', 'priority'])]))
+define_type('BetaServiceTierResponses', lambda: Str(allow_none=True, validate=[OneOf(['auto', 'default', 'flex', 'scale', 'priority', 'fast', 'ultrafast'])], metadata={'default': 'auto'}))
+define_type('BetaTextResponseFormatConfiguration', lambda: Union([nested('BetaResponseFormatText'), nested('BetaTextResponseFormatJsonSchema'), nested('BetaResponseFormatJsonObject')]))
+define_type('BetaTool', lambda: Tagged('type', {'function': nested('BetaFunctionTool'), 'file_search': nested('BetaFileSearchTool'), 'computer': nested('BetaComputerTool'), 'computer_use_preview': nested('BetaComputerUsePreviewTool'), 'web_search': nested('BetaWebSearchTool'), 'web_search_2025_08_26': nested('BetaWebSearchTool'), 'mcp': nested('BetaMCPTool'), 'code_interpreter': nested('BetaCodeInterpreterTool'), 'programmatic_tool_calling': nested('BetaProgrammaticToolCallingParam'), 'image_generation': nested('BetaImageGenTool'), 'local_shell': nested('BetaLocalShellToolParam'), 'shell': nested('BetaFunctionShellToolParam'), 'custom': nested('BetaCustomToolParam'), 'namespace': nested('BetaNamespaceToolParam'), 'tool_search': nested('BetaToolSearchToolParam'), 'web_search_preview': nested('BetaWebSearchPreviewTool'), 'web_search_preview_2025_03_11': nested('BetaWebSearchPreviewTool'), 'apply_patch': nested('BetaApplyPatchToolParam')}))
+define_type('BetaToolCallCaller', lambda: Tagged('type', {'direct': nested('BetaDirectToolCallCaller'), 'program': nested('BetaProgramToolCallCaller')}))
+define_type('BetaToolCallCallerParam', lambda: Tagged('type', {'direct': nested('BetaDirectToolCallCallerParam'), 'program': nested('BetaProgramToolCallCallerParam')}))
+define_type('BetaToolChoiceOptions', lambda: Str(validate=[OneOf(['none', 'auto', 'required'])]))
+define_type('BetaToolChoiceParam', lambda: Union([Ref('BetaToolChoiceOptions'), nested('BetaToolChoiceAllowed'), nested('BetaToolChoiceTypes'), nested('BetaToolChoiceFunction'), nested('BetaToolChoiceMCP'), nested('BetaToolChoiceCustom'), nested('BetaSpecificProgrammaticToolCallingParam'), nested('BetaSpecificApplyPatchParam'), nested('BetaSpecificFunctionShellParam')]))
+define_type('BetaToolSearchExecutionType', lambda: Str(validate=[OneOf(['server', 'client'])]))
+define_type('BetaToolsArray', lambda: ListOf(Ref('BetaTool')))
+define_type('BetaTruncationEnum', lambda: Str(validate=[OneOf(['auto', 'disabled'])]))
+define_type('BetaVectorStoreFileAttributes', lambda: MapOf(Union([Str(validate=[Length(min=None, max=512)]), Num(), Bool()]), allow_none=True, keys=Str(validate=[Length(min=None, max=64)])))
+define_type('BetaVerbosity', lambda: Str(allow_none=True, validate=[OneOf(['low', 'medium', 'high'])], metadata={'default': 'medium'}))
+define_type('CallableToolAllowedCaller', lambda: Str(validate=[OneOf(['direct', 'programmatic'])]))
 define_type('ChatCompletionMessageToolCalls', lambda: ListOf(Tagged('type', {'function': nested('ChatCompletionMessageToolCall'), 'custom': nested('ChatCompletionMessageCustomToolCall')})))
 define_type('ChatCompletionRequestAssistantMessageContentPart', lambda: Tagged('type', {'text': nested('ChatCompletionRequestMessageContentPartText'), 'refusal': nested('ChatCompletionRequestMessageContentPartRefusal')}))
 define_type('ChatCompletionRequestMessage', lambda: Tagged('role', {'developer': nested('ChatCompletionRequestDeveloperMessage'), 'system': nested('ChatCompletionRequestSystemMessage'), 'user': nested('ChatCompletionRequestUserMessage'), 'assistant': nested('ChatCompletionRequestAssistantMessage'), 'tool': nested('ChatCompletionRequestToolMessage'), 'function': nested('ChatCompletionRequestFunctionMessage')}))
@@ -18,38 +108,193 @@ define_type('ChatCompletionRequestSystemMessageContentPart', lambda: nested('Cha
 define_type('ChatCompletionRequestToolMessageContentPart', lambda: nested('ChatCompletionRequestMessageContentPartText'))
 define_type('ChatCompletionRequestUserMessageContentPart', lambda: Union([nested('ChatCompletionRequestMessageContentPartText'), nested('ChatCompletionRequestMessageContentPartImage'), nested('ChatCompletionRequestMessageContentPartAudio'), nested('ChatCompletionRequestMessageContentPartFile')]))
 define_type('ChatCompletionToolChoiceOption', lambda: Union([Str(validate=[OneOf(['none', 'auto', 'required'])]), nested('ChatCompletionAllowedToolsChoice'), nested('ChatCompletionNamedToolChoice'), nested('ChatCompletionNamedToolChoiceCustom')]))
+define_type('ClickButtonType', lambda: Str(validate=[OneOf(['left', 'right', 'wheel', 'back', 'forward'])]))
+define_type('ComputerAction', lambda: Tagged('type', {'click': nested('ClickParam'), 'double_click': nested('DoubleClickAction'), 'drag': nested('DragParam'), 'keypress': nested('KeyPressAction'), 'move': nested('MoveParam'), 'screenshot': nested('ScreenshotParam'), 'scroll': nested('ScrollParam'), 'type': nested('TypeParam'), 'wait': nested('WaitParam')}))
+define_type('ComputerActionList', lambda: ListOf(Ref('ComputerAction')))
+define_type('ComputerCallOutputStatus', lambda: Str(validate=[OneOf(['completed', 'incomplete', 'failed'])]))
+define_type('ComputerEnvironment', lambda: Str(validate=[OneOf(['windows', 'mac', 'linux', 'ubuntu', 'browser'])]))
+define_type('ContainerMemoryLimit', lambda: Str(validate=[OneOf(['1g', '4g', '16g', '64g'])]))
+define_type('ConversationParam', lambda: Union([Str(), nested('ConversationParam-2')]))
 define_type('CreateSpeechResponseStreamEvent', lambda: Tagged('type', {'speech.audio.delta': nested('SpeechAudioDeltaEvent'), 'speech.audio.done': nested('SpeechAudioDoneEvent')}))
 define_type('CreateTranscriptionResponseStreamEvent', lambda: Tagged('type', {'transcript.text.segment': nested('TranscriptTextSegmentEvent'), 'transcript.text.delta': nested('TranscriptTextDeltaEvent'), 'transcript.text.done': nested('TranscriptTextDoneEvent')}))
+define_type('DetailEnum', lambda: Str(validate=[OneOf(['low', 'high', 'auto', 'original'])]))
+define_type('FileDetailEnum', lambda: Str(validate=[OneOf(['auto', 'low', 'high'])]))
+define_type('FileInputDetail', lambda: Str(validate=[OneOf(['auto', 'low', 'high'])]))
+define_type('Filters', lambda: Union([nested('ComparisonFilter'), nested('CompoundFilter')]))
+define_type('FunctionAndCustomToolCallOutput', lambda: Tagged('type', {'input_text': nested('InputTextContent'), 'input_image': nested('InputImageContent'), 'input_file': nested('InputFileContent')}))
+define_type('FunctionCallItemStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('FunctionCallOutputStatusEnum', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('FunctionCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
 define_type('FunctionParameters', lambda: MapOf())
+define_type('FunctionShellCallItemStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('FunctionShellCallOutputOutcomeParam', lambda: Tagged('type', {'timeout': nested('FunctionShellCallOutputTimeoutOutcomeParam'), 'exit': nested('FunctionShellCallOutputExitOutcomeParam')}))
+define_type('FunctionShellCallOutputStatusEnum', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('FunctionShellCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
+define_type('GrammarSyntax1', lambda: Str(validate=[OneOf(['lark', 'regex'])]))
+define_type('ImageDetail', lambda: Str(validate=[OneOf(['low', 'high', 'auto', 'original'])]))
 define_type('ImageEditStreamEvent', lambda: Tagged('type', {'image_edit.partial_image': nested('ImageEditPartialImageEvent'), 'image_edit.completed': nested('ImageEditCompletedEvent')}))
+define_type('ImageGenActionEnum', lambda: Str(validate=[OneOf(['generate', 'edit', 'auto'])]))
 define_type('ImageGenStreamEvent', lambda: Tagged('type', {'image_generation.partial_image': nested('ImageGenPartialImageEvent'), 'image_generation.completed': nested('ImageGenCompletedEvent')}))
+define_type('IncludeEnum', lambda: Str(validate=[OneOf(['file_search_call.results', 'web_search_call.results', 'web_search_call.action.sources', 'message.input_image.image_url', 'computer_call_output.output.image_url', 'code_interpreter_call.outputs', 'reasoning.encrypted_content', 'message.output_text.logprobs'])]))
+define_type('InputContent', lambda: Tagged('type', {'input_text': nested('InputTextContent'), 'input_image': nested('InputImageContent'), 'input_file': nested('InputFileContent')}))
 define_type('InputFidelity', lambda: Str(validate=[OneOf(['high', 'low'])]))
+define_type('InputItem', lambda: Union([nested('EasyInputMessage'), Ref('Item'), nested('CompactionTriggerItemParam'), nested('ItemReferenceParam'), nested('ProgramItemParam'), nested('ProgramOutputItemParam')]))
+define_type('InputMessageContentList', lambda: ListOf(Ref('InputContent')))
+define_type('InputParam', lambda: Union([Str(), ListOf(Ref('InputItem'))]))
+define_type('Item', lambda: Tagged('type', {'message': Union([nested('InputMessage'), nested('OutputMessage')]), 'file_search_call': nested('FileSearchToolCall'), 'computer_call': nested('ComputerToolCall'), 'computer_call_output': nested('ComputerCallOutputItemParam'), 'web_search_call': nested('WebSearchToolCall'), 'function_call': nested('FunctionToolCall'), 'function_call_output': nested('FunctionCallOutputItemParam'), 'tool_search_call': nested('ToolSearchCallItemParam'), 'tool_search_output': nested('ToolSearchOutputItemParam'), 'additional_tools': nested('AdditionalToolsItemParam'), 'reasoning': nested('ReasoningItem'), 'compaction': nested('CompactionSummaryItemParam'), 'image_generation_call': nested('ImageGenToolCall'), 'code_interpreter_call': nested('CodeInterpreterToolCall'), 'local_shell_call': nested('LocalShellToolCall'), 'local_shell_call_output': nested('LocalShellToolCallOutput'), 'shell_call': nested('FunctionShellCallItemParam'), 'shell_call_output': nested('FunctionShellCallOutputItemParam'), 'apply_patch_call': nested('ApplyPatchToolCallItemParam'), 'apply_patch_call_output': nested('ApplyPatchToolCallOutputItemParam'), 'mcp_list_tools': nested('MCPListTools'), 'mcp_approval_request': nested('MCPApprovalRequest'), 'mcp_approval_response': nested('MCPApprovalResponse'), 'mcp_call': nested('MCPToolCall'), 'custom_tool_call_output': nested('CustomToolCallOutput'), 'custom_tool_call': nested('CustomToolCall')}))
+define_type('ItemField', lambda: Tagged('type', {'message': nested('Message'), 'program': nested('Program'), 'program_output': nested('ProgramOutput'), 'function_call': nested('FunctionToolCall'), 'tool_search_call': nested('ToolSearchCall'), 'tool_search_output': nested('ToolSearchOutput'), 'additional_tools': nested('AdditionalTools'), 'function_call_output': nested('FunctionToolCallOutput'), 'file_search_call': nested('FileSearchToolCall'), 'web_search_call': nested('WebSearchToolCall'), 'image_generation_call': nested('ImageGenToolCall'), 'computer_call': nested('ComputerToolCall'), 'computer_call_output': nested('ComputerToolCallOutputResource'), 'reasoning': nested('ReasoningItem'), 'compaction': nested('CompactionBody'), 'code_interpreter_call': nested('CodeInterpreterToolCall'), 'local_shell_call': nested('LocalShellToolCall'), 'local_shell_call_output': nested('LocalShellToolCallOutput'), 'shell_call': nested('FunctionShellCall'), 'shell_call_output': nested('FunctionShellCallOutput'), 'apply_patch_call': nested('ApplyPatchToolCall'), 'apply_patch_call_output': nested('ApplyPatchToolCallOutput'), 'mcp_list_tools': nested('MCPListTools'), 'mcp_approval_request': nested('MCPApprovalRequest'), 'mcp_approval_response': nested('MCPApprovalResponseResource'), 'mcp_call': nested('MCPToolCall'), 'custom_tool_call': nested('CustomToolCall'), 'custom_tool_call_output': nested('CustomToolCallOutput')}))
+define_type('ItemResource', lambda: Tagged('type', {'message': Union([nested('InputMessageResource'), nested('OutputMessage')]), 'file_search_call': nested('FileSearchToolCall'), 'computer_call': nested('ComputerToolCall'), 'computer_call_output': nested('ComputerToolCallOutputResource'), 'web_search_call': nested('WebSearchToolCall'), 'function_call': nested('FunctionToolCallResource'), 'function_call_output': nested('FunctionToolCallOutputResource'), 'tool_search_call': nested('ToolSearchCall'), 'tool_search_output': nested('ToolSearchOutput'), 'additional_tools': nested('AdditionalTools'), 'reasoning': nested('ReasoningItem'), 'program': nested('Program'), 'program_output': nested('ProgramOutput'), 'compaction': nested('CompactionBody'), 'image_generation_call': nested('ImageGenToolCall'), 'code_interpreter_call': nested('CodeInterpreterToolCall'), 'local_shell_call': nested('LocalShellToolCall'), 'local_shell_call_output': nested('LocalShellToolCallOutput'), 'shell_call': nested('FunctionShellCall'), 'shell_call_output': nested('FunctionShellCallOutput'), 'apply_patch_call': nested('ApplyPatchToolCall'), 'apply_patch_call_output': nested('ApplyPatchToolCallOutput'), 'mcp_list_tools': nested('MCPListTools'), 'mcp_approval_request': nested('MCPApprovalRequest'), 'mcp_approval_response': nested('MCPApprovalResponseResource'), 'mcp_call': nested('MCPToolCall'), 'custom_tool_call': nested('CustomToolCallResource'), 'custom_tool_call_output': nested('CustomToolCallOutputResource')}))
 define_type('LocalqPriority', lambda: Str(validate=[OneOf(['interactive', 'batch'])], metadata={'description': 'Scheduling class of the job. Workers take every queued interactive job before they pick up a batch one, so bulk work should be sent as batch.', 'default': 'interactive'}))
 define_type('LocalqTimeout', lambda: Num(validate=[Range(min=0, max=86400, min_inclusive=False)], metadata={'description': 'Seconds the job may take, counted from the moment it is accepted. When the limit passes the job is abandoned and the request is answered with HTTP 504.'}))
+define_type('MCPToolCallError', lambda: Tagged('type', {'mcp_protocol_error': nested('MCPProtocolError'), 'mcp_tool_execution_error': nested('MCPToolExecutionError'), 'http_error': nested('HTTPError')}))
+define_type('MCPToolCallStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete', 'calling', 'failed'])]))
+define_type('MessagePhase', lambda: Str(validate=[OneOf(['commentary', 'final_answer'])]))
+define_type('MessagePhase-2', lambda: Str(validate=[OneOf(['commentary', 'final_answer'])]))
+define_type('MessageRole', lambda: Str(validate=[OneOf(['unknown', 'user', 'assistant', 'system', 'critic', 'discriminator', 'developer', 'tool'])]))
+define_type('MessageStatus', lambda: Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]))
 define_type('Metadata', lambda: MapOf(Str(), allow_none=True))
+define_type('ModelIdsCompaction', lambda: Union([Ref('ModelIdsResponses'), Str()], allow_none=True))
+define_type('ModelIdsResponses', lambda: Union([Ref('ModelIdsShared'), Str(validate=[OneOf(['o1-pro', 'o1-pro-2025-03-19', 'o3-pro', 'o3-pro-2025-06-10', 'o3-deep-research', 'o3-deep-research-2025-06-26', 'o4-mini-deep-research', 'o4-mini-deep-research-2025-06-26', 'computer-use-preview', 'computer-use-preview-2025-03-11', 'gpt-5.5-pro', 'gpt-5.5-pro-2026-04-23', 'gpt-5-codex', 'gpt-5-pro', 'gpt-5-pro-2025-10-06', 'gpt-5.1-codex-max', 'gpt-daybreak-blue-latest', 'gpt-daybreak-red-latest', 'gpt-5.6-cyber'])])]))
 define_type('ModelIdsShared', lambda: Union([Str(), Str(validate=[OneOf(['gpt-5.6-sol', 'gpt-5.6-terra', 'gpt-5.6-luna', 'gpt-5.5', 'gpt-5.5-2026-04-23', 'gpt-5.4', 'gpt-5.4-mini', 'gpt-5.4-nano', 'gpt-5.4-mini-2026-03-17', 'gpt-5.4-nano-2026-03-17', 'gpt-5.3-chat-latest', 'gpt-5.2', 'gpt-5.2-2025-12-11', 'gpt-5.2-chat-latest', 'gpt-5.2-pro', 'gpt-5.2-pro-2025-12-11', 'gpt-5.1', 'gpt-5.1-2025-11-13', 'gpt-5.1-codex', 'gpt-5.1-mini', 'gpt-5.1-chat-latest', 'gpt-5', 'gpt-5-mini', 'gpt-5-nano', 'gpt-5-2025-08-07', 'gpt-5-mini-2025-08-07', 'gpt-5-nano-2025-08-07', 'gpt-5-chat-latest', 'gpt-4.1', 'gpt-4.1-mini', 'gpt-4.1-nano', 'gpt-4.1-2025-04-14', 'gpt-4.1-mini-2025-04-14', 'gpt-4.1-nano-2025-04-14', 'o4-mini', 'o4-mini-2025-04-16', 'o3', 'o3-2025-04-16', 'o3-mini', 'o3-mini-2025-01-31', 'o1', 'o1-2024-12-17', 'o1-preview', 'o1-preview-2024-09-12', 'o1-mini', 'o1-mini-2024-09-12', 'gpt-4o', 'gpt-4o-2024-11-20', 'gpt-4o-2024-08-06', 'gpt-4o-2024-05-13', 'gpt-4o-audio-preview', 'gpt-4o-audio-preview-2024-10-01', 'gpt-4o-audio-preview-2024-12-17', 'gpt-4o-audio-preview-2025-06-03', 'gpt-4o-mini-audio-preview', 'gpt-4o-mini-audio-preview-2024-12-17', 'gpt-4o-search-preview', 'gpt-4o-mini-search-preview', 'gpt-4o-search-preview-2025-03-11', 'gpt-4o-mini-search-preview-2025-03-11', 'chatgpt-4o-latest', 'codex-mini-latest', 'gpt-4o-mini', 'gpt-4o-mini-2024-07-18', 'gpt-4-turbo', 'gpt-4-turbo-2024-04-09', 'gpt-4-0125-preview', 'gpt-4-turbo-preview', 'gpt-4-1106-preview', 'gpt-4-vision-preview', 'gpt-4', 'gpt-4-0314', 'gpt-4-0613', 'gpt-4-32k', 'gpt-4-32k-0314', 'gpt-4-32k-0613', 'gpt-3.5-turbo', 'gpt-3.5-turbo-16k', 'gpt-3.5-turbo-0301', 'gpt-3.5-turbo-0613', 'gpt-3.5-turbo-1106', 'gpt-3.5-turbo-0125', 'gpt-3.5-turbo-16k-0613'])])]))
 define_type('ModerationInputType', lambda: Str(validate=[OneOf(['text', 'image'])]))
 define_type('ModerationMode', lambda: Str(validate=[OneOf(['score', 'block'])]))
+define_type('OutputContent', lambda: Tagged('type', {'output_text': nested('OutputTextContent'), 'refusal': nested('RefusalContent'), 'reasoning_text': nested('ReasoningTextContent')}))
+define_type('OutputItem', lambda: Tagged('type', {'message': nested('OutputMessage'), 'file_search_call': nested('FileSearchToolCall'), 'function_call': nested('FunctionToolCall'), 'function_call_output': nested('FunctionToolCallOutputResource'), 'web_search_call': nested('WebSearchToolCall'), 'computer_call': nested('ComputerToolCall'), 'computer_call_output': nested('ComputerToolCallOutputResource'), 'reasoning': nested('ReasoningItem'), 'program': nested('Program'), 'program_output': nested('ProgramOutput'), 'tool_search_call': nested('ToolSearchCall'), 'tool_search_output': nested('ToolSearchOutput'), 'additional_tools': nested('AdditionalTools'), 'compaction': nested('CompactionBody'), 'image_generation_call': nested('ImageGenToolCall'), 'code_interpreter_call': nested('CodeInterpreterToolCall'), 'local_shell_call': nested('LocalShellToolCall'), 'local_shell_call_output': nested('LocalShellToolCallOutput'), 'shell_call': nested('FunctionShellCall'), 'shell_call_output': nested('FunctionShellCallOutput'), 'apply_patch_call': nested('ApplyPatchToolCall'), 'apply_patch_call_output': nested('ApplyPatchToolCallOutput'), 'mcp_call': nested('MCPToolCall'), 'mcp_list_tools': nested('MCPListTools'), 'mcp_approval_request': nested('MCPApprovalRequest'), 'mcp_approval_response': nested('MCPApprovalResponseResource'), 'custom_tool_call': nested('CustomToolCall'), 'custom_tool_call_output': nested('CustomToolCallOutputResource')}))
+define_type('OutputMessageContent', lambda: Tagged('type', {'output_text': nested('OutputTextContent'), 'refusal': nested('RefusalContent')}))
 define_type('ParallelToolCalls', lambda: Bool(metadata={'default': True}))
 define_type('PartialImages', lambda: Int(allow_none=True, validate=[Range(min=0, max=3)], metadata={'default': 0}))
+define_type('PersonalityEnum', lambda: Union([Str(), Str(validate=[OneOf(['friendly', 'pragmatic'])])]))
+define_type('ProgramOutputItemStatus', lambda: Str(validate=[OneOf(['completed', 'incomplete'])]))
+define_type('ProgramOutputStatus', lambda: Str(validate=[OneOf(['completed', 'incomplete'])]))
 define_type('PromptCacheModeEnum', lambda: Str(validate=[OneOf(['implicit', 'explicit'])]))
+define_type('PromptCacheRetentionEnum', lambda: Str(validate=[OneOf(['in_memory', '24h'])]))
 define_type('PromptCacheTTLEnum', lambda: Str(validate=[OneOf(['30m'])]))
 define_type('PublicProjectResidency', lambda: Str(validate=[OneOf(['GLOBAL', 'US_STORAGE_PROCESSING', 'EU_STORAGE_PROCESSING', 'JP_STORAGE', 'KR_STORAGE', 'CA_STORAGE', 'SG_STORAGE', 'IN_STORAGE', 'AU_STORAGE', 'GB_STORAGE', 'AE_STORAGE', 'AE_STORAGE_PROCESSING'])]))
+define_type('RankerVersionType', lambda: Str(validate=[OneOf(['auto', 'default-2024-11-15'])]))
 define_type('ReasoningEffort', lambda: Str(allow_none=True, validate=[OneOf(['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'])], metadata={'default': 'medium'}))
+define_type('ReasoningModeEnum', lambda: Union([Str(), Str(validate=[OneOf(['standard', 'pro'])])]))
+define_type('ResponseErrorCode', lambda: Str(validate=[OneOf(['server_error', 'rate_limit_exceeded', 'invalid_prompt', 'data_residency_mismatch', 'bio_policy', 'vector_store_timeout', 'invalid_image', 'invalid_image_format', 'invalid_base64_image', 'invalid_image_url', 'image_too_large', 'image_too_small', 'image_parse_error', 'image_content_policy_violation', 'invalid_image_mode', 'image_file_too_large', 'unsupported_image_media_type', 'empty_image_file', 'failed_to_download_image', 'image_file_not_found'])]))
 define_type('ResponseFormatJsonSchemaSchema', lambda: MapOf())
 define_type('ResponseModalities', lambda: ListOf(Str(validate=[OneOf(['text', 'audio'])]), allow_none=True))
+define_type('ResponsePromptVariables', lambda: MapOf(Union([Str(), nested('InputTextContent'), nested('InputImageContent'), nested('InputFileContent')]), allow_none=True))
+define_type('ResponseStreamEvent', lambda: Tagged('type', {'response.audio.delta': nested('ResponseAudioDeltaEvent'), 'response.audio.done': nested('ResponseAudioDoneEvent'), 'response.audio.transcript.delta': nested('ResponseAudioTranscriptDeltaEvent'), 'response.audio.transcript.done': nested('ResponseAudioTranscriptDoneEvent'), 'response.code_interpreter_call_code.delta': nested('ResponseCodeInterpreterCallCodeDeltaEvent'), 'response.code_interpreter_call_code.done': nested('ResponseCodeInterpreterCallCodeDoneEvent'), 'response.code_interpreter_call.completed': nested('ResponseCodeInterpreterCallCompletedEvent'), 'response.code_interpreter_call.in_progress': nested('ResponseCodeInterpreterCallInProgressEvent'), 'response.code_interpreter_call.interpreting': nested('ResponseCodeInterpreterCallInterpretingEvent'), 'response.completed': nested('ResponseCompletedEvent'), 'response.content_part.added': nested('ResponseContentPartAddedEvent'), 'response.content_part.done': nested('ResponseContentPartDoneEvent'), 'response.created': nested('ResponseCreatedEvent'), 'error': nested('ResponseErrorEvent'), 'response.file_search_call.completed': nested('ResponseFileSearchCallCompletedEvent'), 'response.file_search_call.in_progress': nested('ResponseFileSearchCallInProgressEvent'), 'response.file_search_call.searching': nested('ResponseFileSearchCallSearchingEvent'), 'response.function_call_arguments.delta': nested('ResponseFunctionCallArgumentsDeltaEvent'), 'response.function_call_arguments.done': nested('ResponseFunctionCallArgumentsDoneEvent'), 'response.shell_call_command.added': nested('ResponseShellCallCommandAddedStreamingEvent'), 'response.shell_call_command.delta': nested('ResponseShellCallCommandDeltaStreamingEvent'), 'response.shell_call_command.done': nested('ResponseShellCallCommandDoneStreamingEvent'), 'response.shell_call_output_content.delta': nested('ResponseShellCallOutputContentDeltaStreamingEvent'), 'response.shell_call_output_content.done': nested('ResponseShellCallOutputContentDoneStreamingEvent'), 'response.in_progress': nested('ResponseInProgressEvent'), 'response.failed': nested('ResponseFailedEvent'), 'response.incomplete': nested('ResponseIncompleteEvent'), 'response.output_item.added': nested('ResponseOutputItemAddedEvent'), 'response.output_item.done': nested('ResponseOutputItemDoneEvent'), 'response.reasoning_summary_part.added': nested('ResponseReasoningSummaryPartAddedEvent'), 'response.reasoning_summary_part.done': nested('ResponseReasoningSummaryPartDoneEvent'), 'response.reasoning_summary_text.delta': nested('ResponseReasoningSummaryTextDeltaEvent'), 'response.reasoning_summary_text.done': nested('ResponseReasoningSummaryTextDoneEvent'), 'response.reasoning_text.delta': nested('ResponseReasoningTextDeltaEvent'), 'response.reasoning_text.done': nested('ResponseReasoningTextDoneEvent'), 'response.refusal.delta': nested('ResponseRefusalDeltaEvent'), 'response.refusal.done': nested('ResponseRefusalDoneEvent'), 'response.output_text.delta': nested('ResponseTextDeltaEvent'), 'response.output_text.done': nested('ResponseTextDoneEvent'), 'response.web_search_call.completed': nested('ResponseWebSearchCallCompletedEvent'), 'response.web_search_call.in_progress': nested('ResponseWebSearchCallInProgressEvent'), 'response.web_search_call.searching': nested('ResponseWebSearchCallSearchingEvent'), 'response.image_generation_call.completed': nested('ResponseImageGenCallCompletedEvent'), 'response.image_generation_call.generating': nested('ResponseImageGenCallGeneratingEvent'), 'response.image_generation_call.in_progress': nested('ResponseImageGenCallInProgressEvent'), 'response.image_generation_call.partial_image': nested('ResponseImageGenCallPartialImageEvent'), 'response.mcp_call_arguments.delta': nested('ResponseMCPCallArgumentsDeltaEvent'), 'response.mcp_call_arguments.done': nested('ResponseMCPCallArgumentsDoneEvent'), 'response.mcp_call.completed': nested('ResponseMCPCallCompletedEvent'), 'response.mcp_call.failed': nested('ResponseMCPCallFailedEvent'), 'response.mcp_call.in_progress': nested('ResponseMCPCallInProgressEvent'), 'response.mcp_list_tools.completed': nested('ResponseMCPListToolsCompletedEvent'), 'response.mcp_list_tools.failed': nested('ResponseMCPListToolsFailedEvent'), 'response.mcp_list_tools.in_progress': nested('ResponseMCPListToolsInProgressEvent'), 'response.output_text.annotation.added': nested('ResponseOutputTextAnnotationAddedEvent'), 'response.queued': nested('ResponseQueuedEvent'), 'response.custom_tool_call_input.delta': nested('ResponseCustomToolCallInputDeltaEvent'), 'response.custom_tool_call_input.done': nested('ResponseCustomToolCallInputDoneEvent')}))
+define_type('SearchContentType', lambda: Str(validate=[OneOf(['text', 'image'])]))
+define_type('SearchContextSize', lambda: Str(validate=[OneOf(['low', 'medium', 'high'])]))
 define_type('ServiceTier', lambda: Str(allow_none=True, validate=[OneOf(['auto', 'default', 'flex', 'scale', 'priority', 'fast'])], metadata={'default': 'auto'}))
+define_type('ServiceTierEnum', lambda: Str(validate=[OneOf(['auto', 'default', 'fast', 'flex', 'priority'])]))
+define_type('ServiceTierResponses', lambda: Str(allow_none=True, validate=[OneOf(['auto', 'default', 'flex', 'scale', 'priority', 'fast', 'ultrafast'])], metadata={'default': 'auto'}))
 define_type('SpendLimitCurrency', lambda: Union([Str(), Str(validate=[OneOf(['USD'])])]))
 define_type('SpendLimitEnforcementStatus', lambda: Union([Str(), Str(validate=[OneOf(['inactive', 'enforcing'])])]))
 define_type('SpendLimitInterval', lambda: Union([Str(), Str(validate=[OneOf(['month'])])]))
 define_type('StopConfiguration', lambda: Union([Str(allow_none=True, metadata={'default': '<|endoftext|>'}), ListOf(Str(), validate=[Length(min=1, max=4)])], allow_none=True))
+define_type('TextResponseFormatConfiguration', lambda: Union([nested('ResponseFormatText'), nested('TextResponseFormatJsonSchema'), nested('ResponseFormatJsonObject')]))
+define_type('Tool', lambda: Tagged('type', {'function': nested('FunctionTool'), 'file_search': nested('FileSearchTool'), 'computer': nested('ComputerTool'), 'computer_use_preview': nested('ComputerUsePreviewTool'), 'web_search': nested('WebSearchTool'), 'web_search_2025_08_26': nested('WebSearchTool'), 'mcp': nested('MCPTool'), 'code_interpreter': nested('CodeInterpreterTool'), 'programmatic_tool_calling': nested('ProgrammaticToolCallingParam'), 'image_generation': nested('ImageGenTool'), 'local_shell': nested('LocalShellToolParam'), 'shell': nested('FunctionShellToolParam'), 'custom': nested('CustomToolParam'), 'namespace': nested('NamespaceToolParam'), 'tool_search': nested('ToolSearchToolParam'), 'web_search_preview': nested('WebSearchPreviewTool'), 'web_search_preview_2025_03_11': nested('WebSearchPreviewTool'), 'apply_patch': nested('ApplyPatchToolParam')}))
+define_type('ToolCallCaller', lambda: Tagged('type', {'direct': nested('DirectToolCallCaller'), 'program': nested('ProgramToolCallCaller')}))
+define_type('ToolCallCallerParam', lambda: Tagged('type', {'direct': nested('DirectToolCallCallerParam'), 'program': nested('ProgramToolCallCallerParam')}))
+define_type('ToolChoiceOptions', lambda: Str(validate=[OneOf(['none', 'auto', 'required'])]))
+define_type('ToolChoiceParam', lambda: Union([Ref('ToolChoiceOptions'), nested('ToolChoiceAllowed'), nested('ToolChoiceTypes'), nested('ToolChoiceFunction'), nested('ToolChoiceMCP'), nested('ToolChoiceCustom'), nested('SpecificProgrammaticToolCallingParam'), nested('SpecificApplyPatchParam'), nested('SpecificFunctionShellParam')]))
+define_type('ToolSearchExecutionType', lambda: Str(validate=[OneOf(['server', 'client'])]))
+define_type('ToolsArray', lambda: ListOf(Ref('Tool')))
 define_type('TranscriptionInclude', lambda: Str(validate=[OneOf(['logprobs'])]))
+define_type('TruncationEnum', lambda: Str(validate=[OneOf(['auto', 'disabled'])]))
+define_type('VectorStoreFileAttributes', lambda: MapOf(Union([Str(validate=[Length(min=None, max=512)]), Num(), Bool()]), allow_none=True, keys=Str(validate=[Length(min=None, max=64)])))
 define_type('Verbosity', lambda: Str(allow_none=True, validate=[OneOf(['low', 'medium', 'high'])], metadata={'default': 'medium'}))
 define_type('VoiceIdsOrCustomVoice', lambda: Union([Ref('VoiceIdsShared'), nested('VoiceIdsOrCustomVoice1')]))
 define_type('VoiceIdsShared', lambda: Union([Str(), Str(validate=[OneOf(['alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', 'shimmer', 'verse', 'marin', 'cedar'])])]))
 define_type('WebSearchContextSize', lambda: Str(validate=[OneOf(['low', 'medium', 'high'])], metadata={'default': 'medium'}))
 
 # ---- object schemas ----
+object_schema('AdditionalTools', {
+    'type': Str(required=True, validate=[OneOf(['additional_tools'])], metadata={'default': 'additional_tools'}),
+    'id': Str(required=True),
+    'role': Ref('MessageRole', required=True),
+    'tools': ListOf(Ref('Tool'), required=True),
+}, unknown='raise')
+object_schema('AdditionalToolsItemParam', {
+    'id': Str(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['additional_tools'])], metadata={'default': 'additional_tools'}),
+    'role': Str(required=True, validate=[OneOf(['developer'])], metadata={'default': 'developer'}),
+    'tools': ListOf(Ref('Tool'), required=True),
+}, unknown='raise')
+object_schema('ApplyPatchCreateFileOperation', {
+    'type': Str(required=True, validate=[OneOf(['create_file'])], metadata={'default': 'create_file'}),
+    'path': Str(required=True),
+    'diff': Str(required=True),
+}, unknown='raise')
+object_schema('ApplyPatchCreateFileOperationParam', {
+    'type': Str(required=True, validate=[OneOf(['create_file'])], metadata={'default': 'create_file'}),
+    'path': Str(required=True, validate=[Length(min=1, max=None)]),
+    'diff': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('ApplyPatchDeleteFileOperation', {
+    'type': Str(required=True, validate=[OneOf(['delete_file'])], metadata={'default': 'delete_file'}),
+    'path': Str(required=True),
+}, unknown='raise')
+object_schema('ApplyPatchDeleteFileOperationParam', {
+    'type': Str(required=True, validate=[OneOf(['delete_file'])], metadata={'default': 'delete_file'}),
+    'path': Str(required=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('ApplyPatchToolCall', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call'])], metadata={'default': 'apply_patch_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'status': Ref('ApplyPatchCallStatus', required=True),
+    'operation': Tagged('type', {'create_file': nested('ApplyPatchCreateFileOperation'), 'delete_file': nested('ApplyPatchDeleteFileOperation'), 'update_file': nested('ApplyPatchUpdateFileOperation')}, required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('ApplyPatchToolCallItemParam', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call'])], metadata={'default': 'apply_patch_call'}),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'status': Ref('ApplyPatchCallStatusParam', required=True),
+    'operation': Ref('ApplyPatchOperationParam', required=True),
+}, unknown='raise')
+object_schema('ApplyPatchToolCallOutput', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call_output'])], metadata={'default': 'apply_patch_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'status': Ref('ApplyPatchCallOutputStatus', required=True),
+    'output': Str(allow_none=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('ApplyPatchToolCallOutputItemParam', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call_output'])], metadata={'default': 'apply_patch_call_output'}),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'status': Ref('ApplyPatchCallOutputStatusParam', required=True),
+    'output': Str(allow_none=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('ApplyPatchToolParam', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch'])], metadata={'default': 'apply_patch'}),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('ApplyPatchUpdateFileOperation', {
+    'type': Str(required=True, validate=[OneOf(['update_file'])], metadata={'default': 'update_file'}),
+    'path': Str(required=True),
+    'diff': Str(required=True),
+}, unknown='raise')
+object_schema('ApplyPatchUpdateFileOperationParam', {
+    'type': Str(required=True, validate=[OneOf(['update_file'])], metadata={'default': 'update_file'}),
+    'path': Str(required=True, validate=[Length(min=1, max=None)]),
+    'diff': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('ApproximateLocation', {
+    'type': Str(required=True, validate=[OneOf(['approximate'])], metadata={'default': 'approximate'}),
+    'country': Str(allow_none=True),
+    'region': Str(allow_none=True),
+    'city': Str(allow_none=True),
+    'timezone': Str(allow_none=True),
+}, unknown='raise')
+object_schema('AutoCodeInterpreterToolParam', {
+    'type': Str(required=True, validate=[OneOf(['auto'])], metadata={'default': 'auto'}),
+    'file_ids': ListOf(Str(), validate=[Length(min=None, max=50)]),
+    'memory_limit': Ref('ContainerMemoryLimit', allow_none=True),
+    'network_policy': Tagged('type', {'disabled': nested('ContainerNetworkPolicyDisabledParam'), 'allowlist': nested('ContainerNetworkPolicyAllowlistParam')}),
+}, unknown='raise')
 object_schema('Batch', {
     'id': Str(required=True),
     'object': Str(required=True, validate=[OneOf(['batch'])]),
@@ -105,6 +350,1827 @@ object_schema('Batch_Usage_InputTokensDetails', {
 }, unknown='raise')
 object_schema('Batch_Usage_OutputTokensDetails', {
     'reasoning_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('BetaAdditionalTools', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['additional_tools'])], metadata={'default': 'additional_tools'}),
+    'id': Str(required=True),
+    'role': Ref('BetaMessageRole', required=True),
+    'tools': ListOf(Ref('BetaTool'), required=True),
+}, unknown='raise')
+object_schema('BetaAdditionalToolsItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['additional_tools'])], metadata={'default': 'additional_tools'}),
+    'role': Str(required=True, validate=[OneOf(['developer'])], metadata={'default': 'developer'}),
+    'tools': ListOf(Ref('BetaTool'), required=True),
+}, unknown='raise')
+object_schema('BetaAgentMessage', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['agent_message'])], metadata={'default': 'agent_message'}),
+    'id': Str(required=True),
+    'author': Str(required=True),
+    'recipient': Str(required=True),
+    'content': ListOf(Tagged('type', {'input_text': nested('BetaInputTextContent'), 'output_text': nested('BetaOutputTextContent'), 'text': nested('BetaTextContent'), 'summary_text': nested('BetaSummaryTextContent'), 'reasoning_text': nested('BetaReasoningTextContent'), 'refusal': nested('BetaRefusalContent'), 'input_image': nested('BetaInputImageContent'), 'computer_screenshot': nested('BetaComputerScreenshotContent'), 'input_file': nested('BetaInputFileContent'), 'encrypted_content': nested('BetaEncryptedContent')}), required=True),
+}, unknown='raise')
+object_schema('BetaAgentMessageItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['agent_message'])], metadata={'default': 'agent_message'}),
+    'author': Str(required=True),
+    'recipient': Str(required=True),
+    'content': ListOf(Tagged('type', {'input_text': nested('BetaInputTextContentParam'), 'input_image': nested('BetaInputImageContentParamAutoParam'), 'encrypted_content': nested('BetaEncryptedContentParam')}), required=True),
+}, unknown='raise')
+object_schema('BetaAgentTag', {
+    'agent_name': Str(required=True),
+}, unknown='raise')
+object_schema('BetaApplyPatchCreateFileOperation', {
+    'type': Str(required=True, validate=[OneOf(['create_file'])], metadata={'default': 'create_file'}),
+    'path': Str(required=True),
+    'diff': Str(required=True),
+}, unknown='raise')
+object_schema('BetaApplyPatchCreateFileOperationParam', {
+    'type': Str(required=True, validate=[OneOf(['create_file'])], metadata={'default': 'create_file'}),
+    'path': Str(required=True, validate=[Length(min=1, max=None)]),
+    'diff': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('BetaApplyPatchDeleteFileOperation', {
+    'type': Str(required=True, validate=[OneOf(['delete_file'])], metadata={'default': 'delete_file'}),
+    'path': Str(required=True),
+}, unknown='raise')
+object_schema('BetaApplyPatchDeleteFileOperationParam', {
+    'type': Str(required=True, validate=[OneOf(['delete_file'])], metadata={'default': 'delete_file'}),
+    'path': Str(required=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaApplyPatchToolCall', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call'])], metadata={'default': 'apply_patch_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'status': Ref('BetaApplyPatchCallStatus', required=True),
+    'operation': Tagged('type', {'create_file': nested('BetaApplyPatchCreateFileOperation'), 'delete_file': nested('BetaApplyPatchDeleteFileOperation'), 'update_file': nested('BetaApplyPatchUpdateFileOperation')}, required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaApplyPatchToolCallItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call'])], metadata={'default': 'apply_patch_call'}),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'status': Ref('BetaApplyPatchCallStatusParam', required=True),
+    'operation': Ref('BetaApplyPatchOperationParam', required=True),
+}, unknown='raise')
+object_schema('BetaApplyPatchToolCallOutput', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call_output'])], metadata={'default': 'apply_patch_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'status': Ref('BetaApplyPatchCallOutputStatus', required=True),
+    'output': Str(allow_none=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaApplyPatchToolCallOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['apply_patch_call_output'])], metadata={'default': 'apply_patch_call_output'}),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'status': Ref('BetaApplyPatchCallOutputStatusParam', required=True),
+    'output': Str(allow_none=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('BetaApplyPatchToolParam', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch'])], metadata={'default': 'apply_patch'}),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaApplyPatchUpdateFileOperation', {
+    'type': Str(required=True, validate=[OneOf(['update_file'])], metadata={'default': 'update_file'}),
+    'path': Str(required=True),
+    'diff': Str(required=True),
+}, unknown='raise')
+object_schema('BetaApplyPatchUpdateFileOperationParam', {
+    'type': Str(required=True, validate=[OneOf(['update_file'])], metadata={'default': 'update_file'}),
+    'path': Str(required=True, validate=[Length(min=1, max=None)]),
+    'diff': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('BetaApproximateLocation', {
+    'type': Str(required=True, validate=[OneOf(['approximate'])], metadata={'default': 'approximate'}),
+    'country': Str(allow_none=True),
+    'region': Str(allow_none=True),
+    'city': Str(allow_none=True),
+    'timezone': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaAutoCodeInterpreterToolParam', {
+    'type': Str(required=True, validate=[OneOf(['auto'])], metadata={'default': 'auto'}),
+    'file_ids': ListOf(Str(), validate=[Length(min=None, max=50)]),
+    'memory_limit': Ref('BetaContainerMemoryLimit', allow_none=True),
+    'network_policy': Tagged('type', {'disabled': nested('BetaContainerNetworkPolicyDisabledParam'), 'allowlist': nested('BetaContainerNetworkPolicyAllowlistParam')}),
+}, unknown='raise')
+object_schema('BetaClickParam', {
+    'type': Str(required=True, validate=[OneOf(['click'])], metadata={'default': 'click'}),
+    'button': Ref('BetaClickButtonType', required=True),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('BetaCodeInterpreterOutputImage', {
+    'type': Str(required=True, validate=[OneOf(['image'])], metadata={'default': 'image'}),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+}, unknown='raise')
+object_schema('BetaCodeInterpreterOutputLogs', {
+    'type': Str(required=True, validate=[OneOf(['logs'])], metadata={'default': 'logs'}),
+    'logs': Str(required=True),
+}, unknown='raise')
+object_schema('BetaCodeInterpreterTool', {
+    'type': Str(required=True, validate=[OneOf(['code_interpreter'])]),
+    'container': Union([Str(), nested('BetaAutoCodeInterpreterToolParam')], required=True),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaCodeInterpreterToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['code_interpreter_call'])], metadata={'default': 'code_interpreter_call'}),
+    'id': Str(required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete', 'interpreting', 'failed'])]),
+    'container_id': Str(required=True),
+    'code': Str(required=True, allow_none=True),
+    'outputs': ListOf(Tagged('type', {'logs': nested('BetaCodeInterpreterOutputLogs'), 'image': nested('BetaCodeInterpreterOutputImage')}), required=True, allow_none=True),
+}, unknown='raise')
+object_schema('BetaCompactResource', {
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['response.compaction'])], metadata={'default': 'response.compaction'}),
+    'output': ListOf(Ref('BetaItemField'), required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'usage': nested('BetaResponseUsage', required=True),
+}, unknown='raise')
+object_schema('BetaCompactResponseMethodPublicBody', {
+    'model': Ref('BetaModelIdsCompaction', required=True, allow_none=True),
+    'input': Union([Str(validate=[Length(min=None, max=10485760)]), ListOf(Ref('BetaInputItem'))], allow_none=True),
+    'previous_response_id': Str(allow_none=True),
+    'instructions': Str(allow_none=True),
+    'prompt_cache_key': Str(allow_none=True, validate=[Length(min=None, max=64)]),
+    'prompt_cache_retention': Ref('BetaPromptCacheRetentionEnum', allow_none=True),
+    'prompt_cache_options': nested('BetaPromptCacheOptionsParam', allow_none=True),
+    'service_tier': Ref('BetaServiceTierEnum', allow_none=True),
+}, unknown='raise')
+object_schema('BetaCompactionBody', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['compaction'])], metadata={'default': 'compaction'}),
+    'id': Str(required=True),
+    'encrypted_content': Str(required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaCompactionSummaryItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['compaction'])], metadata={'default': 'compaction'}),
+    'encrypted_content': Str(required=True, validate=[Length(min=None, max=20971520)]),
+}, unknown='raise')
+object_schema('BetaCompactionTriggerItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['compaction_trigger'])], metadata={'default': 'compaction_trigger'}),
+}, unknown='raise')
+object_schema('BetaComparisonFilter', {
+    'type': Str(required=True, validate=[OneOf(['eq', 'ne', 'gt', 'gte', 'lt', 'lte', 'in', 'nin'])], metadata={'default': 'eq'}),
+    'key': Str(required=True),
+    'value': Union([Str(), Num(), Bool(), ListOf(Union([Str(), Num()]))], required=True),
+}, unknown='raise')
+object_schema('BetaCompoundFilter', {
+    'type': Str(required=True, validate=[OneOf(['and', 'or'])]),
+    'filters': ListOf(Union([nested('BetaComparisonFilter'), Any_()]), required=True),
+}, unknown='raise')
+object_schema('BetaComputerCallOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['computer_call_output'])], metadata={'default': 'computer_call_output'}),
+    'output': nested('BetaComputerScreenshotImage', required=True),
+    'acknowledged_safety_checks': ListOf(nested('BetaComputerCallSafetyCheckParam'), allow_none=True),
+    'status': Ref('BetaFunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('BetaComputerCallSafetyCheckParam', {
+    'id': Str(required=True),
+    'code': Str(allow_none=True),
+    'message': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaComputerScreenshotContent', {
+    'type': Str(required=True, validate=[OneOf(['computer_screenshot'])], metadata={'default': 'computer_screenshot'}),
+    'image_url': Str(required=True, allow_none=True, metadata={'format': 'uri'}),
+    'file_id': Str(required=True, allow_none=True),
+    'detail': Ref('BetaImageDetail', required=True),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointConfig'),
+}, unknown='raise')
+object_schema('BetaComputerScreenshotImage', {
+    'type': Str(required=True, validate=[OneOf(['computer_screenshot'])], metadata={'default': 'computer_screenshot'}),
+    'image_url': Str(metadata={'format': 'uri'}),
+    'file_id': Str(),
+}, unknown='raise')
+object_schema('BetaComputerTool', {
+    'type': Str(required=True, validate=[OneOf(['computer'])], metadata={'default': 'computer'}),
+}, unknown='raise')
+object_schema('BetaComputerToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['computer_call'])], metadata={'default': 'computer_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'action': Ref('BetaComputerAction'),
+    'actions': Ref('BetaComputerActionList'),
+    'pending_safety_checks': ListOf(nested('BetaComputerCallSafetyCheckParam'), required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaComputerToolCallOutputResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['computer_call_output'])], metadata={'default': 'computer_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'acknowledged_safety_checks': ListOf(nested('BetaComputerCallSafetyCheckParam')),
+    'output': nested('BetaComputerScreenshotImage', required=True),
+    'status': Ref('BetaComputerCallOutputStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaComputerUsePreviewTool', {
+    'type': Str(required=True, validate=[OneOf(['computer_use_preview'])], metadata={'default': 'computer_use_preview'}),
+    'environment': Ref('BetaComputerEnvironment', required=True),
+    'display_width': Int(required=True),
+    'display_height': Int(required=True),
+}, unknown='raise')
+object_schema('BetaContainerAutoParam', {
+    'type': Str(required=True, validate=[OneOf(['container_auto'])], metadata={'default': 'container_auto'}),
+    'file_ids': ListOf(Str(), validate=[Length(min=None, max=50)]),
+    'memory_limit': Ref('BetaContainerMemoryLimit', allow_none=True),
+    'network_policy': Tagged('type', {'disabled': nested('BetaContainerNetworkPolicyDisabledParam'), 'allowlist': nested('BetaContainerNetworkPolicyAllowlistParam')}),
+    'skills': ListOf(Tagged('type', {'skill_reference': nested('BetaSkillReferenceParam'), 'inline': nested('BetaInlineSkillParam')}), validate=[Length(min=None, max=200)]),
+}, unknown='raise')
+object_schema('BetaContainerFileCitationBody', {
+    'type': Str(required=True, validate=[OneOf(['container_file_citation'])], metadata={'default': 'container_file_citation'}),
+    'container_id': Str(required=True),
+    'file_id': Str(required=True),
+    'start_index': Int(required=True),
+    'end_index': Int(required=True),
+    'filename': Str(required=True),
+}, unknown='raise')
+object_schema('BetaContainerFileCitationParam', {
+    'type': Str(required=True, validate=[OneOf(['container_file_citation'])], metadata={'default': 'container_file_citation'}),
+    'start_index': Int(required=True, validate=[Range(min=0, max=None)]),
+    'end_index': Int(required=True, validate=[Range(min=0, max=None)]),
+    'container_id': Str(required=True),
+    'file_id': Str(required=True),
+    'filename': Str(required=True),
+}, unknown='raise')
+object_schema('BetaContainerNetworkPolicyAllowlistParam', {
+    'type': Str(required=True, validate=[OneOf(['allowlist'])], metadata={'default': 'allowlist'}),
+    'allowed_domains': ListOf(Str(), required=True, validate=[Length(min=1, max=None)]),
+    'domain_secrets': ListOf(nested('BetaContainerNetworkPolicyDomainSecretParam'), validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaContainerNetworkPolicyDisabledParam', {
+    'type': Str(required=True, validate=[OneOf(['disabled'])], metadata={'default': 'disabled'}),
+}, unknown='raise')
+object_schema('BetaContainerNetworkPolicyDomainSecretParam', {
+    'domain': Str(required=True, validate=[Length(min=1, max=None)]),
+    'name': Str(required=True, validate=[Length(min=1, max=None)]),
+    'value': Str(required=True, validate=[Length(min=1, max=10485760)]),
+}, unknown='raise')
+object_schema('BetaContainerReferenceParam', {
+    'type': Str(required=True, validate=[OneOf(['container_reference'])], metadata={'default': 'container_reference'}),
+    'container_id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaContainerReferenceResource', {
+    'type': Str(required=True, validate=[OneOf(['container_reference'])], metadata={'default': 'container_reference'}),
+    'container_id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaContextManagementParam', {
+    'type': Str(required=True),
+    'compact_threshold': Int(allow_none=True, validate=[Range(min=1000, max=None)]),
+}, unknown='raise')
+object_schema('BetaConversationParam-2', {
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaCoordParam', {
+    'x': Int(required=True),
+    'y': Int(required=True),
+}, unknown='raise')
+object_schema('BetaCreateResponse', {
+    'metadata': Ref('BetaMetadata', allow_none=True),
+    'top_logprobs': Int(validate=[Range(min=0, max=20)]),
+    'temperature': Num(allow_none=True, validate=[Range(min=0, max=2)], metadata={'default': 1}),
+    'top_p': Num(allow_none=True, validate=[Range(min=0, max=1)], metadata={'default': 1}),
+    'user': Str(),
+    'safety_identifier': Str(allow_none=True, validate=[Length(min=None, max=64)]),
+    'prompt_cache_key': Str(allow_none=True),
+    'prompt_cache_retention': Str(allow_none=True, validate=[OneOf(['in_memory', '24h'])]),
+    'prompt_cache_options': nested('BetaPromptCacheOptionsParam'),
+    'previous_response_id': Str(allow_none=True),
+    'model': Ref('BetaModelIdsResponses'),
+    'background': Bool(allow_none=True, metadata={'default': False}),
+    'max_tool_calls': Int(allow_none=True),
+    'text': nested('BetaResponseTextParam'),
+    'tools': Ref('BetaToolsArray'),
+    'tool_choice': Ref('BetaToolChoiceParam'),
+    'prompt': nested('BetaPrompt', allow_none=True),
+    'service_tier': Ref('BetaServiceTierResponses', allow_none=True),
+    'truncation': Str(allow_none=True, validate=[OneOf(['auto', 'disabled'])], metadata={'default': 'disabled'}),
+    'reasoning': nested('BetaReasoning', allow_none=True),
+    'input': Ref('BetaInputParam'),
+    'include': ListOf(Ref('BetaIncludeEnum'), allow_none=True),
+    'parallel_tool_calls': Bool(allow_none=True, metadata={'default': True}),
+    'store': Bool(allow_none=True, metadata={'default': True}),
+    'instructions': Str(allow_none=True),
+    'moderation': nested('BetaModerationParam', allow_none=True),
+    'stream': Bool(allow_none=True, metadata={'default': False}),
+    'stream_options': nested('BetaResponseStreamOptions', allow_none=True),
+    'conversation': Ref('BetaConversationParam', allow_none=True),
+    'context_management': ListOf(nested('BetaContextManagementParam'), allow_none=True, validate=[Length(min=1, max=None)]),
+    'max_output_tokens': Int(allow_none=True, validate=[Range(min=16, max=None)]),
+    'multi_agent': nested('BetaMultiAgentParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaCustomGrammarFormatParam', {
+    'type': Str(required=True, validate=[OneOf(['grammar'])], metadata={'default': 'grammar'}),
+    'syntax': Ref('BetaGrammarSyntax1', required=True),
+    'definition': Str(required=True),
+}, unknown='raise')
+object_schema('BetaCustomTextFormatParam', {
+    'type': Str(required=True, validate=[OneOf(['text'])], metadata={'default': 'text'}),
+}, unknown='raise')
+object_schema('BetaCustomToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call'])]),
+    'id': Str(),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'input': Str(required=True),
+}, unknown='raise')
+object_schema('BetaCustomToolCallOutput', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call_output'])]),
+    'id': Str(),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('BetaFunctionAndCustomToolCallOutput'))], required=True),
+}, unknown='raise')
+object_schema('BetaCustomToolCallOutputResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call_output'])]),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('BetaFunctionAndCustomToolCallOutput'))], required=True),
+    'status': Ref('BetaFunctionCallOutputStatusEnum', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaCustomToolCallResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call'])]),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'input': Str(required=True),
+    'status': Ref('BetaFunctionCallStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaCustomToolParam', {
+    'type': Str(required=True, validate=[OneOf(['custom'])], metadata={'default': 'custom'}),
+    'name': Str(required=True),
+    'description': Str(),
+    'format': Tagged('type', {'text': nested('BetaCustomTextFormatParam'), 'grammar': nested('BetaCustomGrammarFormatParam')}),
+    'defer_loading': Bool(),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaDirectToolCallCaller', {
+    'type': Str(required=True, validate=[OneOf(['direct'])], metadata={'default': 'direct'}),
+}, unknown='raise')
+object_schema('BetaDirectToolCallCallerParam', {
+    'type': Str(required=True, validate=[OneOf(['direct'])], metadata={'default': 'direct'}),
+}, unknown='raise')
+object_schema('BetaDoubleClickAction', {
+    'type': Str(required=True, validate=[OneOf(['double_click'])], metadata={'default': 'double_click'}),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'keys': ListOf(Str(), required=True, allow_none=True),
+}, unknown='raise')
+object_schema('BetaDragParam', {
+    'type': Str(required=True, validate=[OneOf(['drag'])], metadata={'default': 'drag'}),
+    'path': ListOf(nested('BetaCoordParam'), required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('BetaEasyInputMessage', {
+    'role': Str(required=True, validate=[OneOf(['user', 'assistant', 'system', 'developer'])]),
+    'content': Union([Str(), Ref('BetaInputMessageContentList')], required=True),
+    'phase': Ref('BetaMessagePhase', allow_none=True),
+    'type': Str(validate=[OneOf(['message'])]),
+}, unknown='raise')
+object_schema('BetaEmptyModelParam', {
+
+}, unknown='raise')
+object_schema('BetaEncryptedContent', {
+    'type': Str(required=True, validate=[OneOf(['encrypted_content'])], metadata={'default': 'encrypted_content'}),
+    'encrypted_content': Str(required=True),
+}, unknown='raise')
+object_schema('BetaEncryptedContentParam', {
+    'type': Str(required=True, validate=[OneOf(['encrypted_content'])], metadata={'default': 'encrypted_content'}),
+    'encrypted_content': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('BetaError', {
+    'code': Str(required=True, allow_none=True),
+    'message': Str(required=True),
+    'param': Str(required=True, allow_none=True),
+    'type': Str(required=True),
+}, unknown='raise')
+object_schema('BetaFileCitationBody', {
+    'type': Str(required=True, validate=[OneOf(['file_citation'])], metadata={'default': 'file_citation'}),
+    'file_id': Str(required=True),
+    'index': Int(required=True),
+    'filename': Str(required=True),
+}, unknown='raise')
+object_schema('BetaFileCitationParam', {
+    'type': Str(required=True, validate=[OneOf(['file_citation'])], metadata={'default': 'file_citation'}),
+    'index': Int(required=True, validate=[Range(min=0, max=None)]),
+    'file_id': Str(required=True),
+    'filename': Str(required=True),
+}, unknown='raise')
+object_schema('BetaFilePath', {
+    'type': Str(required=True, validate=[OneOf(['file_path'])]),
+    'file_id': Str(required=True),
+    'index': Int(required=True),
+}, unknown='raise')
+object_schema('BetaFileSearchTool', {
+    'type': Str(required=True, validate=[OneOf(['file_search'])], metadata={'default': 'file_search'}),
+    'vector_store_ids': ListOf(Str(), required=True),
+    'max_num_results': Int(),
+    'ranking_options': nested('BetaRankingOptions'),
+    'filters': Ref('BetaFilters', allow_none=True),
+}, unknown='raise')
+object_schema('BetaFileSearchToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['file_search_call'])]),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'searching', 'completed', 'incomplete', 'failed'])]),
+    'queries': ListOf(Str(), required=True),
+    'results': ListOf(nested('BetaFileSearchToolCall_ResultsItem'), allow_none=True),
+}, unknown='raise')
+object_schema('BetaFileSearchToolCall_ResultsItem', {
+    'file_id': Str(),
+    'text': Str(),
+    'filename': Str(),
+    'attributes': Ref('BetaVectorStoreFileAttributes', allow_none=True),
+    'score': Num(metadata={'format': 'float'}),
+}, unknown='raise')
+object_schema('BetaFunctionCallOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(allow_none=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['function_call_output'])], metadata={'default': 'function_call_output'}),
+    'output': Union([Str(validate=[Length(min=None, max=10485760)]), ListOf(Tagged('type', {'input_text': nested('BetaInputTextContentParam'), 'input_image': nested('BetaInputImageContentParamAutoParam'), 'input_file': nested('BetaInputFileContentParam')}))], required=True),
+    'name': Str(allow_none=True, validate=[Length(min=1, max=128)]),
+    'namespace': Str(allow_none=True, validate=[Length(min=1, max=64), Pattern('^[a-zA-Z0-9_-]+$')]),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'status': Ref('BetaFunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellAction', {
+    'commands': ListOf(Str(), required=True),
+    'timeout_ms': Int(required=True, allow_none=True),
+    'max_output_length': Int(required=True, allow_none=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellActionParam', {
+    'commands': ListOf(Str(), required=True),
+    'timeout_ms': Int(allow_none=True),
+    'max_output_length': Int(allow_none=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellCall', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['shell_call'])], metadata={'default': 'shell_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'action': nested('BetaFunctionShellAction', required=True),
+    'status': Ref('BetaFunctionShellCallStatus', required=True),
+    'environment': Tagged('type', {'local': nested('BetaLocalEnvironmentResource'), 'container_reference': nested('BetaContainerReferenceResource')}, required=True, allow_none=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['shell_call'])], metadata={'default': 'shell_call'}),
+    'action': nested('BetaFunctionShellActionParam', required=True),
+    'status': Ref('BetaFunctionShellCallItemStatus', allow_none=True),
+    'environment': Tagged('type', {'local': nested('BetaLocalEnvironmentParam'), 'container_reference': nested('BetaContainerReferenceParam')}, allow_none=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutput', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['shell_call_output'])], metadata={'default': 'shell_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'status': Ref('BetaFunctionShellCallOutputStatusEnum', required=True),
+    'output': ListOf(nested('BetaFunctionShellCallOutputContent'), required=True),
+    'max_output_length': Int(required=True, allow_none=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputContent', {
+    'stdout': Str(required=True),
+    'stderr': Str(required=True),
+    'outcome': Tagged('type', {'timeout': nested('BetaFunctionShellCallOutputTimeoutOutcome'), 'exit': nested('BetaFunctionShellCallOutputExitOutcome')}, required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputContentParam', {
+    'stdout': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'stderr': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'outcome': Ref('BetaFunctionShellCallOutputOutcomeParam', required=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputExitOutcome', {
+    'type': Str(required=True, validate=[OneOf(['exit'])], metadata={'default': 'exit'}),
+    'exit_code': Int(required=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputExitOutcomeParam', {
+    'type': Str(required=True, validate=[OneOf(['exit'])], metadata={'default': 'exit'}),
+    'exit_code': Int(required=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['shell_call_output'])], metadata={'default': 'shell_call_output'}),
+    'output': ListOf(nested('BetaFunctionShellCallOutputContentParam'), required=True),
+    'status': Ref('BetaFunctionShellCallItemStatus', allow_none=True),
+    'max_output_length': Int(allow_none=True),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputTimeoutOutcome', {
+    'type': Str(required=True, validate=[OneOf(['timeout'])], metadata={'default': 'timeout'}),
+}, unknown='raise')
+object_schema('BetaFunctionShellCallOutputTimeoutOutcomeParam', {
+    'type': Str(required=True, validate=[OneOf(['timeout'])], metadata={'default': 'timeout'}),
+}, unknown='raise')
+object_schema('BetaFunctionShellToolParam', {
+    'type': Str(required=True, validate=[OneOf(['shell'])], metadata={'default': 'shell'}),
+    'environment': Tagged('type', {'container_auto': nested('BetaContainerAutoParam'), 'local': nested('BetaLocalEnvironmentParam'), 'container_reference': nested('BetaContainerReferenceParam')}, allow_none=True),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaFunctionTool', {
+    'type': Str(required=True, validate=[OneOf(['function'])], metadata={'default': 'function'}),
+    'name': Str(required=True),
+    'description': Str(allow_none=True),
+    'parameters': MapOf(required=True, allow_none=True),
+    'output_schema': MapOf(allow_none=True),
+    'strict': Bool(required=True, allow_none=True),
+    'defer_loading': Bool(),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True),
+}, unknown='raise')
+object_schema('BetaFunctionToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(),
+    'type': Str(required=True, validate=[OneOf(['function_call'])]),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaFunctionToolCallOutput', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(),
+    'type': Str(required=True, validate=[OneOf(['function_call_output'])]),
+    'call_id': Str(),
+    'name': Str(),
+    'namespace': Str(),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('BetaFunctionAndCustomToolCallOutput'))], required=True),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaFunctionToolCallOutputResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['function_call_output'])]),
+    'call_id': Str(),
+    'name': Str(),
+    'namespace': Str(),
+    'caller': Ref('BetaToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('BetaFunctionAndCustomToolCallOutput'))], required=True),
+    'status': Ref('BetaFunctionCallOutputStatusEnum', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaFunctionToolCallResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['function_call'])]),
+    'call_id': Str(required=True),
+    'caller': Ref('BetaToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+    'status': Ref('BetaFunctionCallStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaFunctionToolParam', {
+    'name': Str(required=True, validate=[Length(min=1, max=128), Pattern('^[a-zA-Z0-9_-]+$')]),
+    'description': Str(allow_none=True),
+    'parameters': nested('BetaEmptyModelParam', allow_none=True),
+    'strict': Bool(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['function'])], metadata={'default': 'function'}),
+    'output_schema': MapOf(allow_none=True),
+    'defer_loading': Bool(),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaGetResponseQuery', {
+    'include': ListOf(Ref('BetaIncludeEnum')),
+    'stream': Bool(),
+    'starting_after': Int(),
+    'include_obfuscation': Bool(),
+}, unknown='include')
+object_schema('BetaHTTPError', {
+    'type': Str(required=True, validate=[OneOf(['http_error'])], metadata={'default': 'http_error'}),
+    'code': Int(required=True),
+    'message': Str(required=True),
+}, unknown='raise')
+object_schema('BetaHybridSearchOptions', {
+    'embedding_weight': Num(required=True),
+    'text_weight': Num(required=True),
+}, unknown='raise')
+object_schema('BetaImageGenTool', {
+    'type': Str(required=True, validate=[OneOf(['image_generation'])]),
+    'model': Union([Str(), Str(validate=[OneOf(['gpt-image-1', 'gpt-image-1-mini', 'gpt-image-1.5', 'gpt-image-2', 'gpt-image-2-2026-04-21'])], metadata={'default': 'gpt-image-1'})]),
+    'quality': Str(validate=[OneOf(['low', 'medium', 'high', 'auto'])], metadata={'default': 'auto'}),
+    'size': Union([Str(), Str(validate=[OneOf(['1024x1024', '1024x1536', '1536x1024', 'auto'])])], metadata={'default': 'auto'}),
+    'output_format': Str(validate=[OneOf(['png', 'webp', 'jpeg'])], metadata={'default': 'png'}),
+    'output_compression': Int(validate=[Range(min=0, max=100)], metadata={'default': 100}),
+    'moderation': Str(validate=[OneOf(['auto', 'low'])], metadata={'default': 'auto'}),
+    'background': Str(validate=[OneOf(['transparent', 'opaque', 'auto'])], metadata={'default': 'auto'}),
+    'input_fidelity': Ref('BetaInputFidelity', allow_none=True),
+    'input_image_mask': nested('BetaImageGenTool_InputImageMask'),
+    'partial_images': Int(validate=[Range(min=0, max=3)], metadata={'default': 0}),
+    'action': Ref('BetaImageGenActionEnum'),
+}, unknown='raise')
+object_schema('BetaImageGenToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['image_generation_call'])]),
+    'id': Str(required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'generating', 'failed'])]),
+    'result': Str(required=True, allow_none=True),
+}, unknown='raise')
+object_schema('BetaImageGenTool_InputImageMask', {
+    'image_url': Str(),
+    'file_id': Str(),
+}, unknown='raise')
+object_schema('BetaInlineSkillParam', {
+    'type': Str(required=True, validate=[OneOf(['inline'])], metadata={'default': 'inline'}),
+    'name': Str(required=True),
+    'description': Str(required=True),
+    'source': nested('BetaInlineSkillSourceParam', required=True),
+}, unknown='raise')
+object_schema('BetaInlineSkillSourceParam', {
+    'type': Str(required=True, validate=[OneOf(['base64'])], metadata={'default': 'base64'}),
+    'media_type': Str(required=True, validate=[OneOf(['application/zip'])], metadata={'default': 'application/zip'}),
+    'data': Str(required=True, validate=[Length(min=1, max=70254592)]),
+}, unknown='raise')
+object_schema('BetaInputFileContent', {
+    'type': Str(required=True, validate=[OneOf(['input_file'])], metadata={'default': 'input_file'}),
+    'file_id': Str(allow_none=True),
+    'filename': Str(),
+    'file_data': Str(),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointConfig'),
+    'file_url': Str(metadata={'format': 'uri'}),
+    'detail': Ref('BetaFileInputDetail'),
+}, unknown='raise')
+object_schema('BetaInputFileContentParam', {
+    'type': Str(required=True, validate=[OneOf(['input_file'])], metadata={'default': 'input_file'}),
+    'file_id': Str(allow_none=True),
+    'filename': Str(allow_none=True),
+    'file_data': Str(allow_none=True, validate=[Length(min=None, max=73400320)]),
+    'file_url': Str(allow_none=True, metadata={'format': 'uri'}),
+    'detail': Ref('BetaFileDetailEnum'),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaInputImageContent', {
+    'type': Str(required=True, validate=[OneOf(['input_image'])], metadata={'default': 'input_image'}),
+    'image_url': Str(allow_none=True, metadata={'format': 'uri'}),
+    'file_id': Str(allow_none=True),
+    'detail': Ref('BetaImageDetail', required=True),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointConfig'),
+}, unknown='raise')
+object_schema('BetaInputImageContentParamAutoParam', {
+    'type': Str(required=True, validate=[OneOf(['input_image'])], metadata={'default': 'input_image'}),
+    'image_url': Str(allow_none=True, validate=[Length(min=None, max=20971520)], metadata={'format': 'uri'}),
+    'file_id': Str(allow_none=True),
+    'detail': Ref('BetaDetailEnum', allow_none=True),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaInputMessage', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(validate=[OneOf(['message'])]),
+    'role': Str(required=True, validate=[OneOf(['user', 'system', 'developer'])]),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+    'content': Ref('BetaInputMessageContentList', required=True),
+}, unknown='raise')
+object_schema('BetaInputMessageResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['message'])]),
+    'role': Str(required=True, validate=[OneOf(['user', 'system', 'developer'])]),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+    'content': Ref('BetaInputMessageContentList', required=True),
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaInputTextContent', {
+    'type': Str(required=True, validate=[OneOf(['input_text'])], metadata={'default': 'input_text'}),
+    'text': Str(required=True),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointConfig'),
+}, unknown='raise')
+object_schema('BetaInputTextContentParam', {
+    'type': Str(required=True, validate=[OneOf(['input_text'])], metadata={'default': 'input_text'}),
+    'text': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'prompt_cache_breakpoint': nested('BetaPromptCacheBreakpointParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaItemReferenceParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'type': Str(allow_none=True, validate=[OneOf(['item_reference'])], metadata={'default': 'item_reference'}),
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaKeyPressAction', {
+    'type': Str(required=True, validate=[OneOf(['keypress'])], metadata={'default': 'keypress'}),
+    'keys': ListOf(Str(), required=True),
+}, unknown='raise')
+object_schema('BetaListInputItemsQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'order': Str(validate=[OneOf(['asc', 'desc'])]),
+    'after': Str(),
+    'include': ListOf(Ref('BetaIncludeEnum')),
+}, unknown='include')
+object_schema('BetaLocalEnvironmentParam', {
+    'type': Str(required=True, validate=[OneOf(['local'])], metadata={'default': 'local'}),
+    'skills': ListOf(nested('BetaLocalSkillParam'), validate=[Length(min=None, max=200)]),
+}, unknown='raise')
+object_schema('BetaLocalEnvironmentResource', {
+    'type': Str(required=True, validate=[OneOf(['local'])], metadata={'default': 'local'}),
+}, unknown='raise')
+object_schema('BetaLocalShellExecAction', {
+    'type': Str(required=True, validate=[OneOf(['exec'])], metadata={'default': 'exec'}),
+    'command': ListOf(Str(), required=True),
+    'timeout_ms': Int(allow_none=True),
+    'working_directory': Str(allow_none=True),
+    'env': MapOf(Str(), required=True),
+    'user': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaLocalShellToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['local_shell_call'])]),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'action': nested('BetaLocalShellExecAction', required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaLocalShellToolCallOutput', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['local_shell_call_output'])]),
+    'id': Str(required=True),
+    'output': Str(required=True),
+    'status': Str(allow_none=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaLocalShellToolParam', {
+    'type': Str(required=True, validate=[OneOf(['local_shell'])], metadata={'default': 'local_shell'}),
+}, unknown='raise')
+object_schema('BetaLocalSkillParam', {
+    'name': Str(required=True),
+    'description': Str(required=True),
+    'path': Str(required=True),
+}, unknown='raise')
+object_schema('BetaLogProb', {
+    'token': Str(required=True),
+    'logprob': Num(required=True),
+    'bytes': ListOf(Int(), required=True),
+    'top_logprobs': ListOf(nested('BetaTopLogProb'), required=True),
+}, unknown='raise')
+object_schema('BetaMCPApprovalRequest', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['mcp_approval_request'])]),
+    'id': Str(required=True),
+    'server_label': Str(required=True),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+}, unknown='raise')
+object_schema('BetaMCPApprovalResponse', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['mcp_approval_response'])]),
+    'id': Str(allow_none=True),
+    'approval_request_id': Str(required=True),
+    'approve': Bool(required=True),
+    'reason': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaMCPApprovalResponseResource', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['mcp_approval_response'])]),
+    'id': Str(required=True),
+    'approval_request_id': Str(required=True),
+    'approve': Bool(required=True),
+    'reason': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaMCPListTools', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['mcp_list_tools'])]),
+    'id': Str(required=True),
+    'server_label': Str(required=True),
+    'tools': ListOf(nested('BetaMCPListToolsTool'), required=True),
+    'error': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaMCPListToolsTool', {
+    'name': Str(required=True),
+    'description': Str(allow_none=True),
+    'input_schema': MapOf(required=True),
+    'annotations': MapOf(allow_none=True),
+}, unknown='raise')
+object_schema('BetaMCPProtocolError', {
+    'type': Str(required=True, validate=[OneOf(['mcp_protocol_error'])], metadata={'default': 'mcp_protocol_error'}),
+    'code': Int(required=True),
+    'message': Str(required=True),
+}, unknown='raise')
+object_schema('BetaMCPTool', {
+    'type': Str(required=True, validate=[OneOf(['mcp'])]),
+    'server_label': Str(required=True),
+    'server_url': Str(metadata={'format': 'uri'}),
+    'connector_id': Str(validate=[OneOf(['connector_dropbox', 'connector_gmail', 'connector_googlecalendar', 'connector_googledrive', 'connector_microsoftteams', 'connector_outlookcalendar', 'connector_outlookemail', 'connector_sharepoint'])]),
+    'tunnel_id': Str(validate=[Pattern('^tunnel_[a-z0-9]{32}$')]),
+    'authorization': Str(),
+    'server_description': Str(),
+    'headers': MapOf(Str(), allow_none=True),
+    'allowed_tools': Union([ListOf(Str()), nested('BetaMCPToolFilter')], allow_none=True),
+    'allowed_callers': ListOf(Ref('BetaCallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+    'require_approval': Union([nested('BetaMCPTool_RequireApproval0'), Str(validate=[OneOf(['always', 'never'])])], allow_none=True, metadata={'default': 'always'}),
+    'defer_loading': Bool(),
+}, unknown='raise')
+object_schema('BetaMCPToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['mcp_call'])]),
+    'id': Str(required=True),
+    'server_label': Str(required=True),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+    'output': Str(allow_none=True),
+    'error': Ref('BetaMCPToolCallError', allow_none=True),
+    'status': Ref('BetaMCPToolCallStatus'),
+    'approval_request_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaMCPToolExecutionError', {
+    'type': Str(required=True, validate=[OneOf(['mcp_tool_execution_error'])], metadata={'default': 'mcp_tool_execution_error'}),
+    'content': Any_(required=True),
+}, unknown='raise')
+object_schema('BetaMCPToolFilter', {
+    'tool_names': ListOf(Str()),
+    'read_only': Bool(),
+}, unknown='raise')
+object_schema('BetaMCPTool_RequireApproval0', {
+    'always': nested('BetaMCPToolFilter'),
+    'never': nested('BetaMCPToolFilter'),
+}, unknown='raise')
+object_schema('BetaMessage', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['message'])], metadata={'default': 'message'}),
+    'id': Str(required=True),
+    'status': Ref('BetaMessageStatus', required=True),
+    'role': Ref('BetaMessageRole', required=True),
+    'content': ListOf(Tagged('type', {'input_text': nested('BetaInputTextContent'), 'output_text': nested('BetaOutputTextContent'), 'text': nested('BetaTextContent'), 'summary_text': nested('BetaSummaryTextContent'), 'reasoning_text': nested('BetaReasoningTextContent'), 'refusal': nested('BetaRefusalContent'), 'input_image': nested('BetaInputImageContent'), 'computer_screenshot': nested('BetaComputerScreenshotContent'), 'input_file': nested('BetaInputFileContent'), 'encrypted_content': nested('BetaEncryptedContent')}), required=True),
+    'phase': Ref('BetaMessagePhase-2', allow_none=True),
+}, unknown='raise')
+object_schema('BetaModeration', {
+    'input': Tagged('type', {'moderation_result': nested('BetaModerationResultBody'), 'error': nested('BetaModerationErrorBody')}, required=True),
+    'output': Tagged('type', {'moderation_result': nested('BetaModerationResultBody'), 'error': nested('BetaModerationErrorBody')}, required=True),
+}, unknown='raise')
+object_schema('BetaModerationConfigParam', {
+    'mode': Ref('BetaModerationMode', required=True),
+}, unknown='raise')
+object_schema('BetaModerationErrorBody', {
+    'type': Str(required=True, validate=[OneOf(['error'])], metadata={'default': 'error'}),
+    'code': Str(required=True),
+    'message': Str(required=True),
+}, unknown='raise')
+object_schema('BetaModerationParam', {
+    'model': Str(required=True),
+    'policy': nested('BetaModerationPolicyParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaModerationPolicyParam', {
+    'input': nested('BetaModerationConfigParam', allow_none=True),
+    'output': nested('BetaModerationConfigParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaModerationResultBody', {
+    'type': Str(required=True, validate=[OneOf(['moderation_result'])], metadata={'default': 'moderation_result'}),
+    'model': Str(required=True),
+    'flagged': Bool(required=True),
+    'categories': MapOf(Bool(), required=True),
+    'category_scores': MapOf(Num(), required=True),
+    'category_applied_input_types': MapOf(ListOf(Ref('BetaModerationInputType')), required=True),
+}, unknown='raise')
+object_schema('BetaMoveParam', {
+    'type': Str(required=True, validate=[OneOf(['move'])], metadata={'default': 'move'}),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('BetaMultiAgentCall', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['multi_agent_call'])], metadata={'default': 'multi_agent_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'action': Ref('BetaMultiAgentAction', required=True),
+    'arguments': Str(required=True),
+}, unknown='raise')
+object_schema('BetaMultiAgentCallItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['multi_agent_call'])], metadata={'default': 'multi_agent_call'}),
+    'action': Ref('BetaMultiAgentAction1', required=True),
+    'arguments': Str(required=True),
+}, unknown='raise')
+object_schema('BetaMultiAgentCallOutput', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['multi_agent_call_output'])], metadata={'default': 'multi_agent_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'action': Ref('BetaMultiAgentAction', required=True),
+    'output': ListOf(nested('BetaOutputTextContent'), required=True),
+}, unknown='raise')
+object_schema('BetaMultiAgentCallOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['multi_agent_call_output'])], metadata={'default': 'multi_agent_call_output'}),
+    'action': Ref('BetaMultiAgentAction1', required=True),
+    'output': ListOf(nested('BetaOutputTextContentParam'), required=True),
+}, unknown='raise')
+object_schema('BetaMultiAgentParam', {
+    'enabled': Bool(required=True),
+    'max_concurrent_subagents': Int(validate=[Range(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaNamespaceToolParam', {
+    'type': Str(required=True, validate=[OneOf(['namespace'])], metadata={'default': 'namespace'}),
+    'name': Str(required=True, validate=[Length(min=1, max=None)]),
+    'description': Str(required=True),
+    'tools': ListOf(Tagged('type', {'function': nested('BetaFunctionToolParam'), 'custom': nested('BetaCustomToolParam')}), required=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('BetaOutputMessage', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['message'])]),
+    'role': Str(required=True, validate=[OneOf(['assistant'])]),
+    'content': ListOf(Ref('BetaOutputMessageContent'), required=True),
+    'phase': Ref('BetaMessagePhase', allow_none=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaOutputTextContent', {
+    'type': Str(required=True, validate=[OneOf(['output_text'])], metadata={'default': 'output_text'}),
+    'text': Str(required=True),
+    'annotations': ListOf(Ref('BetaAnnotation'), required=True),
+    'logprobs': ListOf(nested('BetaLogProb'), required=True),
+}, unknown='raise')
+object_schema('BetaOutputTextContentParam', {
+    'type': Str(required=True, validate=[OneOf(['output_text'])], metadata={'default': 'output_text'}),
+    'text': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'annotations': ListOf(Tagged('type', {'file_citation': nested('BetaFileCitationParam'), 'url_citation': nested('BetaUrlCitationParam'), 'container_file_citation': nested('BetaContainerFileCitationParam')})),
+}, unknown='raise')
+object_schema('BetaProgram', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'code': Str(required=True),
+    'fingerprint': Str(required=True),
+}, unknown='raise')
+object_schema('BetaProgramItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'code': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'fingerprint': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('BetaProgramOutput', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['program_output'])], metadata={'default': 'program_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'result': Str(required=True),
+    'status': Ref('BetaProgramOutputStatus', required=True),
+}, unknown='raise')
+object_schema('BetaProgramOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['program_output'])], metadata={'default': 'program_output'}),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'result': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'status': Ref('BetaProgramOutputItemStatus', required=True),
+}, unknown='raise')
+object_schema('BetaProgramToolCallCaller', {
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'caller_id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaProgramToolCallCallerParam', {
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'caller_id': Str(required=True, validate=[Length(min=1, max=64)]),
+}, unknown='raise')
+object_schema('BetaProgrammaticToolCallingParam', {
+    'type': Str(required=True, validate=[OneOf(['programmatic_tool_calling'])], metadata={'default': 'programmatic_tool_calling'}),
+}, unknown='raise')
+object_schema('BetaPrompt', {
+    'id': Str(required=True),
+    'version': Str(allow_none=True),
+    'variables': Ref('BetaResponsePromptVariables', allow_none=True),
+}, unknown='raise')
+object_schema('BetaPromptCacheBreakpointConfig', {
+    'mode': Str(required=True, validate=[OneOf(['explicit'])], metadata={'default': 'explicit'}),
+}, unknown='raise')
+object_schema('BetaPromptCacheBreakpointParam', {
+    'mode': Str(required=True, validate=[OneOf(['explicit'])], metadata={'default': 'explicit'}),
+}, unknown='raise')
+object_schema('BetaPromptCacheOptions', {
+    'ttl': Ref('BetaPromptCacheTTLEnum', required=True),
+    'mode': Ref('BetaPromptCacheModeEnum', required=True),
+}, unknown='raise')
+object_schema('BetaPromptCacheOptionsParam', {
+    'ttl': Ref('BetaPromptCacheTTLEnum'),
+    'mode': Ref('BetaPromptCacheModeEnum'),
+}, unknown='raise')
+object_schema('BetaRankingOptions', {
+    'ranker': Ref('BetaRankerVersionType'),
+    'score_threshold': Num(),
+    'hybrid_search': nested('BetaHybridSearchOptions'),
+}, unknown='raise')
+object_schema('BetaReasoning', {
+    'mode': Ref('BetaReasoningModeEnum'),
+    'effort': Ref('BetaReasoningEffort', allow_none=True),
+    'summary': Str(allow_none=True, validate=[OneOf(['auto', 'concise', 'detailed'])]),
+    'context': Str(allow_none=True, validate=[OneOf(['auto', 'current_turn', 'all_turns'])]),
+    'generate_summary': Str(allow_none=True, validate=[OneOf(['auto', 'concise', 'detailed'])]),
+}, unknown='raise')
+object_schema('BetaReasoningItem', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['reasoning'])]),
+    'id': Str(required=True),
+    'encrypted_content': Str(allow_none=True),
+    'summary': ListOf(nested('BetaSummaryTextContent'), required=True),
+    'content': ListOf(nested('BetaReasoningTextContent')),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('BetaReasoningTextContent', {
+    'type': Str(required=True, validate=[OneOf(['reasoning_text'])], metadata={'default': 'reasoning_text'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('BetaRefusalContent', {
+    'type': Str(required=True, validate=[OneOf(['refusal'])], metadata={'default': 'refusal'}),
+    'refusal': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponse', {
+    'metadata': Ref('BetaMetadata', required=True, allow_none=True),
+    'top_logprobs': Int(allow_none=True, validate=[Range(min=0, max=20)]),
+    'temperature': Num(required=True, allow_none=True, validate=[Range(min=0, max=2)], metadata={'default': 1}),
+    'top_p': Num(required=True, allow_none=True, validate=[Range(min=0, max=1)], metadata={'default': 1}),
+    'user': Str(),
+    'safety_identifier': Str(allow_none=True, validate=[Length(min=None, max=64)]),
+    'prompt_cache_key': Str(allow_none=True),
+    'prompt_cache_retention': Str(allow_none=True, validate=[OneOf(['in_memory', '24h'])]),
+    'previous_response_id': Str(allow_none=True),
+    'model': Ref('BetaModelIdsResponses', required=True),
+    'background': Bool(allow_none=True, metadata={'default': False}),
+    'max_tool_calls': Int(allow_none=True),
+    'text': nested('BetaResponseTextParam'),
+    'tools': Ref('BetaToolsArray', required=True),
+    'tool_choice': Ref('BetaToolChoiceParam', required=True),
+    'prompt': nested('BetaPrompt', allow_none=True),
+    'service_tier': Ref('BetaServiceTierResponses', allow_none=True),
+    'truncation': Str(allow_none=True, validate=[OneOf(['auto', 'disabled'])], metadata={'default': 'disabled'}),
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['response'])]),
+    'status': Str(validate=[OneOf(['completed', 'failed', 'in_progress', 'cancelled', 'queued', 'incomplete'])]),
+    'created_at': Num(required=True, metadata={'format': 'unixtime'}),
+    'completed_at': Num(allow_none=True, metadata={'format': 'unixtime'}),
+    'error': nested('BetaResponseError', required=True, allow_none=True),
+    'incomplete_details': nested('BetaResponse_IncompleteDetails', required=True, allow_none=True),
+    'output': ListOf(Ref('BetaOutputItem'), required=True),
+    'reasoning': nested('BetaReasoning', allow_none=True),
+    'instructions': Union([Str(), ListOf(Ref('BetaInputItem'))], required=True, allow_none=True),
+    'output_text': Str(allow_none=True),
+    'usage': nested('BetaResponseUsage'),
+    'prompt_cache_options': nested('BetaPromptCacheOptions'),
+    'moderation': nested('BetaModeration', allow_none=True),
+    'parallel_tool_calls': Bool(required=True, metadata={'default': True}),
+    'conversation': nested('BetaResponseConversation', allow_none=True),
+    'max_output_tokens': Int(allow_none=True),
+}, unknown='raise')
+object_schema('BetaResponseAudioDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.audio.delta'])]),
+    'sequence_number': Int(required=True),
+    'delta': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseAudioDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.audio.done'])]),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseAudioTranscriptDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.audio.transcript.delta'])]),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseAudioTranscriptDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.audio.transcript.done'])]),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCodeInterpreterCallCodeDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call_code.delta'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCodeInterpreterCallCodeDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call_code.done'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'code': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCodeInterpreterCallCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call.completed'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCodeInterpreterCallInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCodeInterpreterCallInterpretingEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call.interpreting'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.completed'])]),
+    'response': nested('BetaResponse', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseContentPartAddedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.content_part.added'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'part': Ref('BetaOutputContent', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseContentPartDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.content_part.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'part': Ref('BetaOutputContent', required=True),
+}, unknown='raise')
+object_schema('BetaResponseConversation', {
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCreatedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.created'])]),
+    'response': nested('BetaResponse', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCustomToolCallInputDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.custom_tool_call_input.delta'])]),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'delta': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseCustomToolCallInputDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.custom_tool_call_input.done'])]),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'input': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseError', {
+    'code': Ref('BetaResponseErrorCode', required=True),
+    'message': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseErrorEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['error'])]),
+    'code': Str(required=True, allow_none=True),
+    'message': Str(required=True),
+    'param': Str(required=True, allow_none=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseFailedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.failed'])]),
+    'sequence_number': Int(required=True),
+    'response': nested('BetaResponse', required=True),
+}, unknown='raise')
+object_schema('BetaResponseFileSearchCallCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.file_search_call.completed'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseFileSearchCallInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.file_search_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseFileSearchCallSearchingEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.file_search_call.searching'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseFormatJsonObject', {
+    'type': Str(required=True, validate=[OneOf(['json_object'])]),
+}, unknown='raise')
+object_schema('BetaResponseFormatText', {
+    'type': Str(required=True, validate=[OneOf(['text'])]),
+}, unknown='raise')
+object_schema('BetaResponseFunctionCallArgumentsDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.function_call_arguments.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'delta': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseFunctionCallArgumentsDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.function_call_arguments.done'])]),
+    'item_id': Str(required=True),
+    'name': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'arguments': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseImageGenCallCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.completed'])]),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'item_id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseImageGenCallGeneratingEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.generating'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseImageGenCallInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseImageGenCallPartialImageEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.partial_image'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+    'partial_image_index': Int(required=True),
+    'partial_image_b64': Str(required=True),
+    'size': Str(),
+    'quality': Str(),
+    'background': Str(),
+    'output_format': Str(),
+}, unknown='raise')
+object_schema('BetaResponseInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.in_progress'])]),
+    'response': nested('BetaResponse', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseIncompleteEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.incomplete'])]),
+    'response': nested('BetaResponse', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseItemList', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(Ref('BetaItemResource'), required=True),
+    'has_more': Bool(required=True),
+    'first_id': Str(required=True),
+    'last_id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseLogProb', {
+    'token': Str(required=True),
+    'logprob': Num(required=True),
+    'top_logprobs': ListOf(nested('BetaResponseLogProb_TopLogprobsItem')),
+}, unknown='raise')
+object_schema('BetaResponseLogProb_TopLogprobsItem', {
+    'token': Str(),
+    'logprob': Num(),
+}, unknown='raise')
+object_schema('BetaResponseMCPCallArgumentsDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call_arguments.delta'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPCallArgumentsDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call_arguments.done'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'arguments': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPCallCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call.completed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPCallFailedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call.failed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPCallInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call.in_progress'])]),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPListToolsCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_list_tools.completed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPListToolsFailedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_list_tools.failed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseMCPListToolsInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.mcp_list_tools.in_progress'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseOutputItemAddedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.output_item.added'])]),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'item': Ref('BetaOutputItem', required=True),
+}, unknown='raise')
+object_schema('BetaResponseOutputItemDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.output_item.done'])]),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'item': Ref('BetaOutputItem', required=True),
+}, unknown='raise')
+object_schema('BetaResponseOutputTextAnnotationAddedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.output_text.annotation.added'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'annotation_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'annotation': Ref('BetaAnnotation', required=True, allow_none=True),
+}, unknown='raise')
+object_schema('BetaResponseQueuedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.queued'])]),
+    'response': nested('BetaResponse', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningSummaryPartAddedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_part.added'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'part': nested('BetaResponseReasoningSummaryPartAddedEvent_Part', required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningSummaryPartAddedEvent_Part', {
+    'type': Str(required=True, validate=[OneOf(['summary_text'])]),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningSummaryPartDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_part.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'status': Str(validate=[OneOf(['incomplete'])]),
+    'sequence_number': Int(required=True),
+    'part': nested('BetaResponseReasoningSummaryPartDoneEvent_Part', required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningSummaryPartDoneEvent_Part', {
+    'type': Str(required=True, validate=[OneOf(['summary_text'])]),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningSummaryTextDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_text.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningSummaryTextDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_text.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'text': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningTextDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_text.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseReasoningTextDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_text.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'text': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseRefusalDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.refusal.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseRefusalDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.refusal.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'refusal': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseShellCallCommandAddedStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_command.added'])], metadata={'default': 'response.shell_call_command.added'}),
+    'sequence_number': Int(required=True),
+    'agent': nested('BetaAgentTag'),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'command': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseShellCallCommandDeltaStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_command.delta'])], metadata={'default': 'response.shell_call_command.delta'}),
+    'sequence_number': Int(required=True),
+    'agent': nested('BetaAgentTag'),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'delta': Str(required=True),
+    'obfuscation': Str(),
+}, unknown='raise')
+object_schema('BetaResponseShellCallCommandDoneStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_command.done'])], metadata={'default': 'response.shell_call_command.done'}),
+    'sequence_number': Int(required=True),
+    'agent': nested('BetaAgentTag'),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'command': Str(required=True),
+}, unknown='raise')
+object_schema('BetaResponseShellCallOutputContentDeltaStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_output_content.delta'])], metadata={'default': 'response.shell_call_output_content.delta'}),
+    'sequence_number': Int(required=True),
+    'agent': nested('BetaAgentTag'),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'delta': nested('BetaShellCallOutputDelta', required=True),
+}, unknown='raise')
+object_schema('BetaResponseShellCallOutputContentDoneStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_output_content.done'])], metadata={'default': 'response.shell_call_output_content.done'}),
+    'sequence_number': Int(required=True),
+    'agent': nested('BetaAgentTag'),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'output': ListOf(nested('BetaFunctionShellCallOutputContent'), required=True),
+}, unknown='raise')
+object_schema('BetaResponseStreamOptions', {
+    'include_obfuscation': Bool(),
+}, unknown='raise')
+object_schema('BetaResponseTextDeltaEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.output_text.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+    'logprobs': ListOf(nested('BetaResponseLogProb'), required=True),
+}, unknown='raise')
+object_schema('BetaResponseTextDoneEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.output_text.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'text': Str(required=True),
+    'sequence_number': Int(required=True),
+    'logprobs': ListOf(nested('BetaResponseLogProb'), required=True),
+}, unknown='raise')
+object_schema('BetaResponseTextParam', {
+    'format': Ref('BetaTextResponseFormatConfiguration'),
+    'verbosity': Ref('BetaVerbosity', allow_none=True),
+}, unknown='raise')
+object_schema('BetaResponseUsage', {
+    'input_tokens': Int(required=True),
+    'input_tokens_details': nested('BetaResponseUsage_InputTokensDetails', required=True),
+    'output_tokens': Int(required=True),
+    'output_tokens_details': nested('BetaResponseUsage_OutputTokensDetails', required=True),
+    'total_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseUsage_InputTokensDetails', {
+    'cached_tokens': Int(required=True),
+    'cache_write_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseUsage_OutputTokensDetails', {
+    'reasoning_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseWebSearchCallCompletedEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.web_search_call.completed'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseWebSearchCallInProgressEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.web_search_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponseWebSearchCallSearchingEvent', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['response.web_search_call.searching'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('BetaResponse_IncompleteDetails', {
+    'reason': Str(validate=[OneOf(['max_output_tokens', 'content_filter'])]),
+}, unknown='raise')
+object_schema('BetaScreenshotParam', {
+    'type': Str(required=True, validate=[OneOf(['screenshot'])], metadata={'default': 'screenshot'}),
+}, unknown='raise')
+object_schema('BetaScrollParam', {
+    'type': Str(required=True, validate=[OneOf(['scroll'])], metadata={'default': 'scroll'}),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'scroll_x': Int(required=True),
+    'scroll_y': Int(required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('BetaShellCallOutputDelta', {
+    'stdout': Str(),
+    'stderr': Str(),
+}, unknown='raise')
+object_schema('BetaSkillReferenceParam', {
+    'type': Str(required=True, validate=[OneOf(['skill_reference'])], metadata={'default': 'skill_reference'}),
+    'skill_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'version': Str(),
+}, unknown='raise')
+object_schema('BetaSpecificApplyPatchParam', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch'])], metadata={'default': 'apply_patch'}),
+}, unknown='raise')
+object_schema('BetaSpecificFunctionShellParam', {
+    'type': Str(required=True, validate=[OneOf(['shell'])], metadata={'default': 'shell'}),
+}, unknown='raise')
+object_schema('BetaSpecificProgrammaticToolCallingParam', {
+    'type': Str(required=True, validate=[OneOf(['programmatic_tool_calling'])], metadata={'default': 'programmatic_tool_calling'}),
+}, unknown='raise')
+object_schema('BetaSummaryTextContent', {
+    'type': Str(required=True, validate=[OneOf(['summary_text'])], metadata={'default': 'summary_text'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('BetaTextContent', {
+    'type': Str(required=True, validate=[OneOf(['text'])], metadata={'default': 'text'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('BetaTextResponseFormatJsonSchema', {
+    'type': Str(required=True, validate=[OneOf(['json_schema'])]),
+    'description': Str(),
+    'name': Str(required=True),
+    'schema': Ref('BetaResponseFormatJsonSchemaSchema', required=True),
+    'strict': Bool(allow_none=True, metadata={'default': False}),
+}, unknown='raise')
+object_schema('BetaTokenCountsBody', {
+    'model': Str(allow_none=True),
+    'input': Union([Str(validate=[Length(min=None, max=10485760)]), ListOf(Ref('BetaInputItem'))], allow_none=True),
+    'previous_response_id': Str(allow_none=True),
+    'tools': ListOf(Ref('BetaTool'), allow_none=True),
+    'text': nested('BetaResponseTextParam', allow_none=True),
+    'reasoning': nested('BetaReasoning', allow_none=True),
+    'truncation': Ref('BetaTruncationEnum'),
+    'instructions': Str(allow_none=True),
+    'personality': Ref('BetaPersonalityEnum'),
+    'conversation': Ref('BetaConversationParam', allow_none=True),
+    'tool_choice': Ref('BetaToolChoiceParam', allow_none=True),
+    'parallel_tool_calls': Bool(allow_none=True),
+}, unknown='raise')
+object_schema('BetaTokenCountsResource', {
+    'object': Str(required=True, validate=[OneOf(['response.input_tokens'])], metadata={'default': 'response.input_tokens'}),
+    'input_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('BetaToolChoiceAllowed', {
+    'type': Str(required=True, validate=[OneOf(['allowed_tools'])]),
+    'mode': Str(required=True, validate=[OneOf(['auto', 'required'])]),
+    'tools': ListOf(MapOf(), required=True),
+}, unknown='raise')
+object_schema('BetaToolChoiceCustom', {
+    'type': Str(required=True, validate=[OneOf(['custom'])]),
+    'name': Str(required=True),
+}, unknown='raise')
+object_schema('BetaToolChoiceFunction', {
+    'type': Str(required=True, validate=[OneOf(['function'])]),
+    'name': Str(required=True),
+}, unknown='raise')
+object_schema('BetaToolChoiceMCP', {
+    'type': Str(required=True, validate=[OneOf(['mcp'])]),
+    'server_label': Str(required=True),
+    'name': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaToolChoiceTypes', {
+    'type': Str(required=True, validate=[OneOf(['file_search', 'web_search_preview', 'computer', 'computer_use_preview', 'computer_use', 'web_search_preview_2025_03_11', 'image_generation', 'code_interpreter'])]),
+}, unknown='raise')
+object_schema('BetaToolSearchCall', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['tool_search_call'])], metadata={'default': 'tool_search_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True, allow_none=True),
+    'execution': Ref('BetaToolSearchExecutionType', required=True),
+    'arguments': Any_(required=True),
+    'status': Ref('BetaFunctionCallStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaToolSearchCallItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(allow_none=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['tool_search_call'])], metadata={'default': 'tool_search_call'}),
+    'execution': Ref('BetaToolSearchExecutionType'),
+    'arguments': nested('BetaEmptyModelParam', required=True),
+    'status': Ref('BetaFunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('BetaToolSearchOutput', {
+    'agent': nested('BetaAgentTag'),
+    'type': Str(required=True, validate=[OneOf(['tool_search_output'])], metadata={'default': 'tool_search_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True, allow_none=True),
+    'execution': Ref('BetaToolSearchExecutionType', required=True),
+    'tools': ListOf(Ref('BetaTool'), required=True),
+    'status': Ref('BetaFunctionCallOutputStatusEnum', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('BetaToolSearchOutputItemParam', {
+    'agent': nested('Beta_AgentTagParam', allow_none=True),
+    'id': Str(allow_none=True),
+    'call_id': Str(allow_none=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['tool_search_output'])], metadata={'default': 'tool_search_output'}),
+    'execution': Ref('BetaToolSearchExecutionType'),
+    'tools': ListOf(Ref('BetaTool'), required=True),
+    'status': Ref('BetaFunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('BetaToolSearchToolParam', {
+    'type': Str(required=True, validate=[OneOf(['tool_search'])], metadata={'default': 'tool_search'}),
+    'execution': Ref('BetaToolSearchExecutionType'),
+    'description': Str(allow_none=True),
+    'parameters': nested('BetaEmptyModelParam', allow_none=True),
+}, unknown='raise')
+object_schema('BetaTopLogProb', {
+    'token': Str(required=True),
+    'logprob': Num(required=True),
+    'bytes': ListOf(Int(), required=True),
+}, unknown='raise')
+object_schema('BetaTypeParam', {
+    'type': Str(required=True, validate=[OneOf(['type'])], metadata={'default': 'type'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('BetaUrlCitationBody', {
+    'type': Str(required=True, validate=[OneOf(['url_citation'])], metadata={'default': 'url_citation'}),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+    'start_index': Int(required=True),
+    'end_index': Int(required=True),
+    'title': Str(required=True),
+}, unknown='raise')
+object_schema('BetaUrlCitationParam', {
+    'type': Str(required=True, validate=[OneOf(['url_citation'])], metadata={'default': 'url_citation'}),
+    'start_index': Int(required=True, validate=[Range(min=0, max=None)]),
+    'end_index': Int(required=True, validate=[Range(min=0, max=None)]),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+    'title': Str(required=True),
+}, unknown='raise')
+object_schema('BetaWaitParam', {
+    'type': Str(required=True, validate=[OneOf(['wait'])], metadata={'default': 'wait'}),
+}, unknown='raise')
+object_schema('BetaWebSearchActionFind', {
+    'type': Str(required=True, validate=[OneOf(['find_in_page'])]),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+    'pattern': Str(required=True),
+}, unknown='raise')
+object_schema('BetaWebSearchActionOpenPage', {
+    'type': Str(required=True, validate=[OneOf(['open_page'])]),
+    'url': Str(allow_none=True, metadata={'format': 'uri'}),
+}, unknown='raise')
+object_schema('BetaWebSearchActionSearch', {
+    'type': Str(required=True, validate=[OneOf(['search'])]),
+    'query': Str(),
+    'queries': ListOf(Str()),
+    'sources': ListOf(nested('BetaWebSearchActionSearch_SourcesItem')),
+}, unknown='raise')
+object_schema('BetaWebSearchActionSearch_SourcesItem', {
+    'type': Str(required=True, validate=[OneOf(['url'])]),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+}, unknown='raise')
+object_schema('BetaWebSearchApproximateLocation', {
+    'type': Str(validate=[OneOf(['approximate'])], metadata={'default': 'approximate'}),
+    'country': Str(allow_none=True),
+    'region': Str(allow_none=True),
+    'city': Str(allow_none=True),
+    'timezone': Str(allow_none=True),
+}, unknown='raise')
+object_schema('BetaWebSearchPreviewTool', {
+    'type': Str(required=True, validate=[OneOf(['web_search_preview', 'web_search_preview_2025_03_11'])], metadata={'default': 'web_search_preview'}),
+    'user_location': nested('BetaApproximateLocation', allow_none=True),
+    'search_context_size': Ref('BetaSearchContextSize'),
+    'search_content_types': ListOf(Ref('BetaSearchContentType')),
+}, unknown='raise')
+object_schema('BetaWebSearchTool', {
+    'type': Str(required=True, validate=[OneOf(['web_search', 'web_search_2025_08_26'])], metadata={'default': 'web_search'}),
+    'external_web_access': Bool(metadata={'default': True}),
+    'filters': nested('BetaWebSearchTool_Filters', allow_none=True),
+    'user_location': nested('BetaWebSearchApproximateLocation', allow_none=True),
+    'search_context_size': Str(validate=[OneOf(['low', 'medium', 'high'])], metadata={'default': 'medium'}),
+}, unknown='raise')
+object_schema('BetaWebSearchToolCall', {
+    'agent': nested('BetaAgentTag', allow_none=True),
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['web_search_call'])]),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'searching', 'completed', 'failed'])]),
+    'action': Tagged('type', {'search': nested('BetaWebSearchActionSearch'), 'open_page': nested('BetaWebSearchActionOpenPage'), 'find_in_page': nested('BetaWebSearchActionFind')}, required=True),
+}, unknown='raise')
+object_schema('BetaWebSearchTool_Filters', {
+    'allowed_domains': ListOf(Str(), allow_none=True, metadata={'default': []}),
+}, unknown='raise')
+object_schema('Beta_AgentTagParam', {
+    'agent_name': Str(required=True),
 }, unknown='raise')
 object_schema('ChatCompletionAllowedTools', {
     'mode': Str(required=True, validate=[OneOf(['auto', 'required'])]),
@@ -366,6 +2432,70 @@ object_schema('ChatCompletionTool', {
     'type': Str(required=True, validate=[OneOf(['function'])]),
     'function': nested('FunctionObject', required=True),
 }, unknown='raise')
+object_schema('ClickParam', {
+    'type': Str(required=True, validate=[OneOf(['click'])], metadata={'default': 'click'}),
+    'button': Ref('ClickButtonType', required=True),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('CodeInterpreterOutputImage', {
+    'type': Str(required=True, validate=[OneOf(['image'])], metadata={'default': 'image'}),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+}, unknown='raise')
+object_schema('CodeInterpreterOutputLogs', {
+    'type': Str(required=True, validate=[OneOf(['logs'])], metadata={'default': 'logs'}),
+    'logs': Str(required=True),
+}, unknown='raise')
+object_schema('CodeInterpreterTool', {
+    'type': Str(required=True, validate=[OneOf(['code_interpreter'])]),
+    'container': Union([Str(), nested('AutoCodeInterpreterToolParam')], required=True),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('CodeInterpreterToolCall', {
+    'type': Str(required=True, validate=[OneOf(['code_interpreter_call'])], metadata={'default': 'code_interpreter_call'}),
+    'id': Str(required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete', 'interpreting', 'failed'])]),
+    'container_id': Str(required=True),
+    'code': Str(required=True, allow_none=True),
+    'outputs': ListOf(Tagged('type', {'logs': nested('CodeInterpreterOutputLogs'), 'image': nested('CodeInterpreterOutputImage')}), required=True, allow_none=True),
+}, unknown='raise')
+object_schema('CompactResource', {
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['response.compaction'])], metadata={'default': 'response.compaction'}),
+    'output': ListOf(Ref('ItemField'), required=True),
+    'created_at': Int(required=True, metadata={'format': 'unixtime'}),
+    'usage': nested('ResponseUsage', required=True),
+}, unknown='raise')
+object_schema('CompactResponseMethodPublicBody', {
+    'model': Ref('ModelIdsCompaction', required=True, allow_none=True),
+    'input': Union([Str(validate=[Length(min=None, max=10485760)]), ListOf(Ref('InputItem'))], allow_none=True),
+    'previous_response_id': Str(allow_none=True),
+    'instructions': Str(allow_none=True),
+    'prompt_cache_key': Str(allow_none=True, validate=[Length(min=None, max=64)]),
+    'prompt_cache_retention': Ref('PromptCacheRetentionEnum', allow_none=True),
+    'prompt_cache_options': nested('PromptCacheOptionsParam', allow_none=True),
+    'service_tier': Ref('ServiceTierEnum', allow_none=True),
+}, unknown='raise')
+object_schema('CompactionBody', {
+    'type': Str(required=True, validate=[OneOf(['compaction'])], metadata={'default': 'compaction'}),
+    'id': Str(required=True),
+    'encrypted_content': Str(required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('CompactionSummaryItemParam', {
+    'id': Str(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['compaction'])], metadata={'default': 'compaction'}),
+    'encrypted_content': Str(required=True, validate=[Length(min=None, max=20971520)]),
+}, unknown='raise')
+object_schema('CompactionTriggerItemParam', {
+    'type': Str(required=True, validate=[OneOf(['compaction_trigger'])], metadata={'default': 'compaction_trigger'}),
+}, unknown='raise')
+object_schema('ComparisonFilter', {
+    'type': Str(required=True, validate=[OneOf(['eq', 'ne', 'gt', 'gte', 'lt', 'lte', 'in', 'nin'])], metadata={'default': 'eq'}),
+    'key': Str(required=True),
+    'value': Union([Str(), Num(), Bool(), ListOf(Union([Str(), Num()]))], required=True),
+}, unknown='raise')
 object_schema('CompletionUsage', {
     'completion_tokens': Int(required=True, metadata={'default': 0}),
     'prompt_tokens': Int(required=True, metadata={'default': 0}),
@@ -386,6 +2516,109 @@ object_schema('CompletionUsage_PromptTokensDetails', {
     'text_tokens': Int(),
     'image_tokens': Int(),
     'cache_write_tokens': Int(metadata={'default': 0}),
+}, unknown='raise')
+object_schema('CompoundFilter', {
+    'type': Str(required=True, validate=[OneOf(['and', 'or'])]),
+    'filters': ListOf(Union([nested('ComparisonFilter'), Any_()]), required=True),
+}, unknown='raise')
+object_schema('ComputerCallOutputItemParam', {
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['computer_call_output'])], metadata={'default': 'computer_call_output'}),
+    'output': nested('ComputerScreenshotImage', required=True),
+    'acknowledged_safety_checks': ListOf(nested('ComputerCallSafetyCheckParam'), allow_none=True),
+    'status': Ref('FunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('ComputerCallSafetyCheckParam', {
+    'id': Str(required=True),
+    'code': Str(allow_none=True),
+    'message': Str(allow_none=True),
+}, unknown='raise')
+object_schema('ComputerScreenshotContent', {
+    'type': Str(required=True, validate=[OneOf(['computer_screenshot'])], metadata={'default': 'computer_screenshot'}),
+    'image_url': Str(required=True, allow_none=True, metadata={'format': 'uri'}),
+    'file_id': Str(required=True, allow_none=True),
+    'detail': Ref('ImageDetail', required=True),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointConfig'),
+}, unknown='raise')
+object_schema('ComputerScreenshotImage', {
+    'type': Str(required=True, validate=[OneOf(['computer_screenshot'])], metadata={'default': 'computer_screenshot'}),
+    'image_url': Str(metadata={'format': 'uri'}),
+    'file_id': Str(),
+}, unknown='raise')
+object_schema('ComputerTool', {
+    'type': Str(required=True, validate=[OneOf(['computer'])], metadata={'default': 'computer'}),
+}, unknown='raise')
+object_schema('ComputerToolCall', {
+    'type': Str(required=True, validate=[OneOf(['computer_call'])], metadata={'default': 'computer_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'action': Ref('ComputerAction'),
+    'actions': Ref('ComputerActionList'),
+    'pending_safety_checks': ListOf(nested('ComputerCallSafetyCheckParam'), required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('ComputerToolCallOutputResource', {
+    'type': Str(required=True, validate=[OneOf(['computer_call_output'])], metadata={'default': 'computer_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'acknowledged_safety_checks': ListOf(nested('ComputerCallSafetyCheckParam')),
+    'output': nested('ComputerScreenshotImage', required=True),
+    'status': Ref('ComputerCallOutputStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('ComputerUsePreviewTool', {
+    'type': Str(required=True, validate=[OneOf(['computer_use_preview'])], metadata={'default': 'computer_use_preview'}),
+    'environment': Ref('ComputerEnvironment', required=True),
+    'display_width': Int(required=True),
+    'display_height': Int(required=True),
+}, unknown='raise')
+object_schema('ContainerAutoParam', {
+    'type': Str(required=True, validate=[OneOf(['container_auto'])], metadata={'default': 'container_auto'}),
+    'file_ids': ListOf(Str(), validate=[Length(min=None, max=50)]),
+    'memory_limit': Ref('ContainerMemoryLimit', allow_none=True),
+    'network_policy': Tagged('type', {'disabled': nested('ContainerNetworkPolicyDisabledParam'), 'allowlist': nested('ContainerNetworkPolicyAllowlistParam')}),
+    'skills': ListOf(Tagged('type', {'skill_reference': nested('SkillReferenceParam'), 'inline': nested('InlineSkillParam')}), validate=[Length(min=None, max=200)]),
+}, unknown='raise')
+object_schema('ContainerFileCitationBody', {
+    'type': Str(required=True, validate=[OneOf(['container_file_citation'])], metadata={'default': 'container_file_citation'}),
+    'container_id': Str(required=True),
+    'file_id': Str(required=True),
+    'start_index': Int(required=True),
+    'end_index': Int(required=True),
+    'filename': Str(required=True),
+}, unknown='raise')
+object_schema('ContainerNetworkPolicyAllowlistParam', {
+    'type': Str(required=True, validate=[OneOf(['allowlist'])], metadata={'default': 'allowlist'}),
+    'allowed_domains': ListOf(Str(), required=True, validate=[Length(min=1, max=None)]),
+    'domain_secrets': ListOf(nested('ContainerNetworkPolicyDomainSecretParam'), validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('ContainerNetworkPolicyDisabledParam', {
+    'type': Str(required=True, validate=[OneOf(['disabled'])], metadata={'default': 'disabled'}),
+}, unknown='raise')
+object_schema('ContainerNetworkPolicyDomainSecretParam', {
+    'domain': Str(required=True, validate=[Length(min=1, max=None)]),
+    'name': Str(required=True, validate=[Length(min=1, max=None)]),
+    'value': Str(required=True, validate=[Length(min=1, max=10485760)]),
+}, unknown='raise')
+object_schema('ContainerReferenceParam', {
+    'type': Str(required=True, validate=[OneOf(['container_reference'])], metadata={'default': 'container_reference'}),
+    'container_id': Str(required=True),
+}, unknown='raise')
+object_schema('ContainerReferenceResource', {
+    'type': Str(required=True, validate=[OneOf(['container_reference'])], metadata={'default': 'container_reference'}),
+    'container_id': Str(required=True),
+}, unknown='raise')
+object_schema('ContextManagementParam', {
+    'type': Str(required=True),
+    'compact_threshold': Int(allow_none=True, validate=[Range(min=1000, max=None)]),
+}, unknown='raise')
+object_schema('ConversationParam-2', {
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('CoordParam', {
+    'x': Int(required=True),
+    'y': Int(required=True),
 }, unknown='raise')
 object_schema('CostsResult', {
     'object': Str(required=True, validate=[OneOf(['organization.costs.result'])]),
@@ -686,6 +2919,39 @@ object_schema('CreateProjectServiceAccountApiKeyBody', {
     'name': Str(),
     'scopes': ListOf(Str()),
 }, unknown='raise')
+object_schema('CreateResponse', {
+    'metadata': Ref('Metadata', allow_none=True),
+    'top_logprobs': Int(validate=[Range(min=0, max=20)]),
+    'temperature': Num(allow_none=True, validate=[Range(min=0, max=2)], metadata={'default': 1}),
+    'top_p': Num(allow_none=True, validate=[Range(min=0, max=1)], metadata={'default': 1}),
+    'user': Str(),
+    'safety_identifier': Str(allow_none=True, validate=[Length(min=None, max=64)]),
+    'prompt_cache_key': Str(allow_none=True),
+    'prompt_cache_retention': Str(allow_none=True, validate=[OneOf(['in_memory', '24h'])]),
+    'prompt_cache_options': nested('PromptCacheOptionsParam'),
+    'previous_response_id': Str(allow_none=True),
+    'model': Ref('ModelIdsResponses'),
+    'background': Bool(allow_none=True, metadata={'default': False}),
+    'max_tool_calls': Int(allow_none=True),
+    'text': nested('ResponseTextParam'),
+    'tools': Ref('ToolsArray'),
+    'tool_choice': Ref('ToolChoiceParam'),
+    'prompt': nested('Prompt', allow_none=True),
+    'service_tier': Ref('ServiceTierResponses', allow_none=True),
+    'truncation': Str(allow_none=True, validate=[OneOf(['auto', 'disabled'])], metadata={'default': 'disabled'}),
+    'reasoning': nested('Reasoning', allow_none=True),
+    'input': Ref('InputParam'),
+    'include': ListOf(Ref('IncludeEnum'), allow_none=True),
+    'parallel_tool_calls': Bool(allow_none=True, metadata={'default': True}),
+    'store': Bool(allow_none=True, metadata={'default': True}),
+    'instructions': Str(allow_none=True),
+    'moderation': nested('ModerationParam', allow_none=True),
+    'stream': Bool(allow_none=True, metadata={'default': False}),
+    'stream_options': nested('ResponseStreamOptions', allow_none=True),
+    'conversation': Ref('ConversationParam', allow_none=True),
+    'context_management': ListOf(nested('ContextManagementParam'), allow_none=True, validate=[Length(min=1, max=None)]),
+    'max_output_tokens': Int(allow_none=True, validate=[Range(min=16, max=None)]),
+}, unknown='raise')
 object_schema('CreateSpeechRequest', {
     'model': Union([Str(), Str(validate=[OneOf(['tts-1', 'tts-1-hd', 'gpt-4o-mini-tts', 'gpt-4o-mini-tts-2025-12-15'])])], required=True),
     'input': Str(required=True, validate=[Length(min=None, max=4096)]),
@@ -727,6 +2993,50 @@ object_schema('CreateTranslationRequest', {
     'temperature': Num(metadata={'default': 0}),
     'x-localai-extensions': nested('LocalqTranscriptionExtensions'),
 }, unknown='raise')
+object_schema('CustomGrammarFormatParam', {
+    'type': Str(required=True, validate=[OneOf(['grammar'])], metadata={'default': 'grammar'}),
+    'syntax': Ref('GrammarSyntax1', required=True),
+    'definition': Str(required=True),
+}, unknown='raise')
+object_schema('CustomTextFormatParam', {
+    'type': Str(required=True, validate=[OneOf(['text'])], metadata={'default': 'text'}),
+}, unknown='raise')
+object_schema('CustomToolCall', {
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call'])]),
+    'id': Str(),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'input': Str(required=True),
+}, unknown='raise')
+object_schema('CustomToolCallOutput', {
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call_output'])]),
+    'id': Str(),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('FunctionAndCustomToolCallOutput'))], required=True),
+}, unknown='raise')
+object_schema('CustomToolCallOutputResource', {
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call_output'])]),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('FunctionAndCustomToolCallOutput'))], required=True),
+    'status': Ref('FunctionCallOutputStatusEnum', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('CustomToolCallResource', {
+    'type': Str(required=True, validate=[OneOf(['custom_tool_call'])]),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'input': Str(required=True),
+    'status': Ref('FunctionCallStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
 object_schema('CustomToolChatCompletions', {
     'type': Str(required=True, validate=[OneOf(['custom'])]),
     'custom': nested('CustomToolChatCompletions_Custom', required=True),
@@ -747,6 +3057,14 @@ object_schema('CustomToolChatCompletions_Custom_Format1_Grammar', {
     'definition': Str(required=True),
     'syntax': Str(required=True, validate=[OneOf(['lark', 'regex'])]),
 }, unknown='raise')
+object_schema('CustomToolParam', {
+    'type': Str(required=True, validate=[OneOf(['custom'])], metadata={'default': 'custom'}),
+    'name': Str(required=True),
+    'description': Str(),
+    'format': Tagged('type', {'text': nested('CustomTextFormatParam'), 'grammar': nested('CustomGrammarFormatParam')}),
+    'defer_loading': Bool(),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
 object_schema('DeleteFileResponse', {
     'id': Str(required=True),
     'object': Str(required=True, validate=[OneOf(['file'])]),
@@ -756,6 +3074,29 @@ object_schema('DeleteModelResponse', {
     'id': Str(required=True),
     'deleted': Bool(required=True),
     'object': Str(required=True),
+}, unknown='raise')
+object_schema('DirectToolCallCaller', {
+    'type': Str(required=True, validate=[OneOf(['direct'])], metadata={'default': 'direct'}),
+}, unknown='raise')
+object_schema('DirectToolCallCallerParam', {
+    'type': Str(required=True, validate=[OneOf(['direct'])], metadata={'default': 'direct'}),
+}, unknown='raise')
+object_schema('DoubleClickAction', {
+    'type': Str(required=True, validate=[OneOf(['double_click'])], metadata={'default': 'double_click'}),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'keys': ListOf(Str(), required=True, allow_none=True),
+}, unknown='raise')
+object_schema('DragParam', {
+    'type': Str(required=True, validate=[OneOf(['drag'])], metadata={'default': 'drag'}),
+    'path': ListOf(nested('CoordParam'), required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('EasyInputMessage', {
+    'role': Str(required=True, validate=[OneOf(['user', 'assistant', 'system', 'developer'])]),
+    'content': Union([Str(), Ref('InputMessageContentList')], required=True),
+    'phase': Ref('MessagePhase', allow_none=True),
+    'type': Str(validate=[OneOf(['message'])]),
 }, unknown='raise')
 object_schema('EditImageBodyJsonParam', {
     'model': Union([Str(), Str(validate=[OneOf(['gpt-image-1.5', 'gpt-image-2', 'gpt-image-2-2026-04-21', 'gpt-image-1', 'gpt-image-1-mini', 'chatgpt-image-latest'])])], allow_none=True, metadata={'default': 'gpt-image-1.5'}),
@@ -780,6 +3121,9 @@ object_schema('Embedding', {
     'embedding': ListOf(Num(metadata={'format': 'float'}), required=True),
     'object': Str(required=True, validate=[OneOf(['embedding'])]),
 }, unknown='raise')
+object_schema('EmptyModelParam', {
+
+}, unknown='raise')
 object_schema('Error', {
     'code': Str(required=True, allow_none=True),
     'message': Str(required=True),
@@ -789,9 +3133,51 @@ object_schema('Error', {
 object_schema('ErrorResponse', {
     'error': nested('Error', required=True),
 }, unknown='raise')
+object_schema('FileCitationBody', {
+    'type': Str(required=True, validate=[OneOf(['file_citation'])], metadata={'default': 'file_citation'}),
+    'file_id': Str(required=True),
+    'index': Int(required=True),
+    'filename': Str(required=True),
+}, unknown='raise')
 object_schema('FileExpirationAfter', {
     'anchor': Str(required=True, validate=[OneOf(['created_at'])]),
     'seconds': Int(required=True, validate=[Range(min=3600, max=2592000)], metadata={'format': 'int64'}),
+}, unknown='raise')
+object_schema('FilePath', {
+    'type': Str(required=True, validate=[OneOf(['file_path'])]),
+    'file_id': Str(required=True),
+    'index': Int(required=True),
+}, unknown='raise')
+object_schema('FileSearchTool', {
+    'type': Str(required=True, validate=[OneOf(['file_search'])], metadata={'default': 'file_search'}),
+    'vector_store_ids': ListOf(Str(), required=True),
+    'max_num_results': Int(),
+    'ranking_options': nested('RankingOptions'),
+    'filters': Ref('Filters', allow_none=True),
+}, unknown='raise')
+object_schema('FileSearchToolCall', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['file_search_call'])]),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'searching', 'completed', 'incomplete', 'failed'])]),
+    'queries': ListOf(Str(), required=True),
+    'results': ListOf(nested('FileSearchToolCall_ResultsItem'), allow_none=True),
+}, unknown='raise')
+object_schema('FileSearchToolCall_ResultsItem', {
+    'file_id': Str(),
+    'text': Str(),
+    'filename': Str(),
+    'attributes': Ref('VectorStoreFileAttributes', allow_none=True),
+    'score': Num(metadata={'format': 'float'}),
+}, unknown='raise')
+object_schema('FunctionCallOutputItemParam', {
+    'id': Str(allow_none=True),
+    'call_id': Str(allow_none=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['function_call_output'])], metadata={'default': 'function_call_output'}),
+    'output': Union([Str(validate=[Length(min=None, max=10485760)]), ListOf(Tagged('type', {'input_text': nested('InputTextContentParam'), 'input_image': nested('InputImageContentParamAutoParam'), 'input_file': nested('InputFileContentParam')}))], required=True),
+    'name': Str(allow_none=True, validate=[Length(min=1, max=128)]),
+    'namespace': Str(allow_none=True, validate=[Length(min=1, max=64), Pattern('^[a-zA-Z0-9_-]+$')]),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'status': Ref('FunctionCallItemStatus', allow_none=True),
 }, unknown='raise')
 object_schema('FunctionObject', {
     'description': Str(),
@@ -799,16 +3185,171 @@ object_schema('FunctionObject', {
     'parameters': Ref('FunctionParameters'),
     'strict': Bool(allow_none=True, metadata={'default': False}),
 }, unknown='raise')
+object_schema('FunctionShellAction', {
+    'commands': ListOf(Str(), required=True),
+    'timeout_ms': Int(required=True, allow_none=True),
+    'max_output_length': Int(required=True, allow_none=True),
+}, unknown='raise')
+object_schema('FunctionShellActionParam', {
+    'commands': ListOf(Str(), required=True),
+    'timeout_ms': Int(allow_none=True),
+    'max_output_length': Int(allow_none=True),
+}, unknown='raise')
+object_schema('FunctionShellCall', {
+    'type': Str(required=True, validate=[OneOf(['shell_call'])], metadata={'default': 'shell_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'action': nested('FunctionShellAction', required=True),
+    'status': Ref('FunctionShellCallStatus', required=True),
+    'environment': Tagged('type', {'local': nested('LocalEnvironmentResource'), 'container_reference': nested('ContainerReferenceResource')}, required=True, allow_none=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('FunctionShellCallItemParam', {
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['shell_call'])], metadata={'default': 'shell_call'}),
+    'action': nested('FunctionShellActionParam', required=True),
+    'status': Ref('FunctionShellCallItemStatus', allow_none=True),
+    'environment': Tagged('type', {'local': nested('LocalEnvironmentParam'), 'container_reference': nested('ContainerReferenceParam')}, allow_none=True),
+}, unknown='raise')
+object_schema('FunctionShellCallOutput', {
+    'type': Str(required=True, validate=[OneOf(['shell_call_output'])], metadata={'default': 'shell_call_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'status': Ref('FunctionShellCallOutputStatusEnum', required=True),
+    'output': ListOf(nested('FunctionShellCallOutputContent'), required=True),
+    'max_output_length': Int(required=True, allow_none=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputContent', {
+    'stdout': Str(required=True),
+    'stderr': Str(required=True),
+    'outcome': Tagged('type', {'timeout': nested('FunctionShellCallOutputTimeoutOutcome'), 'exit': nested('FunctionShellCallOutputExitOutcome')}, required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputContentParam', {
+    'stdout': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'stderr': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'outcome': Ref('FunctionShellCallOutputOutcomeParam', required=True),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputExitOutcome', {
+    'type': Str(required=True, validate=[OneOf(['exit'])], metadata={'default': 'exit'}),
+    'exit_code': Int(required=True),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputExitOutcomeParam', {
+    'type': Str(required=True, validate=[OneOf(['exit'])], metadata={'default': 'exit'}),
+    'exit_code': Int(required=True),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputItemParam', {
+    'id': Str(allow_none=True),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['shell_call_output'])], metadata={'default': 'shell_call_output'}),
+    'output': ListOf(nested('FunctionShellCallOutputContentParam'), required=True),
+    'status': Ref('FunctionShellCallItemStatus', allow_none=True),
+    'max_output_length': Int(allow_none=True),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputTimeoutOutcome', {
+    'type': Str(required=True, validate=[OneOf(['timeout'])], metadata={'default': 'timeout'}),
+}, unknown='raise')
+object_schema('FunctionShellCallOutputTimeoutOutcomeParam', {
+    'type': Str(required=True, validate=[OneOf(['timeout'])], metadata={'default': 'timeout'}),
+}, unknown='raise')
+object_schema('FunctionShellToolParam', {
+    'type': Str(required=True, validate=[OneOf(['shell'])], metadata={'default': 'shell'}),
+    'environment': Tagged('type', {'container_auto': nested('ContainerAutoParam'), 'local': nested('LocalEnvironmentParam'), 'container_reference': nested('ContainerReferenceParam')}, allow_none=True),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
+object_schema('FunctionTool', {
+    'type': Str(required=True, validate=[OneOf(['function'])], metadata={'default': 'function'}),
+    'name': Str(required=True),
+    'description': Str(allow_none=True),
+    'parameters': MapOf(allow_none=True),
+    'output_schema': MapOf(allow_none=True),
+    'strict': Bool(allow_none=True),
+    'defer_loading': Bool(),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True),
+}, unknown='raise')
+object_schema('FunctionToolCall', {
+    'id': Str(),
+    'type': Str(required=True, validate=[OneOf(['function_call'])]),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('FunctionToolCallOutput', {
+    'id': Str(),
+    'type': Str(required=True, validate=[OneOf(['function_call_output'])]),
+    'call_id': Str(),
+    'name': Str(),
+    'namespace': Str(),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('FunctionAndCustomToolCallOutput'))], required=True),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('FunctionToolCallOutputResource', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['function_call_output'])]),
+    'call_id': Str(),
+    'name': Str(),
+    'namespace': Str(),
+    'caller': Ref('ToolCallCallerParam', allow_none=True),
+    'output': Union([Str(), ListOf(Ref('FunctionAndCustomToolCallOutput'))], required=True),
+    'status': Ref('FunctionCallOutputStatusEnum', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('FunctionToolCallResource', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['function_call'])]),
+    'call_id': Str(required=True),
+    'caller': Ref('ToolCallCaller', allow_none=True),
+    'namespace': Str(),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+    'status': Ref('FunctionCallStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('FunctionToolParam', {
+    'name': Str(required=True, validate=[Length(min=1, max=128), Pattern('^[a-zA-Z0-9_-]+$')]),
+    'description': Str(allow_none=True),
+    'parameters': nested('EmptyModelParam', allow_none=True),
+    'strict': Bool(allow_none=True),
+    'type': Str(required=True, validate=[OneOf(['function'])], metadata={'default': 'function'}),
+    'output_schema': MapOf(allow_none=True),
+    'defer_loading': Bool(),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+}, unknown='raise')
 object_schema('GetChatCompletionMessagesQuery', {
     'after': Str(),
     'limit': Int(metadata={'default': 20}),
     'order': Str(validate=[OneOf(['asc', 'desc'])], metadata={'default': 'asc'}),
 }, unknown='include')
+object_schema('GetResponseQuery', {
+    'include': ListOf(Ref('IncludeEnum')),
+    'stream': Bool(),
+    'starting_after': Int(),
+    'include_obfuscation': Bool(),
+}, unknown='include')
+object_schema('HTTPError', {
+    'type': Str(required=True, validate=[OneOf(['http_error'])], metadata={'default': 'http_error'}),
+    'code': Int(required=True),
+    'message': Str(required=True),
+}, unknown='raise')
 object_schema('HostedToolPermission', {
     'enabled': Bool(required=True),
 }, unknown='raise')
 object_schema('HostedToolPermissionUpdate', {
     'enabled': Bool(required=True),
+}, unknown='raise')
+object_schema('HybridSearchOptions', {
+    'embedding_weight': Num(required=True),
+    'text_weight': Num(required=True),
 }, unknown='raise')
 object_schema('Image', {
     'b64_json': Str(),
@@ -863,6 +3404,30 @@ object_schema('ImageGenPartialImageEvent', {
     'output_format': Str(required=True, validate=[OneOf(['png', 'webp', 'jpeg'])]),
     'partial_image_index': Int(required=True),
 }, unknown='raise')
+object_schema('ImageGenTool', {
+    'type': Str(required=True, validate=[OneOf(['image_generation'])]),
+    'model': Union([Str(), Str(validate=[OneOf(['gpt-image-1', 'gpt-image-1-mini', 'gpt-image-1.5', 'gpt-image-2', 'gpt-image-2-2026-04-21'])], metadata={'default': 'gpt-image-1'})]),
+    'quality': Str(validate=[OneOf(['low', 'medium', 'high', 'auto'])], metadata={'default': 'auto'}),
+    'size': Union([Str(), Str(validate=[OneOf(['1024x1024', '1024x1536', '1536x1024', 'auto'])])], metadata={'default': 'auto'}),
+    'output_format': Str(validate=[OneOf(['png', 'webp', 'jpeg'])], metadata={'default': 'png'}),
+    'output_compression': Int(validate=[Range(min=0, max=100)], metadata={'default': 100}),
+    'moderation': Str(validate=[OneOf(['auto', 'low'])], metadata={'default': 'auto'}),
+    'background': Str(validate=[OneOf(['transparent', 'opaque', 'auto'])], metadata={'default': 'auto'}),
+    'input_fidelity': Ref('InputFidelity', allow_none=True),
+    'input_image_mask': nested('ImageGenTool_InputImageMask'),
+    'partial_images': Int(validate=[Range(min=0, max=3)], metadata={'default': 0}),
+    'action': Ref('ImageGenActionEnum'),
+}, unknown='raise')
+object_schema('ImageGenToolCall', {
+    'type': Str(required=True, validate=[OneOf(['image_generation_call'])]),
+    'id': Str(required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'generating', 'failed'])]),
+    'result': Str(required=True, allow_none=True),
+}, unknown='raise')
+object_schema('ImageGenTool_InputImageMask', {
+    'image_url': Str(),
+    'file_id': Str(),
+}, unknown='raise')
 object_schema('ImageGenUsage', {
     'input_tokens': Int(required=True),
     'total_tokens': Int(required=True),
@@ -893,9 +3458,83 @@ object_schema('ImagesUsage_InputTokensDetails', {
     'text_tokens': Int(required=True),
     'image_tokens': Int(required=True),
 }, unknown='raise')
+object_schema('InlineSkillParam', {
+    'type': Str(required=True, validate=[OneOf(['inline'])], metadata={'default': 'inline'}),
+    'name': Str(required=True),
+    'description': Str(required=True),
+    'source': nested('InlineSkillSourceParam', required=True),
+}, unknown='raise')
+object_schema('InlineSkillSourceParam', {
+    'type': Str(required=True, validate=[OneOf(['base64'])], metadata={'default': 'base64'}),
+    'media_type': Str(required=True, validate=[OneOf(['application/zip'])], metadata={'default': 'application/zip'}),
+    'data': Str(required=True, validate=[Length(min=1, max=70254592)]),
+}, unknown='raise')
+object_schema('InputFileContent', {
+    'type': Str(required=True, validate=[OneOf(['input_file'])], metadata={'default': 'input_file'}),
+    'file_id': Str(allow_none=True),
+    'filename': Str(),
+    'file_data': Str(),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointConfig'),
+    'file_url': Str(metadata={'format': 'uri'}),
+    'detail': Ref('FileInputDetail'),
+}, unknown='raise')
+object_schema('InputFileContentParam', {
+    'type': Str(required=True, validate=[OneOf(['input_file'])], metadata={'default': 'input_file'}),
+    'file_id': Str(allow_none=True),
+    'filename': Str(allow_none=True),
+    'file_data': Str(allow_none=True, validate=[Length(min=None, max=73400320)]),
+    'file_url': Str(allow_none=True, metadata={'format': 'uri'}),
+    'detail': Ref('FileDetailEnum'),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointParam', allow_none=True),
+}, unknown='raise')
+object_schema('InputImageContent', {
+    'type': Str(required=True, validate=[OneOf(['input_image'])], metadata={'default': 'input_image'}),
+    'image_url': Str(allow_none=True, metadata={'format': 'uri'}),
+    'file_id': Str(allow_none=True),
+    'detail': Ref('ImageDetail', required=True),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointConfig'),
+}, unknown='raise')
+object_schema('InputImageContentParamAutoParam', {
+    'type': Str(required=True, validate=[OneOf(['input_image'])], metadata={'default': 'input_image'}),
+    'image_url': Str(allow_none=True, validate=[Length(min=None, max=20971520)], metadata={'format': 'uri'}),
+    'file_id': Str(allow_none=True),
+    'detail': Ref('DetailEnum', allow_none=True),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointParam', allow_none=True),
+}, unknown='raise')
+object_schema('InputMessage', {
+    'type': Str(validate=[OneOf(['message'])]),
+    'role': Str(required=True, validate=[OneOf(['user', 'system', 'developer'])]),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+    'content': Ref('InputMessageContentList', required=True),
+}, unknown='raise')
+object_schema('InputMessageResource', {
+    'type': Str(required=True, validate=[OneOf(['message'])]),
+    'role': Str(required=True, validate=[OneOf(['user', 'system', 'developer'])]),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+    'content': Ref('InputMessageContentList', required=True),
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('InputTextContent', {
+    'type': Str(required=True, validate=[OneOf(['input_text'])], metadata={'default': 'input_text'}),
+    'text': Str(required=True),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointConfig'),
+}, unknown='raise')
+object_schema('InputTextContentParam', {
+    'type': Str(required=True, validate=[OneOf(['input_text'])], metadata={'default': 'input_text'}),
+    'text': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'prompt_cache_breakpoint': nested('PromptCacheBreakpointParam', allow_none=True),
+}, unknown='raise')
 object_schema('InviteProjectGroupBody', {
     'group_id': Str(required=True),
     'role': Str(required=True),
+}, unknown='raise')
+object_schema('ItemReferenceParam', {
+    'type': Str(allow_none=True, validate=[OneOf(['item_reference'])], metadata={'default': 'item_reference'}),
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('KeyPressAction', {
+    'type': Str(required=True, validate=[OneOf(['keypress'])], metadata={'default': 'keypress'}),
+    'keys': ListOf(Str(), required=True),
 }, unknown='raise')
 object_schema('ListBatchesQuery', {
     'after': Str(),
@@ -928,6 +3567,12 @@ object_schema('ListFilesResponse', {
     'last_id': Str(required=True),
     'has_more': Bool(required=True),
 }, unknown='raise')
+object_schema('ListInputItemsQuery', {
+    'limit': Int(metadata={'default': 20}),
+    'order': Str(validate=[OneOf(['asc', 'desc'])]),
+    'after': Str(),
+    'include': ListOf(Ref('IncludeEnum')),
+}, unknown='include')
 object_schema('ListModelsResponse', {
     'object': Str(required=True, validate=[OneOf(['list'])]),
     'data': ListOf(nested('Model'), required=True),
@@ -978,6 +3623,42 @@ object_schema('ListProjectsQuery', {
     'after': Str(),
     'include_archived': Bool(metadata={'default': False}),
 }, unknown='include')
+object_schema('LocalEnvironmentParam', {
+    'type': Str(required=True, validate=[OneOf(['local'])], metadata={'default': 'local'}),
+    'skills': ListOf(nested('LocalSkillParam'), validate=[Length(min=None, max=200)]),
+}, unknown='raise')
+object_schema('LocalEnvironmentResource', {
+    'type': Str(required=True, validate=[OneOf(['local'])], metadata={'default': 'local'}),
+}, unknown='raise')
+object_schema('LocalShellExecAction', {
+    'type': Str(required=True, validate=[OneOf(['exec'])], metadata={'default': 'exec'}),
+    'command': ListOf(Str(), required=True),
+    'timeout_ms': Int(allow_none=True),
+    'working_directory': Str(allow_none=True),
+    'env': MapOf(Str(), required=True),
+    'user': Str(allow_none=True),
+}, unknown='raise')
+object_schema('LocalShellToolCall', {
+    'type': Str(required=True, validate=[OneOf(['local_shell_call'])]),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'action': nested('LocalShellExecAction', required=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('LocalShellToolCallOutput', {
+    'type': Str(required=True, validate=[OneOf(['local_shell_call_output'])]),
+    'id': Str(required=True),
+    'output': Str(required=True),
+    'status': Str(allow_none=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('LocalShellToolParam', {
+    'type': Str(required=True, validate=[OneOf(['local_shell'])], metadata={'default': 'local_shell'}),
+}, unknown='raise')
+object_schema('LocalSkillParam', {
+    'name': Str(required=True),
+    'description': Str(required=True),
+    'path': Str(required=True),
+}, unknown='raise')
 object_schema('LocalqCommonExtensions', {
     'priority': Ref('LocalqPriority', metadata={'default': 'interactive'}),
     'timeout': Ref('LocalqTimeout'),
@@ -1107,6 +3788,96 @@ object_schema('LocalqWorkerRunningJob', {
     'id': Str(required=True, metadata={'description': 'Job identifier.'}),
     'model': Str(required=True, allow_none=True, metadata={'description': 'Model the job runs on; null when it has none.'}),
 }, unknown='raise')
+object_schema('LogProb', {
+    'token': Str(required=True),
+    'logprob': Num(required=True),
+    'bytes': ListOf(Int(), required=True),
+    'top_logprobs': ListOf(nested('TopLogProb'), required=True),
+}, unknown='raise')
+object_schema('MCPApprovalRequest', {
+    'type': Str(required=True, validate=[OneOf(['mcp_approval_request'])]),
+    'id': Str(required=True),
+    'server_label': Str(required=True),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+}, unknown='raise')
+object_schema('MCPApprovalResponse', {
+    'type': Str(required=True, validate=[OneOf(['mcp_approval_response'])]),
+    'id': Str(allow_none=True),
+    'approval_request_id': Str(required=True),
+    'approve': Bool(required=True),
+    'reason': Str(allow_none=True),
+}, unknown='raise')
+object_schema('MCPApprovalResponseResource', {
+    'type': Str(required=True, validate=[OneOf(['mcp_approval_response'])]),
+    'id': Str(required=True),
+    'approval_request_id': Str(required=True),
+    'approve': Bool(required=True),
+    'reason': Str(allow_none=True),
+}, unknown='raise')
+object_schema('MCPListTools', {
+    'type': Str(required=True, validate=[OneOf(['mcp_list_tools'])]),
+    'id': Str(required=True),
+    'server_label': Str(required=True),
+    'tools': ListOf(nested('MCPListToolsTool'), required=True),
+    'error': Str(allow_none=True),
+}, unknown='raise')
+object_schema('MCPListToolsTool', {
+    'name': Str(required=True),
+    'description': Str(allow_none=True),
+    'input_schema': MapOf(required=True),
+    'annotations': MapOf(allow_none=True),
+}, unknown='raise')
+object_schema('MCPProtocolError', {
+    'type': Str(required=True, validate=[OneOf(['mcp_protocol_error'])], metadata={'default': 'mcp_protocol_error'}),
+    'code': Int(required=True),
+    'message': Str(required=True),
+}, unknown='raise')
+object_schema('MCPTool', {
+    'type': Str(required=True, validate=[OneOf(['mcp'])]),
+    'server_label': Str(required=True),
+    'server_url': Str(metadata={'format': 'uri'}),
+    'connector_id': Str(validate=[OneOf(['connector_dropbox', 'connector_gmail', 'connector_googlecalendar', 'connector_googledrive', 'connector_microsoftteams', 'connector_outlookcalendar', 'connector_outlookemail', 'connector_sharepoint'])]),
+    'tunnel_id': Str(validate=[Pattern('^tunnel_[a-z0-9]{32}$')]),
+    'authorization': Str(),
+    'server_description': Str(),
+    'headers': MapOf(Str(), allow_none=True),
+    'allowed_tools': Union([ListOf(Str()), nested('MCPToolFilter')], allow_none=True),
+    'allowed_callers': ListOf(Ref('CallableToolAllowedCaller'), allow_none=True, validate=[Length(min=1, max=None)]),
+    'require_approval': Union([nested('MCPTool_RequireApproval0'), Str(validate=[OneOf(['always', 'never'])])], allow_none=True, metadata={'default': 'always'}),
+    'defer_loading': Bool(),
+}, unknown='raise')
+object_schema('MCPToolCall', {
+    'type': Str(required=True, validate=[OneOf(['mcp_call'])]),
+    'id': Str(required=True),
+    'server_label': Str(required=True),
+    'name': Str(required=True),
+    'arguments': Str(required=True),
+    'output': Str(allow_none=True),
+    'error': Ref('MCPToolCallError', allow_none=True),
+    'status': Ref('MCPToolCallStatus'),
+    'approval_request_id': Str(allow_none=True),
+}, unknown='raise')
+object_schema('MCPToolExecutionError', {
+    'type': Str(required=True, validate=[OneOf(['mcp_tool_execution_error'])], metadata={'default': 'mcp_tool_execution_error'}),
+    'content': Any_(required=True),
+}, unknown='raise')
+object_schema('MCPToolFilter', {
+    'tool_names': ListOf(Str()),
+    'read_only': Bool(),
+}, unknown='raise')
+object_schema('MCPTool_RequireApproval0', {
+    'always': nested('MCPToolFilter'),
+    'never': nested('MCPToolFilter'),
+}, unknown='raise')
+object_schema('Message', {
+    'type': Str(required=True, validate=[OneOf(['message'])], metadata={'default': 'message'}),
+    'id': Str(required=True),
+    'status': Ref('MessageStatus', required=True),
+    'role': Ref('MessageRole', required=True),
+    'content': ListOf(Tagged('type', {'input_text': nested('InputTextContent'), 'output_text': nested('OutputTextContent'), 'text': nested('TextContent'), 'summary_text': nested('SummaryTextContent'), 'reasoning_text': nested('ReasoningTextContent'), 'refusal': nested('RefusalContent'), 'input_image': nested('InputImageContent'), 'computer_screenshot': nested('ComputerScreenshotContent'), 'input_file': nested('InputFileContent')}), required=True),
+    'phase': Ref('MessagePhase-2', allow_none=True),
+}, unknown='raise')
 object_schema('Model', {
     'id': Str(required=True),
     'created': Int(required=True, metadata={'format': 'unixtime'}),
@@ -1114,8 +3885,17 @@ object_schema('Model', {
     'owned_by': Str(required=True),
     'shutdown_date': Str(allow_none=True, metadata={'format': 'date'}),
 }, unknown='raise')
+object_schema('Moderation', {
+    'input': Tagged('type', {'moderation_result': nested('ModerationResultBody'), 'error': nested('ModerationErrorBody')}, required=True),
+    'output': Tagged('type', {'moderation_result': nested('ModerationResultBody'), 'error': nested('ModerationErrorBody')}, required=True),
+}, unknown='raise')
 object_schema('ModerationConfigParam', {
     'mode': Ref('ModerationMode', required=True),
+}, unknown='raise')
+object_schema('ModerationErrorBody', {
+    'type': Str(required=True, validate=[OneOf(['error'])], metadata={'default': 'error'}),
+    'code': Str(required=True),
+    'message': Str(required=True),
 }, unknown='raise')
 object_schema('ModerationParam', {
     'model': Str(required=True),
@@ -1132,6 +3912,18 @@ object_schema('ModerationResultBody', {
     'categories': MapOf(Bool(), required=True),
     'category_scores': MapOf(Num(), required=True),
     'category_applied_input_types': MapOf(ListOf(Ref('ModerationInputType')), required=True),
+}, unknown='raise')
+object_schema('MoveParam', {
+    'type': Str(required=True, validate=[OneOf(['move'])], metadata={'default': 'move'}),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
+object_schema('NamespaceToolParam', {
+    'type': Str(required=True, validate=[OneOf(['namespace'])], metadata={'default': 'namespace'}),
+    'name': Str(required=True, validate=[Length(min=1, max=None)]),
+    'description': Str(required=True),
+    'tools': ListOf(Tagged('type', {'function': nested('FunctionToolParam'), 'custom': nested('CustomToolParam')}), required=True, validate=[Length(min=1, max=None)]),
 }, unknown='raise')
 object_schema('OpenAIFile', {
     'id': Str(required=True),
@@ -1164,9 +3956,62 @@ object_schema('OrganizationProjectCertificate_CertificateDetails', {
     'valid_at': Int(metadata={'format': 'unixtime'}),
     'expires_at': Int(metadata={'format': 'unixtime'}),
 }, unknown='raise')
+object_schema('OutputMessage', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['message'])]),
+    'role': Str(required=True, validate=[OneOf(['assistant'])]),
+    'content': ListOf(Ref('OutputMessageContent'), required=True),
+    'phase': Ref('MessagePhase', allow_none=True),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('OutputTextContent', {
+    'type': Str(required=True, validate=[OneOf(['output_text'])], metadata={'default': 'output_text'}),
+    'text': Str(required=True),
+    'annotations': ListOf(Ref('Annotation'), required=True),
+    'logprobs': ListOf(nested('LogProb'), required=True),
+}, unknown='raise')
 object_schema('PredictionContent', {
     'type': Str(required=True, validate=[OneOf(['content'])]),
     'content': Union([Str(), ListOf(nested('ChatCompletionRequestMessageContentPartText'), validate=[Length(min=1, max=None)])], required=True),
+}, unknown='raise')
+object_schema('Program', {
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'code': Str(required=True),
+    'fingerprint': Str(required=True),
+}, unknown='raise')
+object_schema('ProgramItemParam', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'code': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'fingerprint': Str(required=True, validate=[Length(min=None, max=10485760)]),
+}, unknown='raise')
+object_schema('ProgramOutput', {
+    'type': Str(required=True, validate=[OneOf(['program_output'])], metadata={'default': 'program_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True),
+    'result': Str(required=True),
+    'status': Ref('ProgramOutputStatus', required=True),
+}, unknown='raise')
+object_schema('ProgramOutputItemParam', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['program_output'])], metadata={'default': 'program_output'}),
+    'call_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'result': Str(required=True, validate=[Length(min=None, max=10485760)]),
+    'status': Ref('ProgramOutputItemStatus', required=True),
+}, unknown='raise')
+object_schema('ProgramToolCallCaller', {
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'caller_id': Str(required=True),
+}, unknown='raise')
+object_schema('ProgramToolCallCallerParam', {
+    'type': Str(required=True, validate=[OneOf(['program'])], metadata={'default': 'program'}),
+    'caller_id': Str(required=True, validate=[Length(min=1, max=64)]),
+}, unknown='raise')
+object_schema('ProgrammaticToolCallingParam', {
+    'type': Str(required=True, validate=[OneOf(['programmatic_tool_calling'])], metadata={'default': 'programmatic_tool_calling'}),
 }, unknown='raise')
 object_schema('Project', {
     'id': Str(required=True),
@@ -1406,12 +4251,216 @@ object_schema('ProjectUserListResponse', {
 object_schema('ProjectUserUpdateRequest', {
     'role': Str(allow_none=True),
 }, unknown='raise')
+object_schema('Prompt', {
+    'id': Str(required=True),
+    'version': Str(allow_none=True),
+    'variables': Ref('ResponsePromptVariables', allow_none=True),
+}, unknown='raise')
+object_schema('PromptCacheBreakpointConfig', {
+    'mode': Str(required=True, validate=[OneOf(['explicit'])], metadata={'default': 'explicit'}),
+}, unknown='raise')
 object_schema('PromptCacheBreakpointParam', {
     'mode': Str(required=True, validate=[OneOf(['explicit'])], metadata={'default': 'explicit'}),
+}, unknown='raise')
+object_schema('PromptCacheOptions', {
+    'ttl': Ref('PromptCacheTTLEnum', required=True),
+    'mode': Ref('PromptCacheModeEnum', required=True),
 }, unknown='raise')
 object_schema('PromptCacheOptionsParam', {
     'ttl': Ref('PromptCacheTTLEnum'),
     'mode': Ref('PromptCacheModeEnum'),
+}, unknown='raise')
+object_schema('RankingOptions', {
+    'ranker': Ref('RankerVersionType'),
+    'score_threshold': Num(),
+    'hybrid_search': nested('HybridSearchOptions'),
+}, unknown='raise')
+object_schema('Reasoning', {
+    'mode': Ref('ReasoningModeEnum'),
+    'effort': Ref('ReasoningEffort', allow_none=True),
+    'summary': Str(allow_none=True, validate=[OneOf(['auto', 'concise', 'detailed'])]),
+    'context': Str(allow_none=True, validate=[OneOf(['auto', 'current_turn', 'all_turns'])]),
+    'generate_summary': Str(allow_none=True, validate=[OneOf(['auto', 'concise', 'detailed'])]),
+}, unknown='raise')
+object_schema('ReasoningItem', {
+    'type': Str(required=True, validate=[OneOf(['reasoning'])]),
+    'id': Str(required=True),
+    'encrypted_content': Str(allow_none=True),
+    'summary': ListOf(nested('SummaryTextContent'), required=True),
+    'content': ListOf(nested('ReasoningTextContent')),
+    'status': Str(validate=[OneOf(['in_progress', 'completed', 'incomplete'])]),
+}, unknown='raise')
+object_schema('ReasoningTextContent', {
+    'type': Str(required=True, validate=[OneOf(['reasoning_text'])], metadata={'default': 'reasoning_text'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('RefusalContent', {
+    'type': Str(required=True, validate=[OneOf(['refusal'])], metadata={'default': 'refusal'}),
+    'refusal': Str(required=True),
+}, unknown='raise')
+object_schema('Response', {
+    'metadata': Ref('Metadata', required=True, allow_none=True),
+    'top_logprobs': Int(allow_none=True, validate=[Range(min=0, max=20)]),
+    'temperature': Num(required=True, allow_none=True, validate=[Range(min=0, max=2)], metadata={'default': 1}),
+    'top_p': Num(required=True, allow_none=True, validate=[Range(min=0, max=1)], metadata={'default': 1}),
+    'user': Str(),
+    'safety_identifier': Str(allow_none=True, validate=[Length(min=None, max=64)]),
+    'prompt_cache_key': Str(allow_none=True),
+    'prompt_cache_retention': Str(allow_none=True, validate=[OneOf(['in_memory', '24h'])]),
+    'previous_response_id': Str(allow_none=True),
+    'model': Ref('ModelIdsResponses', required=True),
+    'background': Bool(allow_none=True, metadata={'default': False}),
+    'max_tool_calls': Int(allow_none=True),
+    'text': nested('ResponseTextParam'),
+    'tools': Ref('ToolsArray', required=True),
+    'tool_choice': Ref('ToolChoiceParam', required=True),
+    'prompt': nested('Prompt', allow_none=True),
+    'service_tier': Ref('ServiceTierResponses', allow_none=True),
+    'truncation': Str(allow_none=True, validate=[OneOf(['auto', 'disabled'])], metadata={'default': 'disabled'}),
+    'id': Str(required=True),
+    'object': Str(required=True, validate=[OneOf(['response'])]),
+    'status': Str(validate=[OneOf(['completed', 'failed', 'in_progress', 'cancelled', 'queued', 'incomplete'])]),
+    'created_at': Num(required=True, metadata={'format': 'unixtime'}),
+    'completed_at': Num(allow_none=True, metadata={'format': 'unixtime'}),
+    'error': nested('ResponseError', required=True, allow_none=True),
+    'incomplete_details': nested('Response_IncompleteDetails', required=True, allow_none=True),
+    'output': ListOf(Ref('OutputItem'), required=True),
+    'reasoning': nested('Reasoning', allow_none=True),
+    'instructions': Union([Str(), ListOf(Ref('InputItem'))], required=True, allow_none=True),
+    'output_text': Str(allow_none=True),
+    'usage': nested('ResponseUsage'),
+    'prompt_cache_options': nested('PromptCacheOptions'),
+    'moderation': nested('Moderation', allow_none=True),
+    'parallel_tool_calls': Bool(required=True, metadata={'default': True}),
+    'conversation': nested('ResponseConversation', allow_none=True),
+    'max_output_tokens': Int(allow_none=True),
+}, unknown='raise')
+object_schema('ResponseAudioDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.audio.delta'])]),
+    'sequence_number': Int(required=True),
+    'delta': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseAudioDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.audio.done'])]),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseAudioTranscriptDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.audio.transcript.delta'])]),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseAudioTranscriptDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.audio.transcript.done'])]),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCodeInterpreterCallCodeDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call_code.delta'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCodeInterpreterCallCodeDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call_code.done'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'code': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCodeInterpreterCallCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call.completed'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCodeInterpreterCallInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCodeInterpreterCallInterpretingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.code_interpreter_call.interpreting'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.completed'])]),
+    'response': nested('Response', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseContentPartAddedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.content_part.added'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'part': Ref('OutputContent', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseContentPartDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.content_part.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'part': Ref('OutputContent', required=True),
+}, unknown='raise')
+object_schema('ResponseConversation', {
+    'id': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseCreatedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.created'])]),
+    'response': nested('Response', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseCustomToolCallInputDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.custom_tool_call_input.delta'])]),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'delta': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseCustomToolCallInputDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.custom_tool_call_input.done'])]),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'input': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseError', {
+    'code': Ref('ResponseErrorCode', required=True),
+    'message': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseErrorEvent', {
+    'type': Str(required=True, validate=[OneOf(['error'])]),
+    'code': Str(required=True, allow_none=True),
+    'message': Str(required=True),
+    'param': Str(required=True, allow_none=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseFailedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.failed'])]),
+    'sequence_number': Int(required=True),
+    'response': nested('Response', required=True),
+}, unknown='raise')
+object_schema('ResponseFileSearchCallCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.file_search_call.completed'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseFileSearchCallInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.file_search_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseFileSearchCallSearchingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.file_search_call.searching'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
 }, unknown='raise')
 object_schema('ResponseFormatJsonObject', {
     'type': Str(required=True, validate=[OneOf(['json_object'])]),
@@ -1429,15 +4478,362 @@ object_schema('ResponseFormatJsonSchema_JsonSchema', {
 object_schema('ResponseFormatText', {
     'type': Str(required=True, validate=[OneOf(['text'])]),
 }, unknown='raise')
+object_schema('ResponseFunctionCallArgumentsDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.function_call_arguments.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'delta': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseFunctionCallArgumentsDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.function_call_arguments.done'])]),
+    'item_id': Str(required=True),
+    'name': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'arguments': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseImageGenCallCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.completed'])]),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'item_id': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseImageGenCallGeneratingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.generating'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseImageGenCallInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseImageGenCallPartialImageEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.image_generation_call.partial_image'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+    'partial_image_index': Int(required=True),
+    'partial_image_b64': Str(required=True),
+    'size': Str(),
+    'quality': Str(),
+    'background': Str(),
+    'output_format': Str(),
+}, unknown='raise')
+object_schema('ResponseInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.in_progress'])]),
+    'response': nested('Response', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseIncompleteEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.incomplete'])]),
+    'response': nested('Response', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseItemList', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(Ref('ItemResource'), required=True),
+    'has_more': Bool(required=True),
+    'first_id': Str(required=True),
+    'last_id': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseLogProb', {
+    'token': Str(required=True),
+    'logprob': Num(required=True),
+    'top_logprobs': ListOf(nested('ResponseLogProb_TopLogprobsItem')),
+}, unknown='raise')
+object_schema('ResponseLogProb_TopLogprobsItem', {
+    'token': Str(),
+    'logprob': Num(),
+}, unknown='raise')
+object_schema('ResponseMCPCallArgumentsDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call_arguments.delta'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPCallArgumentsDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call_arguments.done'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'arguments': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPCallCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call.completed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPCallFailedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call.failed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPCallInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_call.in_progress'])]),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPListToolsCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_list_tools.completed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPListToolsFailedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_list_tools.failed'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseMCPListToolsInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.mcp_list_tools.in_progress'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseOutputItemAddedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.output_item.added'])]),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'item': Ref('OutputItem', required=True),
+}, unknown='raise')
+object_schema('ResponseOutputItemDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.output_item.done'])]),
+    'output_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'item': Ref('OutputItem', required=True),
+}, unknown='raise')
+object_schema('ResponseOutputTextAnnotationAddedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.output_text.annotation.added'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'annotation_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'annotation': Ref('Annotation', required=True, allow_none=True),
+}, unknown='raise')
+object_schema('ResponseQueuedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.queued'])]),
+    'response': nested('Response', required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningSummaryPartAddedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_part.added'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'sequence_number': Int(required=True),
+    'part': nested('ResponseReasoningSummaryPartAddedEvent_Part', required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningSummaryPartAddedEvent_Part', {
+    'type': Str(required=True, validate=[OneOf(['summary_text'])]),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningSummaryPartDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_part.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'status': Str(validate=[OneOf(['incomplete'])]),
+    'sequence_number': Int(required=True),
+    'part': nested('ResponseReasoningSummaryPartDoneEvent_Part', required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningSummaryPartDoneEvent_Part', {
+    'type': Str(required=True, validate=[OneOf(['summary_text'])]),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningSummaryTextDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_text.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningSummaryTextDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_summary_text.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'summary_index': Int(required=True),
+    'text': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningTextDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_text.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseReasoningTextDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.reasoning_text.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'text': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseRefusalDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.refusal.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseRefusalDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.refusal.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'refusal': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseShellCallCommandAddedStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_command.added'])], metadata={'default': 'response.shell_call_command.added'}),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'command': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseShellCallCommandDeltaStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_command.delta'])], metadata={'default': 'response.shell_call_command.delta'}),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'delta': Str(required=True),
+    'obfuscation': Str(),
+}, unknown='raise')
+object_schema('ResponseShellCallCommandDoneStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_command.done'])], metadata={'default': 'response.shell_call_command.done'}),
+    'sequence_number': Int(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'command': Str(required=True),
+}, unknown='raise')
+object_schema('ResponseShellCallOutputContentDeltaStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_output_content.delta'])], metadata={'default': 'response.shell_call_output_content.delta'}),
+    'sequence_number': Int(required=True),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'delta': nested('ShellCallOutputDelta', required=True),
+}, unknown='raise')
+object_schema('ResponseShellCallOutputContentDoneStreamingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.shell_call_output_content.done'])], metadata={'default': 'response.shell_call_output_content.done'}),
+    'sequence_number': Int(required=True),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'command_index': Int(required=True),
+    'output': ListOf(nested('FunctionShellCallOutputContent'), required=True),
+}, unknown='raise')
+object_schema('ResponseStreamOptions', {
+    'include_obfuscation': Bool(),
+}, unknown='raise')
+object_schema('ResponseTextDeltaEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.output_text.delta'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'delta': Str(required=True),
+    'sequence_number': Int(required=True),
+    'logprobs': ListOf(nested('ResponseLogProb'), required=True),
+}, unknown='raise')
+object_schema('ResponseTextDoneEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.output_text.done'])]),
+    'item_id': Str(required=True),
+    'output_index': Int(required=True),
+    'content_index': Int(required=True),
+    'text': Str(required=True),
+    'sequence_number': Int(required=True),
+    'logprobs': ListOf(nested('ResponseLogProb'), required=True),
+}, unknown='raise')
+object_schema('ResponseTextParam', {
+    'format': Ref('TextResponseFormatConfiguration'),
+    'verbosity': Ref('Verbosity', allow_none=True),
+}, unknown='raise')
+object_schema('ResponseUsage', {
+    'input_tokens': Int(required=True),
+    'input_tokens_details': nested('ResponseUsage_InputTokensDetails', required=True),
+    'output_tokens': Int(required=True),
+    'output_tokens_details': nested('ResponseUsage_OutputTokensDetails', required=True),
+    'total_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseUsage_InputTokensDetails', {
+    'cached_tokens': Int(required=True),
+    'cache_write_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseUsage_OutputTokensDetails', {
+    'reasoning_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseWebSearchCallCompletedEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.web_search_call.completed'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseWebSearchCallInProgressEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.web_search_call.in_progress'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('ResponseWebSearchCallSearchingEvent', {
+    'type': Str(required=True, validate=[OneOf(['response.web_search_call.searching'])]),
+    'output_index': Int(required=True),
+    'item_id': Str(required=True),
+    'sequence_number': Int(required=True),
+}, unknown='raise')
+object_schema('Response_IncompleteDetails', {
+    'reason': Str(validate=[OneOf(['max_output_tokens', 'content_filter'])]),
+}, unknown='raise')
 object_schema('RetrieveProjectGroupQuery', {
     'group_type': Str(validate=[OneOf(['group', 'tenant_group'])], metadata={'default': 'group'}),
 }, unknown='include')
+object_schema('ScreenshotParam', {
+    'type': Str(required=True, validate=[OneOf(['screenshot'])], metadata={'default': 'screenshot'}),
+}, unknown='raise')
+object_schema('ScrollParam', {
+    'type': Str(required=True, validate=[OneOf(['scroll'])], metadata={'default': 'scroll'}),
+    'x': Int(required=True),
+    'y': Int(required=True),
+    'scroll_x': Int(required=True),
+    'scroll_y': Int(required=True),
+    'keys': ListOf(Str(), allow_none=True),
+}, unknown='raise')
 object_schema('ServiceAccountApiKeyBody', {
     'object': Str(required=True, validate=[OneOf(['organization.project.service_account.api_key'])], metadata={'default': 'organization.project.service_account.api_key'}),
     'value': Str(required=True),
     'name': Str(required=True),
     'created_at': Int(required=True, metadata={'format': 'unixtime'}),
     'id': Str(required=True),
+}, unknown='raise')
+object_schema('ShellCallOutputDelta', {
+    'stdout': Str(),
+    'stderr': Str(),
+}, unknown='raise')
+object_schema('SkillReferenceParam', {
+    'type': Str(required=True, validate=[OneOf(['skill_reference'])], metadata={'default': 'skill_reference'}),
+    'skill_id': Str(required=True, validate=[Length(min=1, max=64)]),
+    'version': Str(),
+}, unknown='raise')
+object_schema('SpecificApplyPatchParam', {
+    'type': Str(required=True, validate=[OneOf(['apply_patch'])], metadata={'default': 'apply_patch'}),
+}, unknown='raise')
+object_schema('SpecificFunctionShellParam', {
+    'type': Str(required=True, validate=[OneOf(['shell'])], metadata={'default': 'shell'}),
+}, unknown='raise')
+object_schema('SpecificProgrammaticToolCallingParam', {
+    'type': Str(required=True, validate=[OneOf(['programmatic_tool_calling'])], metadata={'default': 'programmatic_tool_calling'}),
 }, unknown='raise')
 object_schema('SpeechAudioDeltaEvent', {
     'type': Str(required=True, validate=[OneOf(['speech.audio.delta'])]),
@@ -1460,8 +4856,107 @@ object_schema('SpendAlertNotificationChannel', {
 object_schema('SpendLimitEnforcement', {
     'status': Ref('SpendLimitEnforcementStatus', required=True),
 }, unknown='raise')
+object_schema('SummaryTextContent', {
+    'type': Str(required=True, validate=[OneOf(['summary_text'])], metadata={'default': 'summary_text'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('TextContent', {
+    'type': Str(required=True, validate=[OneOf(['text'])], metadata={'default': 'text'}),
+    'text': Str(required=True),
+}, unknown='raise')
+object_schema('TextResponseFormatJsonSchema', {
+    'type': Str(required=True, validate=[OneOf(['json_schema'])]),
+    'description': Str(),
+    'name': Str(required=True),
+    'schema': Ref('ResponseFormatJsonSchemaSchema', required=True),
+    'strict': Bool(allow_none=True, metadata={'default': False}),
+}, unknown='raise')
 object_schema('ToggleCertificatesRequest', {
     'certificate_ids': ListOf(Str(), required=True, validate=[Length(min=1, max=10)]),
+}, unknown='raise')
+object_schema('TokenCountsBody', {
+    'model': Str(allow_none=True),
+    'input': Union([Str(validate=[Length(min=None, max=10485760)]), ListOf(Ref('InputItem'))], allow_none=True),
+    'previous_response_id': Str(allow_none=True),
+    'tools': ListOf(Ref('Tool'), allow_none=True),
+    'text': nested('ResponseTextParam', allow_none=True),
+    'reasoning': nested('Reasoning', allow_none=True),
+    'truncation': Ref('TruncationEnum'),
+    'instructions': Str(allow_none=True),
+    'personality': Ref('PersonalityEnum'),
+    'conversation': Ref('ConversationParam', allow_none=True),
+    'tool_choice': Ref('ToolChoiceParam', allow_none=True),
+    'parallel_tool_calls': Bool(allow_none=True),
+}, unknown='raise')
+object_schema('TokenCountsResource', {
+    'object': Str(required=True, validate=[OneOf(['response.input_tokens'])], metadata={'default': 'response.input_tokens'}),
+    'input_tokens': Int(required=True),
+}, unknown='raise')
+object_schema('ToolChoiceAllowed', {
+    'type': Str(required=True, validate=[OneOf(['allowed_tools'])]),
+    'mode': Str(required=True, validate=[OneOf(['auto', 'required'])]),
+    'tools': ListOf(MapOf(), required=True),
+}, unknown='raise')
+object_schema('ToolChoiceCustom', {
+    'type': Str(required=True, validate=[OneOf(['custom'])]),
+    'name': Str(required=True),
+}, unknown='raise')
+object_schema('ToolChoiceFunction', {
+    'type': Str(required=True, validate=[OneOf(['function'])]),
+    'name': Str(required=True),
+}, unknown='raise')
+object_schema('ToolChoiceMCP', {
+    'type': Str(required=True, validate=[OneOf(['mcp'])]),
+    'server_label': Str(required=True),
+    'name': Str(allow_none=True),
+}, unknown='raise')
+object_schema('ToolChoiceTypes', {
+    'type': Str(required=True, validate=[OneOf(['file_search', 'web_search_preview', 'computer', 'computer_use_preview', 'computer_use', 'web_search_preview_2025_03_11', 'image_generation', 'code_interpreter'])]),
+}, unknown='raise')
+object_schema('ToolSearchCall', {
+    'type': Str(required=True, validate=[OneOf(['tool_search_call'])], metadata={'default': 'tool_search_call'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True, allow_none=True),
+    'execution': Ref('ToolSearchExecutionType', required=True),
+    'arguments': Any_(required=True),
+    'status': Ref('FunctionCallStatus', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('ToolSearchCallItemParam', {
+    'id': Str(allow_none=True),
+    'call_id': Str(allow_none=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['tool_search_call'])], metadata={'default': 'tool_search_call'}),
+    'execution': Ref('ToolSearchExecutionType'),
+    'arguments': nested('EmptyModelParam', required=True),
+    'status': Ref('FunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('ToolSearchOutput', {
+    'type': Str(required=True, validate=[OneOf(['tool_search_output'])], metadata={'default': 'tool_search_output'}),
+    'id': Str(required=True),
+    'call_id': Str(required=True, allow_none=True),
+    'execution': Ref('ToolSearchExecutionType', required=True),
+    'tools': ListOf(Ref('Tool'), required=True),
+    'status': Ref('FunctionCallOutputStatusEnum', required=True),
+    'created_by': Str(),
+}, unknown='raise')
+object_schema('ToolSearchOutputItemParam', {
+    'id': Str(allow_none=True),
+    'call_id': Str(allow_none=True, validate=[Length(min=1, max=64)]),
+    'type': Str(required=True, validate=[OneOf(['tool_search_output'])], metadata={'default': 'tool_search_output'}),
+    'execution': Ref('ToolSearchExecutionType'),
+    'tools': ListOf(Ref('Tool'), required=True),
+    'status': Ref('FunctionCallItemStatus', allow_none=True),
+}, unknown='raise')
+object_schema('ToolSearchToolParam', {
+    'type': Str(required=True, validate=[OneOf(['tool_search'])], metadata={'default': 'tool_search'}),
+    'execution': Ref('ToolSearchExecutionType'),
+    'description': Str(allow_none=True),
+    'parameters': nested('EmptyModelParam', allow_none=True),
+}, unknown='raise')
+object_schema('TopLogProb', {
+    'token': Str(required=True),
+    'logprob': Num(required=True),
+    'bytes': ListOf(Int(), required=True),
 }, unknown='raise')
 object_schema('TranscriptTextDeltaEvent', {
     'type': Str(required=True, validate=[OneOf(['transcript.text.delta'])]),
@@ -1508,6 +5003,10 @@ object_schema('TranscriptTextUsageTokens_InputTokenDetails', {
 object_schema('TranscriptionLanguage', {
     'code': Str(required=True),
 }, unknown='raise')
+object_schema('TypeParam', {
+    'type': Str(required=True, validate=[OneOf(['type'])], metadata={'default': 'type'}),
+    'text': Str(required=True),
+}, unknown='raise')
 object_schema('UpdateChatCompletionRequest', {
     'metadata': Ref('Metadata', required=True, allow_none=True),
 }, unknown='raise')
@@ -1522,6 +5021,13 @@ object_schema('UpdateProjectSpendLimitBody', {
     'threshold_amount': Int(required=True, validate=[Range(min=1, max=None)]),
     'currency': Str(required=True, validate=[OneOf(['USD'])]),
     'interval': Str(required=True, validate=[OneOf(['month'])]),
+}, unknown='raise')
+object_schema('UrlCitationBody', {
+    'type': Str(required=True, validate=[OneOf(['url_citation'])], metadata={'default': 'url_citation'}),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+    'start_index': Int(required=True),
+    'end_index': Int(required=True),
+    'title': Str(required=True),
 }, unknown='raise')
 object_schema('UsageAudioSpeechesQuery', {
     'start_time': Int(required=True),
@@ -1761,11 +5267,62 @@ object_schema('VadConfig', {
 object_schema('VoiceIdsOrCustomVoice1', {
     'id': Str(required=True),
 }, unknown='raise')
+object_schema('WaitParam', {
+    'type': Str(required=True, validate=[OneOf(['wait'])], metadata={'default': 'wait'}),
+}, unknown='raise')
+object_schema('WebSearchActionFind', {
+    'type': Str(required=True, validate=[OneOf(['find_in_page'])]),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+    'pattern': Str(required=True),
+}, unknown='raise')
+object_schema('WebSearchActionOpenPage', {
+    'type': Str(required=True, validate=[OneOf(['open_page'])]),
+    'url': Str(allow_none=True, metadata={'format': 'uri'}),
+}, unknown='raise')
+object_schema('WebSearchActionSearch', {
+    'type': Str(required=True, validate=[OneOf(['search'])]),
+    'query': Str(),
+    'queries': ListOf(Str()),
+    'sources': ListOf(nested('WebSearchActionSearch_SourcesItem')),
+}, unknown='raise')
+object_schema('WebSearchActionSearch_SourcesItem', {
+    'type': Str(required=True, validate=[OneOf(['url'])]),
+    'url': Str(required=True, metadata={'format': 'uri'}),
+}, unknown='raise')
+object_schema('WebSearchApproximateLocation', {
+    'type': Str(validate=[OneOf(['approximate'])], metadata={'default': 'approximate'}),
+    'country': Str(allow_none=True),
+    'region': Str(allow_none=True),
+    'city': Str(allow_none=True),
+    'timezone': Str(allow_none=True),
+}, unknown='raise')
 object_schema('WebSearchLocation', {
     'country': Str(),
     'region': Str(),
     'city': Str(),
     'timezone': Str(),
+}, unknown='raise')
+object_schema('WebSearchPreviewTool', {
+    'type': Str(required=True, validate=[OneOf(['web_search_preview', 'web_search_preview_2025_03_11'])], metadata={'default': 'web_search_preview'}),
+    'user_location': nested('ApproximateLocation', allow_none=True),
+    'search_context_size': Ref('SearchContextSize'),
+    'search_content_types': ListOf(Ref('SearchContentType')),
+}, unknown='raise')
+object_schema('WebSearchTool', {
+    'type': Str(required=True, validate=[OneOf(['web_search', 'web_search_2025_08_26'])], metadata={'default': 'web_search'}),
+    'external_web_access': Bool(metadata={'default': True}),
+    'filters': nested('WebSearchTool_Filters', allow_none=True),
+    'user_location': nested('WebSearchApproximateLocation', allow_none=True),
+    'search_context_size': Str(validate=[OneOf(['low', 'medium', 'high'])], metadata={'default': 'medium'}),
+}, unknown='raise')
+object_schema('WebSearchToolCall', {
+    'id': Str(required=True),
+    'type': Str(required=True, validate=[OneOf(['web_search_call'])]),
+    'status': Str(required=True, validate=[OneOf(['in_progress', 'searching', 'completed', 'failed'])]),
+    'action': Tagged('type', {'search': nested('WebSearchActionSearch'), 'open_page': nested('WebSearchActionOpenPage'), 'find_in_page': nested('WebSearchActionFind')}, required=True),
+}, unknown='raise')
+object_schema('WebSearchTool_Filters', {
+    'allowed_domains': ListOf(Str(), allow_none=True, metadata={'default': []}),
 }, unknown='raise')
 
 SCHEMAS = REGISTRY
@@ -1972,11 +5529,11 @@ OPERATIONS = (
     {'operation_id': 'create-realtime-session', 'method': 'POST', 'path': '/realtime/sessions', 'query': {}, 'tag': 'Realtime', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'create-realtime-transcription-session', 'method': 'POST', 'path': '/realtime/transcription_sessions', 'query': {}, 'tag': 'Realtime', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'create-realtime-translation-client-secret', 'method': 'POST', 'path': '/realtime/translations/client_secrets', 'query': {}, 'tag': 'Realtime', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'createResponse', 'method': 'POST', 'path': '/responses', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None, 'text/event-stream': None}, '429': {'application/json': None}}, 'streams': True, 'extensions': None, 'summary': None},
-    {'operation_id': 'getResponse', 'method': 'GET', 'path': '/responses/{response_id}', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'deleteResponse', 'method': 'DELETE', 'path': '/responses/{response_id}', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {}, '404': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'cancelResponse', 'method': 'POST', 'path': '/responses/{response_id}/cancel', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '404': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'listInputItems', 'method': 'GET', 'path': '/responses/{response_id}/input_items', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'createResponse', 'method': 'POST', 'path': '/responses', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': [], 'request': {'application/json': 'CreateResponse'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'Response', 'text/event-stream': 'ResponseStreamEvent'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': True, 'extensions': None, 'summary': None},
+    {'operation_id': 'getResponse', 'method': 'GET', 'path': '/responses/{response_id}', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': 'GetResponseQuery', 'responses': {'200': {'application/json': 'Response'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'deleteResponse', 'method': 'DELETE', 'path': '/responses/{response_id}', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {}, '404': {'application/json': 'Error'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'cancelResponse', 'method': 'POST', 'path': '/responses/{response_id}/cancel', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'Response'}, '404': {'application/json': 'Error'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'listInputItems', 'method': 'GET', 'path': '/responses/{response_id}/input_items', 'query': {}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': 'ListInputItemsQuery', 'responses': {'200': {'application/json': 'ResponseItemList'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'createThread', 'method': 'POST', 'path': '/threads', 'query': {}, 'tag': 'Assistants', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'createThreadAndRun', 'method': 'POST', 'path': '/threads/runs', 'query': {}, 'tag': 'Assistants', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'getThread', 'method': 'GET', 'path': '/threads/{thread_id}', 'query': {}, 'tag': 'Assistants', 'localq': False, 'path_params': ['thread_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
@@ -2037,8 +5594,8 @@ OPERATIONS = (
     {'operation_id': 'DeleteVideo', 'method': 'DELETE', 'path': '/videos/{video_id}', 'query': {}, 'tag': 'Videos', 'localq': False, 'path_params': ['video_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'RetrieveVideoContent', 'method': 'GET', 'path': '/videos/{video_id}/content', 'query': {}, 'tag': 'Videos', 'localq': False, 'path_params': ['video_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'video/mp4': None, 'image/webp': None, 'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'CreateVideoRemix', 'method': 'POST', 'path': '/videos/{video_id}/remix', 'query': {}, 'tag': 'Videos', 'localq': False, 'path_params': ['video_id'], 'request': {'multipart/form-data': None, 'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'Getinputtokencounts', 'method': 'POST', 'path': '/responses/input_tokens', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'Compactconversation', 'method': 'POST', 'path': '/responses/compact', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'Getinputtokencounts', 'method': 'POST', 'path': '/responses/input_tokens', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': 'TokenCountsBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'TokenCountsResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'Compactconversation', 'method': 'POST', 'path': '/responses/compact', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': 'CompactResponseMethodPublicBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'CompactResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'ListSkills', 'method': 'GET', 'path': '/skills', 'query': {}, 'tag': 'Skills', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'CreateSkill', 'method': 'POST', 'path': '/skills', 'query': {}, 'tag': 'Skills', 'localq': False, 'path_params': [], 'request': {'multipart/form-data': None, 'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'GetSkill', 'method': 'GET', 'path': '/skills/{skill_id}', 'query': {}, 'tag': 'Skills', 'localq': False, 'path_params': ['skill_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
@@ -2056,13 +5613,13 @@ OPERATIONS = (
     {'operation_id': 'GetThreadMethod', 'method': 'GET', 'path': '/chatkit/threads/{thread_id}', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['thread_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'DeleteThreadMethod', 'method': 'DELETE', 'path': '/chatkit/threads/{thread_id}', 'query': {}, 'tag': '', 'localq': False, 'path_params': ['thread_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'ListThreadsMethod', 'method': 'GET', 'path': '/chatkit/threads', 'query': {}, 'tag': '', 'localq': False, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_createResponse', 'method': 'POST', 'path': '/responses', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': None, 'text/event-stream': None}, '429': {'application/json': None}}, 'streams': True, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_getResponse', 'method': 'GET', 'path': '/responses/{response_id}', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_deleteResponse', 'method': 'DELETE', 'path': '/responses/{response_id}', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {}, '404': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_cancelResponse', 'method': 'POST', 'path': '/responses/{response_id}/cancel', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '404': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_Compactconversation', 'method': 'POST', 'path': '/responses/compact', 'query': {'beta': 'true'}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_listInputItems', 'method': 'GET', 'path': '/responses/{response_id}/input_items', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
-    {'operation_id': 'beta_Getinputtokencounts', 'method': 'POST', 'path': '/responses/input_tokens', 'query': {'beta': 'true'}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': None}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': None}, '429': {'application/json': None}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_createResponse', 'method': 'POST', 'path': '/responses', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': [], 'request': {'application/json': 'BetaCreateResponse'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'BetaResponse', 'text/event-stream': 'BetaResponseStreamEvent'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': True, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_getResponse', 'method': 'GET', 'path': '/responses/{response_id}', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': 'BetaGetResponseQuery', 'responses': {'200': {'application/json': 'BetaResponse'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_deleteResponse', 'method': 'DELETE', 'path': '/responses/{response_id}', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {}, '404': {'application/json': 'BetaError'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_cancelResponse', 'method': 'POST', 'path': '/responses/{response_id}/cancel', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'BetaResponse'}, '404': {'application/json': 'BetaError'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_Compactconversation', 'method': 'POST', 'path': '/responses/compact', 'query': {'beta': 'true'}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': 'BetaCompactResponseMethodPublicBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'BetaCompactResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_listInputItems', 'method': 'GET', 'path': '/responses/{response_id}/input_items', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': 'BetaListInputItemsQuery', 'responses': {'200': {'application/json': 'BetaResponseItemList'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'beta_Getinputtokencounts', 'method': 'POST', 'path': '/responses/input_tokens', 'query': {'beta': 'true'}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': 'BetaTokenCountsBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'BetaTokenCountsResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'getJob', 'method': 'GET', 'path': '/jobs/{job_id}', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': ['job_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqJob'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': 'Look up a job and, once it has finished, its result.'},
     {'operation_id': 'streamJobEvents', 'method': 'GET', 'path': '/jobs/{job_id}/events', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': ['job_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'text/event-stream': 'LocalqJobEvent'}, '204': {}, '400': {'application/json': 'ErrorResponse'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}, '503': {'application/json': 'ErrorResponse'}}, 'streams': True, 'extensions': None, 'summary': 'Follow a job as a stream of server-sent events until it finishes.'},
     {'operation_id': 'tokenize', 'method': 'POST', 'path': '/tokenize', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': [], 'request': {'application/json': 'LocalqTokenizeRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqTokenizeResponse'}, '400': {'application/json': 'ErrorResponse'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': "Turn text into a model's token ids."},

@@ -22,6 +22,7 @@ KIND_TYPES = {
     "embedding": "embedding",
     "tokenize": "tokenize",
     "detokenize": "detokenize",
+    "response": "response",
 }
 
 

@@ -61,7 +61,7 @@ COMPLETIONS, EMBEDDINGS, IMAGES = "completions", "embeddings", "images"
 AUDIO_SPEECHES, AUDIO_TRANSCRIPTIONS, MODERATIONS = "audio_speeches", "audio_transcriptions", "moderations"
 CATEGORIES = (COMPLETIONS, EMBEDDINGS, IMAGES, AUDIO_SPEECHES, AUDIO_TRANSCRIPTIONS, MODERATIONS)
 #: The category each job kind counts in; kinds not here (tokenize, detokenize) count nowhere.
-KIND_CATEGORIES = {"chat": COMPLETIONS, "completion": COMPLETIONS, "embedding": EMBEDDINGS, "image": IMAGES,
+KIND_CATEGORIES = {"chat": COMPLETIONS, "completion": COMPLETIONS, "response": COMPLETIONS, "embedding": EMBEDDINGS, "image": IMAGES,
                    "image_edit": IMAGES, "speech": AUDIO_SPEECHES, "transcription": AUDIO_TRANSCRIPTIONS,
                    "translation": AUDIO_TRANSCRIPTIONS}
 IMAGE_SOURCES = {"image": "image.generation", "image_edit": "image.edit"}
@@ -170,7 +170,12 @@ def usage_of(*, project: str, kind: str, model: str, request: Mapping | None, re
     usage = usage if isinstance(usage, dict) else {}
     measures = {REQUESTS: 1}
     size = source = ""
-    if category == COMPLETIONS:
+    if category == COMPLETIONS and "input_tokens" in usage:  # a Response's usage (the Responses API)
+        details = usage.get("input_tokens_details")
+        measures[INPUT_TOKENS] = _count(usage.get("input_tokens"))
+        measures[CACHED_TOKENS] = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        measures[OUTPUT_TOKENS] = _count(usage.get("output_tokens"))
+    elif category == COMPLETIONS:
         details = usage.get("prompt_tokens_details")
         measures[INPUT_TOKENS] = _count(usage.get("prompt_tokens"))
         measures[CACHED_TOKENS] = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0

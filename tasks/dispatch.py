@@ -27,18 +27,20 @@ class QueueFull(Exception):
 def submit(rt: Runtime, *, kind: str, model: str, queue: str, request: dict, priority: str = "interactive",
            timeout: float | None = None, attached: bool = True, max_depth: int | None = None,
            files: dict[str, list] | None = None, base_url: str | None = None,
-           fallback_queue: str | None = None, project: str = "") -> dict:
+           fallback_queue: str | None = None, project: str = "", job_id: str | None = None,
+           extra: dict | None = None) -> dict:
     """Enqueue one job of `project` (its owner); returns the job message (with its id). Raises
     QueueFull over `max_depth`.
 
     `fallback_queue`: where the job belongs if `queue` (a worker's own queue) loses its worker
-    before the job is taken (`tasks.orphans`).
+    before the job is taken (`tasks.orphans`). `job_id`: an id chosen by the caller (who recorded
+    something under it first); `extra`: more fields for the job message.
 
     The depth check and the job record share one round trip; a refused job's record is removed.
     """
     limit = min(timeout or rt.settings.job_timeout, rt.settings.job_timeout)
     now = time.time()
-    job = {"id": new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
+    job = {**(extra or {}), "id": job_id or new_job_id(), "kind": kind, "model": model, "request": request, "created": int(now),
            "deadline": now + limit, "base_url": base_url, "project": project}
     if fallback_queue and fallback_queue != queue:
         job["fallback_queue"] = fallback_queue

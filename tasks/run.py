@@ -25,6 +25,8 @@ from tasks import publisher as publishing
 from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
 from tasks.publisher import BackgroundPublisher
+from tasks.responses.job import KIND as RESPONSE
+from tasks.responses.job import ResponseJob
 from tasks.routing import RUN_TASK as TASK_NAME
 from tasks.runtime import model_runtime, runtime, worker_settings
 from workers.execute import execute  # light at import: model libraries load inside the backends
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 # rarely enough that the Redis round trip costs nothing next to a token.
 CANCEL_POLL = 0.05
 # Job kinds whose output arrives token by token (and whose log says when they start running).
-STREAMING_KINDS = frozenset({"chat", "completion"})
+STREAMING_KINDS = frozenset({"chat", "completion", RESPONSE})
 # Job kinds that read an uploaded audio file, counted in seconds of audio (`store.usage`).
 AUDIO_INPUT_KINDS = frozenset({"transcription", "translation"})
 # What Whisper resamples its input to (`workers.audio.decode`'s default).
@@ -207,8 +209,13 @@ def _run_job(self, job: dict) -> None:
                                soft_deadline(self.request, rt.settings.job_timeout, started), read_at=flag_read_at)
 
     outcome, error = "succeeded", None
+    running, emit, response = job, first_token.emit, None
+    if job["kind"] == RESPONSE:  # a Responses API request: its chat job, with its events translated
+        response = ResponseJob(rt, job, first_token.emit)
+        running, emit = response.chat_job, response.emit
+        response.start()
     try:
-        execute(job, first_token.emit, is_cancelled, registry=registry, cache=cache)
+        execute(running, emit, is_cancelled, registry=registry, cache=cache)
     except OpenAIError as err:  # what the client caused (`workers.errors.JobError`)
         outcome, error = "failed", err.payload()
     except SoftTimeLimitExceeded:
@@ -227,6 +234,8 @@ def _run_job(self, job: dict) -> None:
         outcome, error = "failed", errors.no_result().payload()
 
     tokens = None
+    if response is not None:
+        response.ended(error, cancelled=error is None and is_cancelled.cancelled)
     if error is not None:
         _fail(rt, job_id, error)
     elif is_cancelled.cancelled:

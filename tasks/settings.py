@@ -41,6 +41,8 @@ class QueueSettings:
     resume_grace: float = 2.0
     # how long generated files (images and audio answered by URL) stay downloadable
     generated_ttl: float = 3600.0
+    # how long a stored response (the Responses API, `store: true`) is kept after its last write
+    response_ttl: float = 30 * 86400.0
     # the bytes of `/v1/files` uploads and of files localq writes (batch output); metadata is in Redis
     files_dir: Path = DEFAULT_FILES_DIR
     # largest file `/v1/files` accepts (OpenAI: 512 MB), and for purpose=batch (OpenAI: 200 MB)
@@ -100,6 +102,7 @@ class QueueSettings:
             max_deliveries=positive_int(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries),
             resume_grace=positive_number(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
             generated_ttl=positive_number(environ, "LOCALQ_GENERATED_TTL", cls.generated_ttl),
+            response_ttl=positive_number(environ, "LOCALQ_RESPONSE_TTL", cls.response_ttl),
             files_dir=_directory(environ, "LOCALQ_FILES_DIR", cls.files_dir),
             max_file_bytes=positive_int(environ, "LOCALQ_MAX_FILE_BYTES", cls.max_file_bytes),
             max_batch_file_bytes=positive_int(environ, "LOCALQ_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes),

@@ -73,6 +73,13 @@ CHECKED = {
     "getJob": ["LocalqJob"],
     "streamJobEvents": ["LocalqJobEvent"],
     "listWorkers": ["LocalqWorkerList"],
+    # the Responses API: tests/test_responses_api.py checks every Response and every event it streams;
+    # here one of each answer
+    "createResponse": ["Response", "ResponseStreamEvent"],
+    "getResponse": ["Response"],
+    "deleteResponse": [],  # {"id", "object", "deleted"}: the spec documents no body
+    "cancelResponse": ["Response"],
+    "listInputItems": ["ResponseItemList"],
     # admin operations (owner keys): projects, their keys, model permissions, rate limits, usage
     "list-projects": ["ProjectListResponse"],
     "create-project": ["Project"],
@@ -467,3 +474,23 @@ def test_admin_operations(service, api, conforms):
         keys.revoke(member.id)
         wait_until(lambda: api.get("/models").status_code == 200, 10, "the service to be open again")
         client.close()
+
+
+# ----- the Responses API ---------------------------------------------------------------------------
+
+
+def test_responses(api, conforms):
+    made = ok_json(api.post("/responses", json={"model": CHAT_MODEL, "input": "Hi", "max_output_tokens": 16}))
+    conforms("Response", made, "a response")
+    conforms("Response", ok_json(api.get(f"/responses/{made['id']}")), "a stored response")
+    conforms("ResponseItemList", ok_json(api.get(f"/responses/{made['id']}/input_items")), "its input items")
+    events = sse_events(api, "POST", "/responses", json={"model": CHAT_MODEL, "input": "Hi", "max_output_tokens": 16,
+                                                          "stream": True})
+    for name, data in events:
+        event = json.loads(data)
+        assert event["type"] == name
+        conforms("ResponseStreamEvent", event, name)
+    background = ok_json(api.post("/responses", json={"model": CHAT_MODEL, "input": "Hi", "max_output_tokens": 16,
+                                                      "background": True}))
+    conforms("Response", ok_json(api.post(f"/responses/{background['id']}/cancel")), "a cancelled response")
+    assert ok_json(api.delete(f"/responses/{made['id']}")) == {"id": made["id"], "object": "response", "deleted": True}

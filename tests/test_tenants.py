@@ -198,6 +198,20 @@ def test_a_running_job_shows_in_workers_only_to_its_project_and_owners(http, key
     assert a2.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded", "B never reached the stream to cancel it"
 
 
+def test_responses_belong_to_their_project(http, sdk):
+    a1, b = http["a1"], http["b"]
+    made = sdk["a1"].responses.create(model=CHAT, input="Hi", max_output_tokens=16)
+    for path in (f"/v1/responses/{made.id}", f"/v1/responses/{made.id}/input_items"):
+        assert_not_found(b.get(path))
+    assert_not_found(b.post(f"/v1/responses/{made.id}/cancel"))
+    assert_not_found(b.delete(f"/v1/responses/{made.id}"))
+    assert_not_found(b.post("/v1/responses", json={"model": CHAT, "input": "and?", "previous_response_id": made.id}))
+    assert http["a2"].get(f"/v1/responses/{made.id}").json()["id"] == made.id, "B's delete changed nothing"
+    later = sdk["a2"].responses.create(model=CHAT, input="And?", previous_response_id=made.id, max_output_tokens=16)
+    assert later.previous_response_id == made.id, "a key of the same project continues it"
+    assert a1.delete(f"/v1/responses/{made.id}").status_code == 200
+
+
 def test_generated_urls_belong_to_their_project(http, sdk):
     result = sdk["a1"].images.generate(model=IMAGE, prompt="a red square", size="256x256", response_format="url")
     url = result.data[0].url
