@@ -125,7 +125,7 @@ def target_operation_ids(document: dict) -> list[str]:
     """Scoped operations: POSTs whose body is documented, and GETs (with query, path or no parameters)."""
     found = []
     for path, item in document["paths"].items():
-        if not _in_scope(path):
+        if not _in_scope(path) or "?" in path:  # `/responses?beta=true`: the same operation again
             continue
         for method, operation in item.items():
             if method == "post" and operation.get("requestBody", {}).get("content"):

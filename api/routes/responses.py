@@ -50,6 +50,13 @@ def _record(response_id: str) -> dict:
 
 def create_response(call):
     body = call.body
+    for name in ("model", "input"):  # the spec requires neither (prompts and conversations), localq both
+        if body.get(name) is None:
+            raise errors.invalid(name, f"Missing required parameter: '{name}'.", "missing_required_parameter")
+    for name in ("conversation", "prompt"):
+        if body.get(name) is not None:
+            raise errors.unsupported_parameter(name, f"'{name}' is not supported by localq: send the input itself "
+                                                     "(and previous_response_id to continue a conversation).")
     background, stored = bool(body.get("background")), body.get("store", True) is not False
     if background and not stored:
         raise errors.invalid("store", "A background response must be stored: send store=true (the default).")
