@@ -240,7 +240,8 @@ def batch_object(record: dict[str, str]) -> dict:
 def _tokens(outcome: dict) -> tuple[int, int]:
     """(input, output) tokens of a line's response body: chat, completions and embeddings usage."""
     usage = ((outcome.get("response") or {}).get("body") or {}).get("usage") or {}
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))  # a Response's usage names them so
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
     return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
 
 

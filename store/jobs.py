@@ -23,6 +23,7 @@ KIND_TYPES = {
     "tokenize": "tokenize",
     "detokenize": "detokenize",
     "response": "response",
+    "chat_tokens": "response.input_tokens",
 }
 
 

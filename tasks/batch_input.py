@@ -20,7 +20,8 @@ from workers.defaults import DEFAULT_IMAGE_MODEL
 
 MAX_LINES = 50_000
 # Endpoints a batch may target, as `/v1/...` URLs.
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/images/generations")
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/images/generations",
+                   "/v1/responses")
 # the model a line runs on when its body names none, as the synchronous endpoint does
 DEFAULT_MODELS = {"/v1/images/generations": DEFAULT_IMAGE_MODEL}
 

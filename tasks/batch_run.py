@@ -45,6 +45,8 @@ from store.admission import Chunk
 from tasks import fair_share
 from tasks.batch_messages import maybe_finalize, send_finalize
 from tasks.batch_input import check_lines
+from tasks.responses.batch import chat_line, response_of
+from tasks.responses.job import KIND as RESPONSE
 from tasks.cancel_check import CancelCheck, soft_deadline
 from tasks.celery_app import app
 from tasks.routing import FINALIZE_TASK, LINES_TASK, START_TASK, queue_for
@@ -55,7 +57,7 @@ from workers.execute import execute_embeddings, run_job  # light at import: mode
 log = logging.getLogger(__name__)
 
 KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
-         "/v1/images/generations": "image"}
+         "/v1/images/generations": "image", "/v1/responses": RESPONSE}
 CANCEL_POLL = 0.25
 # Lines per task. Embedding lines share one forward pass (see workers.execute.execute_embeddings);
 # a chat or completion line runs alone, so an interactive call waits for at most one line.
@@ -102,7 +104,12 @@ def start_batch(batch_id: str) -> None:
         config = registry.resolve(model) if isinstance(model, str) else None
         if config is None or not allowed.allows(config.names):  # a model the project may not use
             return "model_not_found", f"The model '{model}' does not exist"
-        problem = unsupported(kind, config, body)
+        if kind == RESPONSE:
+            try:
+                body = chat_line(body)
+            except OpenAIError as err:
+                return err.code, err.message
+        problem = unsupported("chat" if kind == RESPONSE else kind, config, body)
         if problem is not None:
             return problem.code, problem[1]
         devices[model] = queue_for(config)
@@ -277,7 +284,9 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
         return
 
     kind = KINDS[record["endpoint"]]
-    jobs = [{"id": f"{batch_id}-{line}", "kind": kind, "model": body["model"], "request": body,
+    runs_as = "chat" if kind == RESPONSE else kind  # a Responses line is the chat job its body makes
+    jobs = [{"id": f"{batch_id}-{line}", "kind": runs_as, "model": body["model"],
+             "request": chat_line(body) if kind == RESPONSE else body,
              "created": int(time.time()), "base_url": record.get("base_url"),
              "project": record.get("project", "")} for line, _, body in pending]
     is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL, deadline)
@@ -297,7 +306,9 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
     if is_cancelled.timed_out:  # lines stopped at the soft time limit failed; they were not cancelled
         results = [SoftTimeLimitExceeded() if result is None else result for result in results]
     outcomes = []
-    for (line, custom_id, _), job, result in zip(pending, jobs, results, strict=True):
+    for (line, custom_id, body), job, result in zip(pending, jobs, results, strict=True):
+        if kind == RESPONSE and isinstance(result, dict):
+            result = response_of(body, result, batch_id, line, job["created"])
         if result is None:  # stopped by a cancel while it ran
             _drop(batch_id, custom_id)
         elif isinstance(result, dict):

@@ -80,6 +80,7 @@ CHECKED = {
     "deleteResponse": [],  # {"id", "object", "deleted"}: the spec documents no body
     "cancelResponse": ["Response"],
     "listInputItems": ["ResponseItemList"],
+    "Getinputtokencounts": ["TokenCountsResource"],
     # admin operations (owner keys): projects, their keys, model permissions, rate limits, usage
     "list-projects": ["ProjectListResponse"],
     "create-project": ["Project"],
@@ -494,3 +495,5 @@ def test_responses(api, conforms):
                                                       "background": True}))
     conforms("Response", ok_json(api.post(f"/responses/{background['id']}/cancel")), "a cancelled response")
     assert ok_json(api.delete(f"/responses/{made['id']}")) == {"id": made["id"], "object": "response", "deleted": True}
+    conforms("TokenCountsResource", ok_json(api.post("/responses/input_tokens", json={"model": CHAT_MODEL,
+                                                                                     "input": "Hi"})))

@@ -180,3 +180,35 @@ def test_refusals_name_their_parameter(client):
 def test_schema_check_is_real():
     with pytest.raises(AssertionError):
         upstream().assert_conforms("ResponseTextDeltaEvent", {"type": "response.output_text.delta"}, "broken")
+
+
+def test_input_tokens_counts_the_prompt_a_response_reads(client, http):
+    body = {"model": CHAT, "input": "How many tokens is this?", "instructions": "Answer briefly."}
+    counted = http.post("/responses/input_tokens", json=body)
+    assert counted.status_code == 200, counted.text
+    upstream().assert_conforms("TokenCountsResource", counted.json(), "the count")
+    made = client.responses.create(**body, max_output_tokens=16, temperature=0)
+    assert counted.json() == {"object": "response.input_tokens", "input_tokens": made.usage.input_tokens}
+    with_tools = http.post("/responses/input_tokens", json={**body, "tools": [WEATHER]}).json()["input_tokens"]
+    assert with_tools > made.usage.input_tokens, "the tool definitions are part of the prompt"
+
+
+def test_responses_as_batch_lines(client):
+    lines = [{"custom_id": f"r-{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": CHAT, "input": f"Say the number {i}.", "max_output_tokens": 16, "temperature": 0}}
+             for i in range(2)]
+    source = client.files.create(file=("responses.jsonl", "".join(json.dumps(line) + "\n" for line in lines)),
+                                 purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/responses", completion_window="24h")
+    done = wait_until(lambda: (found := client.batches.retrieve(batch.id)).status in
+                      ("completed", "failed", "expired", "cancelled") and found, 120, "the batch to finish")
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    output = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    bodies = [line["response"]["body"] for line in output]
+    for body in bodies:
+        conforms(body)
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"]
+    direct = client.responses.create(**lines[0]["body"])
+    assert bodies[0]["output"][0]["content"][0]["text"] == direct.output_text, "a line answers as a call would"
+    assert done.usage.input_tokens == sum(body["usage"]["input_tokens"] for body in bodies) > 0
+    assert done.usage.output_tokens == sum(body["usage"]["output_tokens"] for body in bodies) > 0

@@ -39,6 +39,10 @@ Emit = Callable[[str, dict], None]
 Cancelled = Callable[[], bool]
 
 
+#: Kinds whose requests are checked as those of another kind (a chat's prompt counted is a chat).
+CHECKED_AS = {"chat_tokens": "chat"}
+
+
 def execute(
     job: dict,
     emit: Emit,
@@ -59,7 +63,7 @@ def execute(
     config = registry.resolve(name)
     if config is None:
         raise model_not_found(name)
-    problem = capabilities.unsupported(kind, config, request)
+    problem = capabilities.unsupported(CHECKED_AS.get(kind, kind), config, request)
     if problem is not None:
         param, message = problem
         raise invalid(param, message, problem.code)
@@ -76,14 +80,15 @@ def execute(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
-    request = job["request"]
+def _chat_prompt(request: dict, config: ModelConfig, backend: Any, cancelled: Cancelled):
+    """(prompt, sampling params, active tools, native): the chat rendered as the model will read it,
+    its tools by the model's own template (native) or under a grammar (constrained); the prompt is
+    None when `cancelled()` turned true on the way."""
     params = sampling.resolve("chat", request, config)
     tools = _tools(request)
     active = tools if tools is not None and tools.active else None
-    style = backend.tool_format
     # `required` and a named choice always go the constrained way: only a grammar guarantees a call
-    native = style != "constrained" and (active is None or active.mode != REQUIRED)
+    native = backend.tool_format != "constrained" and (active is None or active.mode != REQUIRED)
     messages, options = request["messages"], _template_options(request)
     if native:
         definitions = _definitions(active) if active else None
@@ -100,6 +105,20 @@ def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: C
                 raise invalid(err.param, str(err)) from None
             params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}}
         prompt = backend.chat_prompt(messages, cancelled, options=options)
+    return prompt, params, active, native
+
+
+def _chat_tokens(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    """How many tokens the chat's prompt is (`POST /v1/responses/input_tokens`), without generating."""
+    prompt = _chat_prompt(job["request"], config, backend, cancelled)[0]
+    if prompt is not None:
+        emit("result", {"object": "response.input_tokens", "input_tokens": len(prompt)})
+
+
+def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
+    request = job["request"]
+    style = backend.tool_format
+    prompt, params, active, native = _chat_prompt(request, config, backend, cancelled)
     if prompt is None:
         return
     markers = backend.reasoning_markers
@@ -545,6 +564,7 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     "completion": _completion,
     "embedding": _embedding,
     "tokenize": _tokenize,
+    "chat_tokens": _chat_tokens,
     "detokenize": _detokenize,
 }
 

@@ -28,6 +28,7 @@ from tasks.responses.job import KIND
 from tasks.responses.request import chat_request, initial_response, input_items, new_response_id
 
 FINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
+TOKENS_KIND = "chat_tokens"
 MAX_ITEMS_LIMIT = 100
 CANCEL_WAIT = 5.0  # seconds a cancel waits for the worker to stop the response
 
@@ -48,8 +49,7 @@ def _record(response_id: str) -> dict:
     return found
 
 
-def create_response(call):
-    body = call.body
+def _checked(body: dict) -> None:
     for name in ("model", "input"):  # the spec requires neither (prompts and conversations), localq both
         if body.get(name) is None:
             raise errors.invalid(name, f"Missing required parameter: '{name}'.", "missing_required_parameter")
@@ -57,17 +57,28 @@ def create_response(call):
         if body.get(name) is not None:
             raise errors.unsupported_parameter(name, f"'{name}' is not supported by localq: send the input itself "
                                                      "(and previous_response_id to continue a conversation).")
+
+
+def _history(store: ResponseStore, body: dict) -> list[dict]:
+    """The stored conversation `previous_response_id` continues (none without one)."""
+    previous = body.get("previous_response_id")
+    if not previous:
+        return []
+    history = store.conversation(previous, project_scope())
+    if history is None:
+        raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
+                       code="previous_response_not_found")
+    return history
+
+
+def create_response(call):
+    body = call.body
+    _checked(body)
     background, stored = bool(body.get("background")), body.get("store", True) is not False
     if background and not stored:
         raise errors.invalid("store", "A background response must be stored: send store=true (the default).")
     store, project = _store(), project_scope()
-    history: list[dict] = []
-    previous = body.get("previous_response_id")
-    if previous:
-        history = store.conversation(previous, project)
-        if history is None:
-            raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
-                           code="previous_response_not_found")
+    history = _history(store, body)
     items = input_items(body)
     chat = chat_request(body, items, history)
     response_id, job_id = new_response_id(), new_job_id()
@@ -106,6 +117,17 @@ def _frames(starting_after: int | None):
         yield from typed_frames(event)
 
     return render
+
+
+def count_input_tokens(call):
+    """`POST /v1/responses/input_tokens`: the prompt the request would be, rendered and counted
+    by the model's worker (a job of its own; nothing is generated)."""
+    body = call.body
+    _checked(body)
+    chat = chat_request(body, input_items(body), _history(_store(), body))
+    rt, job = enqueue(TOKENS_KIND, chat, checked_as="chat")
+    return wait_for_result(rt, job, keepalive=setting("keepalive_interval"), respond=json_response,
+                           patience=setting("relay_ride_over"))
 
 
 def get_response(call):
@@ -181,4 +203,5 @@ HANDLERS = {
     "deleteResponse": delete_response,
     "cancelResponse": cancel_response,
     "listInputItems": list_input_items,
+    "Getinputtokencounts": count_input_tokens,
 }

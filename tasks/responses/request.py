@@ -21,6 +21,7 @@ from typing import Any
 from schemas import openai_errors as errors
 
 INPUT_TEXT, OUTPUT_TEXT, INPUT_IMAGE = "input_text", "output_text", "input_image"
+EXTENSIONS = "x-localai-extensions"
 
 
 def new_response_id() -> str:
@@ -125,6 +126,8 @@ def chat_request(body: dict, items: list[dict], history: list[dict]) -> dict:
         messages.append({"role": "system", "content": _instructions(body["instructions"])})
     messages += chat_messages(history) + chat_messages(items)
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
+    if body.get(EXTENSIONS):
+        chat[EXTENSIONS] = copy.deepcopy(body[EXTENSIONS])  # localq's knobs (priority, timeout, ignore_eos, ...)
     for name in ("temperature", "top_p", "user", "parallel_tool_calls", "top_logprobs"):
         if body.get(name) is not None:
             chat[name] = body[name]
