@@ -288,7 +288,7 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
     jobs = [{"id": f"{batch_id}-{line}", "kind": runs_as, "model": body["model"],
              "request": chat_line(body) if kind == RESPONSE else body,
              "created": int(time.time()), "base_url": record.get("base_url"),
-             "project": record.get("project", "")} for line, _, body in pending]
+             "project": record.get("project", ""), "truncation": body.get("truncation")} for line, _, body in pending]
     is_cancelled = CancelCheck(lambda: rt.redis.exists(cancel_key(batch_id)), CANCEL_POLL, deadline)
 
     registry, cache = model_runtime()

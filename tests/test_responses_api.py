@@ -212,3 +212,29 @@ def test_responses_as_batch_lines(client):
     assert bodies[0]["output"][0]["content"][0]["text"] == direct.output_text, "a line answers as a call would"
     assert done.usage.input_tokens == sum(body["usage"]["input_tokens"] for body in bodies) > 0
     assert done.usage.output_tokens == sum(body["usage"]["output_tokens"] for body in bodies) > 0
+
+
+def test_truncation_auto_drops_the_oldest_items_to_fit(client, http):
+    long_turns = [{"role": "user", "content": f"Turn {i}: " + "the sea is wide and blue " * 50} for i in range(12)]
+    body = {"model": CHAT, "input": long_turns + [{"role": "user", "content": "Say hi."}], "max_output_tokens": 16,
+            "temperature": 0}
+    with pytest.raises(BadRequestError) as refused:
+        client.responses.create(**body)
+    assert refused.value.code == "context_length_exceeded"
+    made = client.responses.create(**body, truncation="auto")
+    assert made.status in ("completed", "incomplete") and made.truncation == "auto"
+    assert 1000 < made.usage.input_tokens < 2048, "as much of the conversation as fits"
+    counted = http.post("/responses/input_tokens", json={"model": CHAT, "input": body["input"],
+                                                          "truncation": "auto"}).json()
+    assert counted["input_tokens"] == made.usage.input_tokens
+
+
+def test_the_sdk_reads_the_streams(client):
+    with client.responses.create(model=CHAT, input="Name a colour.", max_output_tokens=16, temperature=0,
+                                 stream=True) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text
+    again = client.responses.retrieve(events[-1].response.id, stream=True, starting_after=2)
+    assert [event.sequence_number for event in again] == [event.sequence_number for event in events[3:]]

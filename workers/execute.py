@@ -22,7 +22,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-from schemas.openai_errors import invalid, model_not_found
+from schemas.openai_errors import OpenAIError, invalid, model_not_found
 from workers import capabilities, sampling
 from workers.tools.answer import ChatAnswer, ToolCallError
 from workers.tools.formats import PARSERS
@@ -80,22 +80,19 @@ def execute(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chat_prompt(request: dict, config: ModelConfig, backend: Any, cancelled: Cancelled):
+def _chat_prompt(request: dict, config: ModelConfig, backend: Any, cancelled: Cancelled, *, truncate: bool = False):
     """(prompt, sampling params, active tools, native): the chat rendered as the model will read it,
     its tools by the model's own template (native) or under a grammar (constrained); the prompt is
-    None when `cancelled()` turned true on the way."""
+    None when `cancelled()` turned true on the way. `truncate` (the Responses API's `truncation:
+    auto`): a chat too long for the context loses its oldest messages (after the system ones)
+    until it fits."""
     params = sampling.resolve("chat", request, config)
     tools = _tools(request)
     active = tools if tools is not None and tools.active else None
     # `required` and a named choice always go the constrained way: only a grammar guarantees a call
     native = backend.tool_format != "constrained" and (active is None or active.mode != REQUIRED)
     messages, options = request["messages"], _template_options(request)
-    if native:
-        definitions = _definitions(active) if active else None
-        prompt = backend.chat_prompt(messages, cancelled, tools=definitions, native=True, options=options)
-    else:
-        if tools is not None or _carries_tools(messages):  # any template can render these
-            messages = generic_messages(messages, tools)
+    if not native:
         if active is not None:
             from workers.tools.grammar import UnenforceableTool, answer_schema  # llama_cpp's converter: worker only
 
@@ -104,13 +101,47 @@ def _chat_prompt(request: dict, config: ModelConfig, backend: Any, cancelled: Ca
             except UnenforceableTool as err:
                 raise invalid(err.param, str(err)) from None
             params["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}}
-        prompt = backend.chat_prompt(messages, cancelled, options=options)
-    return prompt, params, active, native
+    while True:
+        try:
+            if native:
+                definitions = _definitions(active) if active else None
+                prompt = backend.chat_prompt(messages, cancelled, tools=definitions, native=True, options=options)
+            elif tools is not None or _carries_tools(messages):  # any template can render these
+                prompt = backend.chat_prompt(generic_messages(messages, tools), cancelled, options=options)
+            else:
+                prompt = backend.chat_prompt(messages, cancelled, options=options)
+            fits = prompt is None or len(prompt) < getattr(backend, "n_ctx", len(prompt) + 1)
+            shorter = None if fits or not truncate else _without_oldest(messages)
+            if shorter is None:
+                return prompt, params, active, native  # one that does not fit is refused when it starts
+        except OpenAIError as err:
+            shorter = _without_oldest(messages) if truncate and err.code == capabilities.CONTEXT_LENGTH_EXCEEDED else None
+            if shorter is None:
+                raise
+        messages = shorter
+
+
+def _without_oldest(messages: list[dict]) -> list[dict] | None:
+    """`messages` without the oldest one after the leading system messages (and the tool results
+    that answered it); None when only the system messages and the last one are left."""
+    head = 0
+    while head < len(messages) and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    if len(messages) - head <= 1:
+        return None
+    rest = messages[head + 1:]
+    while len(rest) > 1 and rest[0].get("role") == "tool":  # results of calls no longer in the chat
+        rest = rest[1:]
+    return messages[:head] + rest
+
+
+def _truncates(job: dict) -> bool:
+    return job.get("truncation") == "auto"
 
 
 def _chat_tokens(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
     """How many tokens the chat's prompt is (`POST /v1/responses/input_tokens`), without generating."""
-    prompt = _chat_prompt(job["request"], config, backend, cancelled)[0]
+    prompt = _chat_prompt(job["request"], config, backend, cancelled, truncate=_truncates(job))[0]
     if prompt is not None:
         emit("result", {"object": "response.input_tokens", "input_tokens": len(prompt)})
 
@@ -118,7 +149,7 @@ def _chat_tokens(job: dict, config: ModelConfig, backend: Any, emit: Emit, cance
 def _chat(job: dict, config: ModelConfig, backend: Any, emit: Emit, cancelled: Cancelled) -> None:
     request = job["request"]
     style = backend.tool_format
-    prompt, params, active, native = _chat_prompt(request, config, backend, cancelled)
+    prompt, params, active, native = _chat_prompt(request, config, backend, cancelled, truncate=_truncates(job))
     if prompt is None:
         return
     markers = backend.reasoning_markers

@@ -86,7 +86,7 @@ def create_response(call):
     if stored:
         store.create(response, items, project=project, job_id=job_id)  # before the job: the worker updates it
     try:
-        rt, job = enqueue(KIND, chat, checked_as="chat", job_id=job_id, extra={"response": response, "store": stored},
+        rt, job = enqueue(KIND, chat, checked_as="chat", job_id=job_id, extra={"response": response, "store": stored, "truncation": body.get("truncation")},
                           attached=not background)
     except Exception:
         if stored:
@@ -125,7 +125,7 @@ def count_input_tokens(call):
     body = call.body
     _checked(body)
     chat = chat_request(body, input_items(body), _history(_store(), body))
-    rt, job = enqueue(TOKENS_KIND, chat, checked_as="chat")
+    rt, job = enqueue(TOKENS_KIND, chat, checked_as="chat", extra={"truncation": body.get("truncation")})
     return wait_for_result(rt, job, keepalive=setting("keepalive_interval"), respond=json_response,
                            patience=setting("relay_ride_over"))
 
