@@ -38,3 +38,23 @@ def test_a_bad_usage_query_is_a_400(client, query, param):
 def test_a_bad_list_query_is_a_400(client):
     answer = client.get("/v1/organization/projects?limit=many")
     assert answer.status_code == 400 and answer.get_json()["error"]["param"] == "limit"
+
+
+def test_a_usage_page_from_long_ago_reads_one_page_of_buckets(redis_server):
+    """A start_time decades ago spans millions of minute buckets: only the page's are made (the
+    whole range once took gigabytes of memory)."""
+    import tracemalloc
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    client = create_app(Settings.from_env({"LOCALQ_REDIS_URL": redis_server.url})).test_client()
+    tracemalloc.start()
+    answer = client.get("/v1/organization/usage/completions?start_time=0&bucket_width=1m&limit=3")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    page = answer.get_json()
+    assert [bucket["start_time"] for bucket in page["data"]] == [0, 60, 120]
+    assert page["has_more"] and page["next_page"]
+    assert peak < 50 * 1024 * 1024

@@ -72,7 +72,7 @@ def _history(store: ResponseStore, body: dict) -> list[dict]:
 
 
 def create_response(call):
-    body = call.body
+    body = call.body or {}
     _checked(body)
     background, stored = bool(body.get("background")), body.get("store", True) is not False
     if background and not stored:
@@ -122,7 +122,7 @@ def _frames(starting_after: int | None):
 def count_input_tokens(call):
     """`POST /v1/responses/input_tokens`: the prompt the request would be, rendered and counted
     by the model's worker (a job of its own; nothing is generated)."""
-    body = call.body
+    body = call.body or {}
     _checked(body)
     chat = chat_request(body, input_items(body), _history(_store(), body))
     rt, job = enqueue(TOKENS_KIND, chat, checked_as="chat", extra={"truncation": body.get("truncation")})

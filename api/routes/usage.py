@@ -209,14 +209,16 @@ def _answer(shape: Shape) -> dict:
     end = min(end_time, current_end) if end_time is not None else current_end
     page = request.args.get("page")
     cursor = _from_cursor(page, width_name, width, first, end) if page else first
-    starts = list(range(cursor, end, width))
-    shown, rest = starts[:limit], starts[limit:]
+    # a page's buckets only: the range from an old start_time to now may be millions of buckets
+    stop = min(end, cursor + limit * width)
+    shown = list(range(cursor, stop, width))
+    following = stop if stop < end else None
     buckets = read_buckets(queue_runtime().redis, width, shown)
     data = [{"object": "bucket", "start_time": start, "end_time": start + width,
              "results": [shape.result(group) for group in aggregate(rows, only, group_by)]}
             for start, rows in zip(shown, buckets, strict=True)]
-    return {"object": "page", "data": data, "has_more": bool(rest),
-            "next_page": _cursor(width_name, rest[0]) if rest else None}
+    return {"object": "page", "data": data, "has_more": following is not None,
+            "next_page": _cursor(width_name, following) if following is not None else None}
 
 
 def _handler(operation_id: str):
