@@ -175,6 +175,12 @@ def test_refusals_name_their_parameter(client):
         client.responses.cancel(made.id)
     with pytest.raises(NotFoundError):
         client.responses.retrieve("resp_" + "0" * 48)
+    with pytest.raises(BadRequestError) as refused:  # a text model, given an image
+        client.responses.create(model=CHAT, instructions="Look.", input=[
+            {"role": "user", "content": "Hello"},
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                         {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}]}])
+    assert refused.value.param.startswith("input[1].content"), refused.value.param
 
 
 def test_schema_check_is_real():

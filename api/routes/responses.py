@@ -21,11 +21,12 @@ from api.model_jobs import client_socket, enqueue, job_headers, json_response, w
 from api.queue import queue_runtime, setting
 from api.sse import relay, sse_response, typed_frames
 from schemas import openai_errors as errors
+from schemas.openai_errors import OpenAIError
 from store.events import Event
 from store.jobs import FINAL_STATUSES, new_job_id
 from store.responses import ResponseStore
 from tasks.responses.job import KIND
-from tasks.responses.request import chat_request, initial_response, input_items, new_response_id
+from tasks.responses.request import chat_request, initial_response, input_items, input_param, new_response_id
 
 FINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 TOKENS_KIND = "chat_tokens"
@@ -86,8 +87,12 @@ def create_response(call):
     if stored:
         store.create(response, items, project=project, job_id=job_id)  # before the job: the worker updates it
     try:
-        rt, job = enqueue(KIND, chat, checked_as="chat", job_id=job_id, extra={"response": response, "store": stored, "truncation": body.get("truncation")},
-                          attached=not background)
+        rt, job = enqueue(KIND, chat, checked_as="chat", job_id=job_id, attached=not background,
+                          extra={"response": response, "store": stored, "truncation": body.get("truncation")})
+    except OpenAIError as err:
+        if stored:
+            store.delete(response_id)
+        raise _as_sent(err, body, history) from None
     except Exception:
         if stored:
             store.delete(response_id)
@@ -104,6 +109,13 @@ def _stream(rt, job_id: str, *, deadline: float | None, starting_after: int | No
     return sse_response(relay(rt, job_id, _frames(starting_after), keepalive=setting("keepalive_interval"),
                               deadline=deadline, grace=rt.settings.resume_grace, sock=client_socket(),
                               patience=setting("relay_ride_over")), job_id)
+
+
+def _as_sent(err: OpenAIError, body: dict, history: list[dict]) -> OpenAIError:
+    """A refusal of the chat request, naming what the Responses request sent (`input[2].content[1]`)."""
+    if err.param:
+        err.param = input_param(err.param, body, history)
+    return err
 
 
 def _frames(starting_after: int | None):

@@ -15,6 +15,7 @@ content other than text and images.
 from __future__ import annotations
 
 import copy
+import re
 import secrets
 from typing import Any
 
@@ -86,12 +87,14 @@ def _content_part(part: dict, param: str) -> dict:
                                                         "send text (input_text) or images (input_image).")
 
 
-def chat_messages(items: list[dict]) -> list[dict]:
+def chat_messages(items: list[dict], sources: list[int] | None = None) -> list[dict]:
     """Item resources (input or output) as chat messages: consecutive function calls become one
-    assistant message with `tool_calls`, their outputs `tool` messages; reasoning is left out."""
+    assistant message with `tool_calls`, their outputs `tool` messages; reasoning is left out.
+    `sources`, when given, gets the index of the item each message starts with."""
     messages: list[dict] = []
-    for item in items:
+    for index, item in enumerate(items):
         kind = item.get("type")
+        before = len(messages)
         if kind == "message":
             messages.append(_chat_message(item))
         elif kind == "function_call":
@@ -104,7 +107,31 @@ def chat_messages(items: list[dict]) -> list[dict]:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        if sources is not None and len(messages) > before:
+            sources.append(index)
     return messages
+
+
+def input_param(param: str | None, body: dict, history: list[dict]) -> str | None:
+    """A chat request's parameter path (`messages[3].content[1]`) as the Responses request that
+    made it names it (`input[2].content[1]`, `instructions`, `previous_response_id`)."""
+    match = re.match(r"messages\[(\d+)\](.*)", param or "")
+    if not match:
+        return {"max_completion_tokens": "max_output_tokens", "response_format": "text.format"}.get(param, param)
+    position, rest = int(match.group(1)), match.group(2)
+    if body.get("instructions"):
+        if position == 0:
+            return "instructions"
+        position -= 1
+    earlier = len(chat_messages(history))
+    if position < earlier:
+        return "previous_response_id"
+    sources: list[int] = []
+    chat_messages(input_items(body) if body.get("input") is not None else [], sources)
+    position -= earlier
+    if isinstance(body.get("input"), str) or position >= len(sources):
+        return "input"
+    return f"input[{sources[position]}]{rest}"
 
 
 def _chat_message(item: dict) -> dict:
