@@ -52,6 +52,9 @@ def test_chat_parameters_are_named_as_the_response_request_sent_them():
      "input[0].content[0].type"),
     ({"model": "m", "input": "hi", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}},
      "tool_choice"),
+    ({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
+    ({"model": "m", "input": "hi", "top_logprobs": 3}, "top_logprobs"),
+    ({"model": "m", "input": "hi", "max_tool_calls": 3}, "max_tool_calls"),
 ])
 def test_what_the_chat_engine_cannot_do_is_refused_by_name(body, param):
     with pytest.raises(OpenAIError) as refused:
@@ -65,3 +68,8 @@ def test_the_response_starts_with_every_parameter_echoed():
     assert response["status"] == "queued" and response["background"] is True and response["metadata"] == {"a": "b"}
     assert response["tool_choice"] == "auto" and response["truncation"] == "disabled" and response["output"] == []
     assert "store" not in response, "the Response schema has no `store`"
+
+
+def test_one_tool_call_at_most_is_no_parallel_calls():
+    body = {"model": "m", "input": "hi", "max_tool_calls": 1, "include": []}
+    assert chat_request(body, input_items(body), [])["parallel_tool_calls"] is False

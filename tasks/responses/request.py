@@ -152,12 +152,15 @@ def chat_request(body: dict, items: list[dict], history: list[dict]) -> dict:
     if body.get("instructions"):
         messages.append({"role": "system", "content": _instructions(body["instructions"])})
     messages += chat_messages(history) + chat_messages(items)
+    _refuse_unhonoured(body)
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
     if body.get(EXTENSIONS):
         chat[EXTENSIONS] = copy.deepcopy(body[EXTENSIONS])  # localq's knobs (priority, timeout, ignore_eos, ...)
-    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "top_logprobs"):
+    for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
         if body.get(name) is not None:
             chat[name] = body[name]
+    if body.get("max_tool_calls") == 1:
+        chat["parallel_tool_calls"] = False
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
     if (body.get("reasoning") or {}).get("effort"):
@@ -171,6 +174,19 @@ def chat_request(body: dict, items: list[dict], history: list[dict]) -> dict:
     if response_format:
         chat["response_format"] = response_format
     return chat
+
+
+def _refuse_unhonoured(body: dict) -> None:
+    """What localq would otherwise drop without a word: a 400 naming it."""
+    if body.get("include"):
+        raise errors.unsupported_parameter("include", "'include' is not supported by localq yet: the output "
+                                                      "carries no logprobs, encrypted reasoning or tool sources.")
+    if body.get("top_logprobs"):
+        raise errors.unsupported_parameter("top_logprobs", "top_logprobs is not supported by localq's Responses "
+                                                           "API yet; chat completions have logprobs.")
+    if body.get("max_tool_calls") not in (None, 1):
+        raise errors.unsupported_parameter("max_tool_calls", "localq can limit a response to one tool call "
+                                                             "(max_tool_calls: 1), not to more.")
 
 
 def _instructions(instructions: Any) -> str:
