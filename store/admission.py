@@ -192,14 +192,12 @@ class Admission:
         """A chunk ran (or was given up): free its room and charge its project what it really cost."""
         return bool(self._finish(keys=self._keys(queue), args=[chunk_token, project, correction]))
 
-    def waiting_queues(self) -> list[str]:
-        """The queues with projects waiting to be admitted."""
-        found = []
-        for key in self.client.scan_iter(match=f"{PREFIX}*:waiting", count=1000):
-            name = key.decode() if isinstance(key, bytes) else key
-            if self.client.zcard(name):
-                found.append(name[len(PREFIX):-len(":waiting")])
-        return found
+    def waiting_queues(self, queues: list[str]) -> list[str]:
+        """Those of `queues` with projects waiting to be admitted, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zcard(self._keys(queue)[0])
+        return [queue for queue, waiting in zip(queues, pipe.execute(), strict=True) if waiting]
 
     def waiting_chunks(self, batch_id: str, queues: list[str]) -> int:
         """How many of the batch's chunks still wait on `queues`."""

@@ -94,7 +94,7 @@ def finished(ticket: dict | None, seconds: float, model: str | None, lines: int)
         log.warning("batch chunk %s: admission not settled", ticket.get("token"), exc_info=True)
 
 
-def admit_waiting(client) -> int:
-    """Admit on every queue with projects waiting (the sweep's tick: nothing stays stuck when
+def admit_waiting(client, queues: list[str]) -> int:
+    """Admit on those of `queues` with projects waiting (the sweep's tick: nothing stays stuck when
     every chunk in flight was lost); the number of chunks sent."""
-    return sum(admit_and_send(queue, client) for queue in admission(client).waiting_queues())
+    return sum(admit_and_send(queue, client) for queue in admission(client).waiting_queues(queues))

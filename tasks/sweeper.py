@@ -359,7 +359,7 @@ class Sweeper:
         if expired:
             log.warning("batches past their completion window expired: %s", ", ".join(expired))
         try:
-            fair_share.admit_waiting(self.client)  # room freed by chunks whose messages were lost
+            fair_share.admit_waiting(self.client, _batch_queues())  # room freed by chunks whose messages were lost
         except Exception:  # noqa: BLE001 - as above
             log.exception("admitting waiting batch chunks failed")
         try:

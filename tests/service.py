@@ -11,12 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import yaml
 
 from ops.redis_server import RedisServer
 from ops.stack import REPO, ServiceProcesses, wait_until
 
-__all__ = ["Service", "only_models", "running_service", "wait_until"]
+__all__ = ["Service", "only_models", "project_keys", "running_service", "wait_until"]
 
 CHAT, EMBEDDINGS = "smollm2-135m-instruct", "all-minilm-l6-v2"
 
@@ -52,3 +53,21 @@ def running_service(tmp: Path, extra_env: dict | None = None, workers: tuple[str
             yield service
         finally:
             service.stop()
+
+
+@contextmanager
+def project_keys(base_url: str, client, wanted: dict[str, tuple[str, str]]):
+    """Keys made in the service's Redis (`client`): {name: (project, role)} -> {name: secret}, each
+    labelled with its name. The service asks for keys from the first request after they exist;
+    at the end every key, project and model permission is removed and the service is open again."""
+    from store.api_keys import KEY_IDS, KEYS, PROJECT_NAMES, PROJECTS, KeyStore
+    from store.model_permissions import KEY as MODEL_PERMISSIONS
+
+    keystore = KeyStore(client)
+    made = {name: keystore.create(project, role=role, name=name)[0] for name, (project, role) in wanted.items()}
+    wait_until(lambda: httpx.get(base_url + "/v1/models").status_code == 401, 10, "keys to be asked for")
+    try:
+        yield made
+    finally:
+        client.delete(KEYS, KEY_IDS, PROJECTS, PROJECT_NAMES, MODEL_PERMISSIONS)
+        wait_until(lambda: httpx.get(base_url + "/v1/models").status_code == 200, 10, "the service to be open again")

@@ -66,7 +66,7 @@ def test_a_projects_batches_go_in_order_and_what_a_chunk_really_cost_counts(redi
         rest += tokens(admitted)
         finish_all(fair, admitted)
     assert rest == ["batch_b:0", "batch_b:1", "batch_b:2", "batch_a1:1", "batch_a2:0"]
-    assert fair.admit("cpu", 1, now=1) == [] and fair.waiting_queues() == []
+    assert fair.admit("cpu", 1, now=1) == [] and fair.waiting_queues(["cpu", "gpu"]) == []
 
 
 def test_a_lost_chunk_gives_its_room_back_once_stale(redis_db):
@@ -81,7 +81,7 @@ def test_a_lost_chunk_gives_its_room_back_once_stale(redis_db):
 def test_queues_are_admitted_separately(redis_db):
     fair = Admission(redis_db)
     fair.enqueue(chunks("batch_a", "A", 2, queue="gpu") + chunks("batch_a", "A", 2, queue="cpu"))
-    assert sorted(fair.waiting_queues()) == ["cpu", "gpu"]
+    assert sorted(fair.waiting_queues(["cpu", "gpu"])) == ["cpu", "gpu"]
     assert len(fair.admit("gpu", 5, now=0)) == 2 and len(fair.admit("cpu", 5, now=0)) == 2
     assert fair.waiting_chunks("batch_a", ["cpu", "gpu"]) == 0
 
@@ -92,8 +92,8 @@ def test_a_batch_that_ends_early_leaves_nothing_waiting(redis_db):
     fair.enqueue(chunks("batch_a2", "A", 1, queue="cpu"))
     assert len(fair.admit("gpu", 1, now=0)) == 1
     assert fair.discard("batch_a", "A") == 4
-    assert fair.waiting_queues() == ["cpu"] and tokens(fair.admit("cpu", 5, now=0)) == ["batch_a2:0"]
-    assert fair.waiting_queues() == [] and redis_db.keys("localq:admission:queues:*") == ["localq:admission:queues:batch_a2"]
+    assert fair.waiting_queues(["cpu", "gpu"]) == ["cpu"] and tokens(fair.admit("cpu", 5, now=0)) == ["batch_a2:0"]
+    assert fair.waiting_queues(["cpu", "gpu"]) == [] and redis_db.keys("localq:admission:queues:*") == ["localq:admission:queues:batch_a2"]
 
 
 def test_a_returning_project_neither_banks_credit_nor_carries_debt(redis_db):

@@ -20,9 +20,8 @@ import yaml
 from openai import NotFoundError, OpenAI
 
 from ops.stack import REPO
-from store.api_keys import KEY_IDS, KEYS, OWNER, PROJECT_NAMES, PROJECTS, KeyStore
-from store.model_permissions import KEY as MODEL_PERMISSIONS
-from tests.service import CHAT, EMBEDDINGS, wait_until
+from store.api_keys import MEMBER, OWNER
+from tests.service import CHAT, EMBEDDINGS, project_keys, wait_until
 
 JOB_HEADER = "x-localq-job-id"
 IMAGE = "tiny-diffusion"
@@ -41,20 +40,10 @@ def store(service):
 
 @pytest.fixture(scope="module")
 def keys(service, store):
-    """{name: secret}; the service asks for keys from the first request after they exist."""
-    keystore = KeyStore(store)
-    made = {
-        "a1": keystore.create("alpha", name="a1")[0],
-        "a2": keystore.create("alpha", name="a2")[0],
-        "b": keystore.create("beta", name="b")[0],
-        "owner": keystore.create("ops", role=OWNER, name="admin")[0],
-    }
-    wait_until(lambda: httpx.get(service.base_url + "/v1/models").status_code == 401, 10, "keys to be asked for")
-    try:
+    """{name: secret}"""
+    with project_keys(service.base_url, store, {"a1": ("alpha", MEMBER), "a2": ("alpha", MEMBER),
+                                                "b": ("beta", MEMBER), "owner": ("ops", OWNER)}) as made:
         yield made
-    finally:
-        store.delete(KEYS, KEY_IDS, PROJECTS, PROJECT_NAMES, MODEL_PERMISSIONS)
-        wait_until(lambda: httpx.get(service.base_url + "/v1/models").status_code == 200, 10, "the service to be open again")
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from store import usage
-from store.api_keys import KEY_IDS, KEYS, OWNER, PROJECT_NAMES, PROJECTS, KeyStore
-from store.model_permissions import KEY as MODEL_PERMISSIONS
+from store.api_keys import MEMBER, OWNER, KeyStore
 from store.usage import (AUDIO_SPEECHES, AUDIO_TRANSCRIPTIONS, COMPLETIONS, EMBEDDINGS, IMAGES, TOTALS_KEY,
                          Filter, Retention, Usage, aggregate, bucket_key, read_buckets, record, usage_of)
-from tests.service import CHAT, EMBEDDINGS as EMBEDDING_MODEL, wait_until
+from tests.service import CHAT, EMBEDDINGS as EMBEDDING_MODEL, project_keys, wait_until
 
 DAY = 86400
 # Yesterday at 10:30:15 UTC (a moment in the past, so buckets kept 2 days still exist)
@@ -482,19 +481,10 @@ def store(service):
 
 @pytest.fixture(scope="module")
 def keys(service, store):
-    """{name: secret}; the service asks for keys from the first request after they exist."""
-    keystore = KeyStore(store)
-    made = {
-        "one": keystore.create("usage-one", name="one")[0],
-        "two": keystore.create("usage-two", name="two")[0],
-        "owner": keystore.create("usage-ops", role=OWNER, name="usage-admin")[0],
-    }
-    wait_until(lambda: httpx.get(service.base_url + "/v1/models").status_code == 401, 10, "keys to be asked for")
-    try:
+    """{name: secret}"""
+    with project_keys(service.base_url, store, {"one": ("usage-one", MEMBER), "two": ("usage-two", MEMBER),
+                                                "owner": ("usage-ops", OWNER)}) as made:
         yield made
-    finally:
-        store.delete(KEYS, KEY_IDS, PROJECTS, PROJECT_NAMES, MODEL_PERMISSIONS)
-        wait_until(lambda: httpx.get(service.base_url + "/v1/models").status_code == 200, 10, "the service to be open again")
 
 
 @pytest.fixture(scope="module")

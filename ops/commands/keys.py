@@ -70,8 +70,9 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     for key in keys:
         project = projects.get(key.project_id)
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.created_at))
-        table.add_row(*map(escape, (key.id, project.name if project else key.project_id, key.role, key.name,
-                                    key.redacted_value, created)))
+        shown = project.name if project else key.project_id
+        shown += " (archived: refused)" if key.archived else ""
+        table.add_row(*map(escape, (key.id, shown, key.role, key.name, key.redacted_value, created)))
     Console().print(table)
     return 0
 

@@ -10,22 +10,17 @@ import logging
 from typing import Any
 
 from store.responses import ResponseStore
-from tasks.responses.events import ResponseEvents
+from tasks.responses.events import ResponseEvents, error_code
 
 log = logging.getLogger(__name__)
 
 KIND = "response"
-#: The error codes a Response's `error` may carry (the spec's ResponseErrorCode, the ones localq can mean).
-ERROR_CODES = frozenset({"server_error", "rate_limit_exceeded", "invalid_prompt", "invalid_image",
-                         "invalid_image_format", "invalid_base64_image", "invalid_image_url", "image_too_large",
-                         "failed_to_download_image"})
 
 
 def response_error(payload: dict) -> dict:
     """A job's error payload as a Response's `error`: its code where the spec has it, else server_error."""
     error = payload.get("error") or {}
-    code = error.get("code") if error.get("code") in ERROR_CODES else "server_error"
-    return {"code": code, "message": error.get("message") or "The response failed."}
+    return {"code": error_code(error.get("code")), "message": error.get("message") or "The response failed."}
 
 
 class ResponseJob:
