@@ -28,8 +28,10 @@ def setting(name: str):
 
 
 def live_workers_cached() -> list[dict]:
-    """The live workers' heartbeats, read from Redis at most once a second per API process."""
+    """The live workers' heartbeats, read from Redis at most once per `workers_max_age` seconds
+    per API process (0: on every call, on the request's own time)."""
     extensions = current_app.extensions
     if "localq.workers" not in extensions:
-        extensions["localq.workers"] = CachedWorkers(max_age=1.0)
+        max_age = setting("workers_max_age")
+        extensions["localq.workers"] = CachedWorkers(max_age=max_age, stale_limit=10.0 if max_age else 0.0)
     return extensions["localq.workers"].get(queue_runtime().redis)

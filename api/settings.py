@@ -40,6 +40,9 @@ class Settings:
     #: Seconds a stream or a wait for a job's result keeps trying while Redis is away (stalled,
     #: restarting), from its first failed read; 0: not at all (`api.sse.relay`).
     relay_ride_over: float = 30.0
+    #: Seconds the API's view of the live workers (which holder is idle, for routing) may be old
+    #: before a request starts a refresh; 0: read on every model call (three round trips).
+    workers_max_age: float = 1.0
     #: Tests and experiments: seconds every batch gets as its completion window instead of the one
     #: it asked for (24h); None: the requested window.
     batch_window: int | None = None
@@ -70,6 +73,8 @@ class Settings:
             keepalive_interval=positive_number(environ, "LOCALQ_SSE_KEEPALIVE", cls.keepalive_interval),
             body_read_timeout=positive_number(environ, "LOCALQ_BODY_READ_TIMEOUT", cls.body_read_timeout),
             relay_ride_over=positive_number(environ, "LOCALQ_RELAY_RIDE_OVER", cls.relay_ride_over,
+                                            allow_zero=True),
+            workers_max_age=positive_number(environ, "LOCALQ_WORKERS_MAX_AGE", cls.workers_max_age,
                                             allow_zero=True),
             batch_window=optional_positive_int(environ, "LOCALQ_BATCH_WINDOW"),
             rate_limits=Limits.from_env(environ),
