@@ -21,7 +21,7 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: $(VENV) run test test-fast generate
+.PHONY: $(VENV) run test test-fast generate chromium screenshots
 
 $(VENV): $(STAMP)
 
@@ -48,13 +48,22 @@ run: $(VENV)
 # Then the suite on TEST_PROCESSES pytest-xdist processes, each test module kept on one (its
 # module-scoped service with it): most tests wait on real Redis, worker and API processes.
 TEST_PROCESSES ?= 2
-test: $(VENV)
+test: $(VENV) chromium
 	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # The unit tier only (markers set in tests/conftest.py): no Redis, service, worker or model; under a minute.
 test-fast: $(VENV)
 	$(PYTHON) -m pytest -q -m unit -n $(TEST_PROCESSES)
+
+# Debian's Chromium, for the console's browser tests (tests/test_console_browser.py) and screenshots.
+chromium:
+	bash ops/ensure_chromium.sh
+
+# Each console page at laptop and phone width, light and dark, into docs/screenshots/ (a fresh
+# service of its own on free ports, with a chat, an image and a batch run first so pages have content).
+screenshots: $(VENV) chromium
+	$(PYTHON) -m ops.screenshots --out docs/screenshots
 
 generate: $(VENV)
 	$(PYTHON) -m schemas.generate

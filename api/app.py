@@ -9,6 +9,7 @@ from flask import Flask
 
 from api.auth import install_auth, install_cors
 from api.body import BodyGuard
+from api.console import blueprint as console_blueprint
 from api.docs import blueprint as docs_blueprint
 from api.generated import blueprint as generated_blueprint
 from api.errors import register_error_handlers
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_cors(app, settings.cors_origins)
     app.register_blueprint(openapi_blueprint)
     app.register_blueprint(docs_blueprint)
+    app.register_blueprint(console_blueprint)  # `/` for browsers: the web console
     app.register_blueprint(generated_blueprint)
     register_operations(app, collect_handlers())
     install_rate_limits(app)  # x-ratelimit-* headers on the answers to rate-limited requests

@@ -57,7 +57,8 @@ from store.heartbeats import live_workers
 from store.metrics import READ_KEYS, parse_job_metrics, queue_reads
 from store.usage import MAX_PROJECT_LABELS, TOTALS_KEY, parse_totals, project_series
 from store.worker_slots import with_slots
-from tasks.routing import DEVICES, queue_for, queue_keys
+from tasks.queue_depths import known_queues, parse_depths, read_depths
+from tasks.routing import DEVICES, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +230,9 @@ class ClusterCollector:
         up = GaugeMetricFamily("localq_redis_up", "1 when the queue's Redis answered this scrape, else 0.")
         try:
             workers = live_workers(self.client)
-            queues = sorted({*DEVICES, *self.queues,
-                             *(q for w in workers for q in (w.get("queues") or ()) if isinstance(q, str))})
+            queues = known_queues(self.queues, workers)
             pipe = self.client.pipeline(transaction=False)
-            keys = {queue: queue_keys(queue) for queue in queues}
-            for queue in queues:
-                for key in keys[queue]:
-                    pipe.llen(key)
+            position = read_depths(pipe, queues)
             queue_reads(pipe)
             pipe.hgetall(TOTALS_KEY)
             replies = pipe.execute()
@@ -247,11 +244,8 @@ class ClusterCollector:
         yield up
 
         depth = GaugeMetricFamily("localq_queue_depth", "Jobs waiting in a queue, all priorities.", labels=["queue"])
-        position = 0
-        for queue in queues:
-            count = len(keys[queue])
-            depth.add_metric([queue], sum(int(n) for n in replies[position:position + count]))
-            position += count
+        for queue, waiting in parse_depths(replies, queues).items():
+            depth.add_metric([queue], waiting.total)
         yield depth
 
         alive = GaugeMetricFamily("localq_workers_alive", "Workers with a live heartbeat, by device.",

@@ -91,6 +91,8 @@ def _operation(op: dict) -> dict:
     entry: dict = {"operationId": op["operation_id"], "tags": [op["tag"]] if op["tag"] else []}
     if op.get("summary"):
         entry["summary"] = op["summary"]
+    if op.get("description"):
+        entry["description"] = op["description"]
     params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in op["path_params"]]
     if op["query_schema"]:
         params.append({"in": "query", "schema": SCHEMAS[op["query_schema"]]})

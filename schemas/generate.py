@@ -114,6 +114,8 @@ def build_operations(gen: Generator, document: dict) -> list[dict]:
                 "extensions": None,
                 "summary": op.get("summary") if op.get("summary") in gen.own_descriptions else None,
             }
+            if op.get("description") in gen.own_descriptions:  # ours only; left out when there is none
+                entry["description"] = op["description"]
             body = resolve_ref(document, op.get("requestBody", {}))
             for content_type, media in body.get("content", {}).items():
                 if "event-stream" in content_type:
@@ -129,7 +131,10 @@ def build_operations(gen: Generator, document: dict) -> list[dict]:
                 name = f"{camel(op_id)}Query"
                 gen.define_object(name, {
                     "type": "object",
-                    "properties": {p["name"]: p.get("schema", {}) for p in query_params},
+                    # a parameter's description travels with its schema (only our own is kept)
+                    "properties": {p["name"]: {**p.get("schema", {}), **({"description": p["description"]}
+                                                                          if "description" in p else {})}
+                                   for p in query_params},
                     "required": [p["name"] for p in query_params if p.get("required")],
                     "additionalProperties": True,
                 })

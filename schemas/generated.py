@@ -3574,6 +3574,13 @@ object_schema('ListInputItemsQuery', {
     'after': Str(),
     'include': ListOf(Ref('IncludeEnum')),
 }, unknown='include')
+object_schema('ListJobsQuery', {
+    'limit': Int(validate=[Range(min=1, max=100)], metadata={'description': 'How many jobs to return, from 1 to 100.', 'default': 20}),
+    'after': Str(validate=[Length(min=1, max=64)], metadata={'description': 'A job id (the last_id of the previous page); the page starts with the job listed after it.'}),
+    'status': Str(validate=[OneOf(['queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'])], metadata={'description': 'Only jobs with this status.'}),
+    'type': Str(validate=[Length(min=1, max=64)], metadata={'description': 'Only jobs of this type, as the job shows it (chat.completion, embedding, ...).'}),
+    'model': Str(validate=[Length(min=1, max=256)], metadata={'description': 'Only jobs for this model, as the request named it.'}),
+}, unknown='include')
 object_schema('ListModelsResponse', {
     'object': Str(required=True, validate=[OneOf(['list'])]),
     'data': ListOf(nested('Model'), required=True),
@@ -3695,11 +3702,40 @@ object_schema('LocalqJob', {
     'queue': Str(required=True, metadata={'description': 'Name of the queue the job was placed on.'}),
     'worker': Str(allow_none=True, metadata={'description': 'Id of the worker that took the job (its latest delivery); null while it waits.'}),
     'error': MapOf(required=True, allow_none=True, metadata={'description': 'Why the job failed; null unless it did.'}),
-    'result': Any_(required=True, metadata={'description': 'The response body the endpoint would have returned directly, once the job has succeeded; null before that. Its shape depends on the job type.'}),
+    'result': Any_(metadata={'description': 'The response body the endpoint would have returned directly, once the job has succeeded; null before that. Its shape depends on the job type. Left out of the items of a job list (GET /jobs), which stay small: retrieve the job for it.'}),
 }, unknown='raise')
 object_schema('LocalqJobEvent', {
     'type': Str(required=True, validate=[OneOf(['delta', 'progress', 'result', 'error', 'status', 'cancelled'])], metadata={'description': 'delta is an incremental piece of output (for chat and completions, one OpenAI stream chunk), progress a completion estimate, status a lifecycle change, result the final body, error the reason for a failure and cancelled the end of a job that was stopped.'}),
     'data': Any_(required=True, metadata={'description': 'Payload of the event; its shape depends on `type`.'}),
+}, unknown='raise')
+object_schema('LocalqJobList', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('LocalqJob'), required=True, metadata={'description': 'The jobs of this page, each without its `result`.'}),
+    'first_id': Str(required=True, allow_none=True, metadata={'description': 'Id of the first job of the page; null when the page is empty.'}),
+    'last_id': Str(required=True, allow_none=True, metadata={'description': 'Where the next page starts: pass it as `after`. The id of the last job of the page, or, for an empty page that stopped at the scan bound with older jobs left to look at, the id of the last job looked at; null when there is nothing more.'}),
+    'has_more': Bool(required=True, metadata={'description': 'Whether older jobs may match; fetch them with `after` set to `last_id`.'}),
+}, unknown='raise')
+object_schema('LocalqModelDetails', {
+    'name': Str(required=True, metadata={'description': "The config's name."}),
+    'aliases': ListOf(Str(), required=True, metadata={'description': 'Other ids that select this model.'}),
+    'capabilities': ListOf(Str(validate=[OneOf(['chat', 'completion', 'embedding', 'tokenize', 'detokenize', 'image', 'image_edit', 'speech', 'transcription', 'translation'])]), required=True, metadata={'description': 'The kinds of job this model runs.'}),
+    'backend': Str(required=True, metadata={'description': 'The backend that runs it (llama-cpp, sentence-transformers, diffusers, faster-whisper, piper).'}),
+    'device': Str(required=True, validate=[OneOf(['cpu', 'gpu'])], metadata={'description': 'The device class whose workers run it.'}),
+    'description': Str(metadata={'description': "The config's description, if it has one."}),
+    'voices': ListOf(Str(), metadata={'description': 'For a speech model, the voice names it accepts.'}),
+}, unknown='raise')
+object_schema('LocalqQueue', {
+    'object': Str(required=True, validate=[OneOf(['queue'])]),
+    'name': Str(required=True, metadata={'description': "Name of the queue: a device (cpu, gpu), a GPU or set of GPUs (gpu.0, gpu.0-1), a pool (cpu.pool.NAME) or one worker's own queue (worker.NAME)."}),
+    'waiting': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Jobs waiting in the queue, all priorities.'}),
+    'waiting_interactive': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Of those, the jobs served first (priority interactive, the default).'}),
+    'waiting_batch': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Of those, the jobs served after every interactive one (priority batch, batch lines).'}),
+    'workers': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Live workers that consume the queue; 0 means nothing will take its jobs.'}),
+}, unknown='raise')
+object_schema('LocalqQueueList', {
+    'object': Str(required=True, validate=[OneOf(['list'])]),
+    'data': ListOf(nested('LocalqQueue'), required=True),
+    'jobs_done': Int(required=True, validate=[Range(min=0, max=None)], metadata={'description': 'Jobs finished so far by the pool processes of the live workers, added up. Sample it to chart a job rate; it drops when a worker stops or restarts (a counter reset).'}),
 }, unknown='raise')
 object_schema('LocalqSpeechExtensions', {
     'priority': Ref('LocalqPriority', metadata={'default': 'interactive'}),
@@ -3885,6 +3921,7 @@ object_schema('Model', {
     'object': Str(required=True, validate=[OneOf(['model'])]),
     'owned_by': Str(required=True),
     'shutdown_date': Str(allow_none=True, metadata={'format': 'date'}),
+    'localq': nested('LocalqModelDetails'),
 }, unknown='raise')
 object_schema('Moderation', {
     'input': Tagged('type', {'moderation_result': nested('ModerationResultBody'), 'error': nested('ModerationErrorBody')}, required=True),
@@ -5329,7 +5366,7 @@ object_schema('WebSearchTool_Filters', {
 SCHEMAS = REGISTRY
 
 # What the served document says about itself, as the overlay left it.
-DOCUMENT = {'openapi': '3.1.0', 'info': {'title': 'localq API', 'version': '2.3.0', 'description': 'The HTTP API served by localq, a self-hosted server that runs models on your own machines. It accepts the OpenAI request shapes it implements, optionally extended with localq-specific knobs carried in an `x-localai-extensions` object, and adds endpoints for inspecting queued jobs, tokenizing text and listing workers.'}, 'servers': [{'url': 'http://127.0.0.1:8080/v1', 'description': 'A localq server on this machine with its default port.'}], 'security': [{'bearerAuth': []}], 'security_schemes': {'bearerAuth': {'type': 'http', 'scheme': 'bearer', 'description': 'An API key configured on the localq server, sent as `Authorization: Bearer <key>`.'}}}
+DOCUMENT = {'openapi': '3.1.0', 'info': {'title': 'localq API', 'version': '2.3.0', 'description': 'The HTTP API served by localq, a self-hosted server that runs models on your own machines. It accepts the OpenAI request shapes it implements, optionally extended with localq-specific knobs carried in an `x-localai-extensions` object, and adds endpoints for listing, inspecting and cancelling queued jobs, tokenizing text and listing workers and queues.'}, 'servers': [{'url': 'http://127.0.0.1:8080/v1', 'description': 'A localq server on this machine with its default port.'}], 'security': [{'bearerAuth': []}], 'security_schemes': {'bearerAuth': {'type': 'http', 'scheme': 'bearer', 'description': 'An API key configured on the localq server, sent as `Authorization: Bearer <key>`.'}}}
 
 # Every operation of the upstream spec and of the overlay, in spec order.
 OPERATIONS = (
@@ -5621,9 +5658,12 @@ OPERATIONS = (
     {'operation_id': 'beta_Compactconversation', 'method': 'POST', 'path': '/responses/compact', 'query': {'beta': 'true'}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': 'BetaCompactResponseMethodPublicBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'BetaCompactResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'beta_listInputItems', 'method': 'GET', 'path': '/responses/{response_id}/input_items', 'query': {'beta': 'true'}, 'tag': 'Responses', 'localq': False, 'path_params': ['response_id'], 'request': {}, 'request_required': False, 'query_schema': 'BetaListInputItemsQuery', 'responses': {'200': {'application/json': 'BetaResponseItemList'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
     {'operation_id': 'beta_Getinputtokencounts', 'method': 'POST', 'path': '/responses/input_tokens', 'query': {'beta': 'true'}, 'tag': '', 'localq': False, 'path_params': [], 'request': {'application/json': 'BetaTokenCountsBody'}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'BetaTokenCountsResource'}, '429': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': None},
+    {'operation_id': 'listJobs', 'method': 'GET', 'path': '/jobs', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': 'ListJobsQuery', 'responses': {'200': {'application/json': 'LocalqJobList'}, '400': {'application/json': 'ErrorResponse'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': "List the caller's recent jobs, newest first.", 'description': "The jobs of the key's project (an owner key, or a server without keys, sees every project's), newest first, as long as their records are kept (LOCALQ_JOB_TTL) and among the newest 2000. A call looks at no more than 500 jobs: a filtered page can come back short, or empty, with has_more true; carry on with after=last_id."},
     {'operation_id': 'getJob', 'method': 'GET', 'path': '/jobs/{job_id}', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': ['job_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqJob'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': 'Look up a job and, once it has finished, its result.'},
     {'operation_id': 'streamJobEvents', 'method': 'GET', 'path': '/jobs/{job_id}/events', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': ['job_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'text/event-stream': 'LocalqJobEvent'}, '204': {}, '400': {'application/json': 'ErrorResponse'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}, '503': {'application/json': 'ErrorResponse'}}, 'streams': True, 'extensions': None, 'summary': 'Follow a job as a stream of server-sent events until it finishes.'},
+    {'operation_id': 'cancelJob', 'method': 'POST', 'path': '/jobs/{job_id}/cancel', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': ['job_id'], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqJob'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': 'Cancel a queued or running job.', 'description': "A queued job ends at once as cancelled (a worker that takes its message later leaves it alone); a running one stops at its worker's next check, which the call waits for up to about two seconds. The answer is the job as it stands then: cancelled, still running if its worker has not stopped yet, or, for a job that had already finished, as it was."},
     {'operation_id': 'tokenize', 'method': 'POST', 'path': '/tokenize', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': [], 'request': {'application/json': 'LocalqTokenizeRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqTokenizeResponse'}, '400': {'application/json': 'ErrorResponse'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': "Turn text into a model's token ids."},
     {'operation_id': 'detokenize', 'method': 'POST', 'path': '/detokenize', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': [], 'request': {'application/json': 'LocalqDetokenizeRequest'}, 'request_required': True, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqDetokenizeResponse'}, '400': {'application/json': 'ErrorResponse'}, '401': {'application/json': 'ErrorResponse'}, '404': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': "Turn a model's token ids back into text."},
     {'operation_id': 'listWorkers', 'method': 'GET', 'path': '/workers', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqWorkerList'}, '401': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': 'List the workers that have reported in recently.'},
+    {'operation_id': 'listQueues', 'method': 'GET', 'path': '/queues', 'query': {}, 'tag': 'localq', 'localq': True, 'path_params': [], 'request': {}, 'request_required': False, 'query_schema': None, 'responses': {'200': {'application/json': 'LocalqQueueList'}, '401': {'application/json': 'ErrorResponse'}, '500': {'application/json': 'ErrorResponse'}}, 'streams': False, 'extensions': None, 'summary': 'List the queues and how many jobs wait in each.', 'description': 'Counts only, for any valid key: no job ids. The depths are read when asked, so a client polling this endpoint can chart queue depth and, from jobs_done, job rates.'},
 )

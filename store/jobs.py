@@ -1,7 +1,20 @@
-"""Job records in Redis: status, timestamps, cancel flags and delivery counts.
+"""Job records in Redis: status, timestamps, cancel flags and delivery counts, and the index of
+recent jobs.
 
 A job's record is a hash that both sides write: the API creates it and may flag it cancelled,
 the worker moves it through running to a final status. Everything expires with the job TTL.
+
+A job that ends before any worker ran it ends one way, whoever ends it (`end_unstarted`): status
+`cancelled` and a terminal `cancelled` event, "cancelled before it started". A worker that finds
+its job's cancel flag up at delivery ends it so; the API's cancel (`POST /v1/jobs/{id}/cancel`)
+ends a job still `queued` so at once, since no worker may ever take it (a queue nobody consumes).
+A delivery of a job that has already ended (cancelled while its message waited, or finished
+before a redelivery) leaves it as it is (`begin_delivery`).
+
+Each new job's id is also scored by its creation time in two sorted sets, every project's
+(`localq:jobs:recent`) and its own project's (`localq:jobs:recent:<project>`), each trimmed to its
+newest RECENT_LIMIT ids and expiring with the job TTL (pushed back by every new job); `recent`
+pages through them, newest first, and drops the ids whose record has expired.
 """
 
 from __future__ import annotations
@@ -9,11 +22,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
+from store.events import events_key
+
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
+# The data of the terminal event of a job cancelled before any worker ran it.
+CANCELLED_BEFORE_START = {"reason": "cancelled before it started"}
+
+RECENT_KEY = "localq:jobs:recent"
+RECENT_LIMIT = 2000  # ids kept in each index of recent jobs
+# The record fields a job list reads: all but the result, which can be large.
+LISTED_FIELDS = ("id", "status", "kind", "model", "created_at", "started_at", "finished_at", "queue", "worker",
+                 "error", "project")
 
 # OpenAI object type of each job kind's result, shown in GET /v1/jobs/{id}.
 KIND_TYPES = {
@@ -40,6 +63,79 @@ def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex
 
 
+def recent_key(project: str = "") -> str:
+    """The index of `project`'s recent jobs ("": every project's)."""
+    return f"{RECENT_KEY}:{project}" if project else RECENT_KEY
+
+
+class UnknownCursor(LookupError):
+    """A list's `after` is not in the index read (never listed there, expired or trimmed)."""
+
+
+class Delivery(NamedTuple):
+    """What `begin_delivery` found: the delivery count, whether the cancel flag was up, and the
+    final status the job already had (None: it was not final, and is `running` now)."""
+
+    count: int
+    cancel_flag: bool
+    ended: str | None
+
+    @classmethod
+    def of(cls, reply) -> Delivery:
+        count, flag, ended = reply
+        ended = ended.decode() if isinstance(ended, bytes) else ended
+        return cls(int(count), bool(flag), ended or None)
+
+
+class Page(NamedTuple):
+    """A page of `recent`: its records (without results), whether older ones may match, and the id
+    to go on after when the page is empty but the scan stopped at its bound (else None)."""
+
+    records: list[dict[str, str]]
+    has_more: bool
+    resume_after: str | None = None
+
+
+_FINAL_TEST = " or ".join(f"status == '{status}'" for status in sorted(FINAL_STATUSES))
+
+# A job's delivery, in one step (one round trip at the start of every job): a job that has
+# already ended is left as it is; any other counts the delivery and becomes `running`, with its
+# `status` event when one is given. KEYS: the record, its cancel flag, its event log. ARGV: the
+# TTL, started_at, the worker, then the status event's data ("" for none). Returns {deliveries,
+# cancel flag, the final status found ("" when none)}.
+_BEGIN = f"""
+local status = redis.call('HGET', KEYS[1], 'status')
+if {_FINAL_TEST} then
+  return {{0, 0, status}}
+end
+local count = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'type', 'status', 'data', ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[1])
+end
+return {{count, redis.call('EXISTS', KEYS[2]), ''}}
+"""
+
+# Ends a job that never ran as cancelled: its record and its terminal event together, only from
+# one of the statuses given. KEYS: the record, its event log. ARGV: the TTL, finished_at, the
+# event's data, then the statuses it may end from. Returns 1 if it ended the job, else 0.
+_END_UNSTARTED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+for i = 4, #ARGV do
+  if status == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+    redis.call('XADD', KEYS[2], '*', 'type', 'cancelled', 'data', ARGV[3])
+    redis.call('EXPIRE', KEYS[2], ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, ttl: float):
         self.client = client
@@ -47,12 +143,22 @@ class JobStore:
 
     def create(self, job_id: str, *, kind: str, model: str, queue: str, priority: str, deadline: float,
                attached: bool, project: str = "", pipe=None) -> None:
-        """A queued job's record; `project` owns the job, its events and its result."""
+        """A queued job's record; `project` owns the job, its events and its result. The job is
+        added to the indexes of recent jobs (every project's and its own) in the same round trip."""
+        own = pipe is None
+        pipe = self.client.pipeline(transaction=False) if own else pipe
+        now = time.time()
         self.update(
             job_id, pipe, id=job_id, kind=kind, model=model, queue=queue, priority=priority, status="queued",
-            created_at=f"{time.time():.6f}", deadline=f"{deadline:.6f}", attached="1" if attached else "0",
+            created_at=f"{now:.6f}", deadline=f"{deadline:.6f}", attached="1" if attached else "0",
             attempts="0", project=project,
         )
+        for index in {recent_key(), recent_key(project)}:
+            pipe.zadd(index, {job_id: now})
+            pipe.zremrangebyrank(index, 0, -RECENT_LIMIT - 1)  # all but the newest RECENT_LIMIT
+            pipe.expire(index, self.ttl)
+        if own:
+            pipe.execute()
 
     def get(self, job_id: str, project: str | None = None) -> dict[str, str] | None:
         """The job's record; None when there is none, or it is not `project`'s (None: any project's)."""
@@ -81,15 +187,86 @@ class JobStore:
         if own:
             pipe.execute()
 
-    def begin_delivery(self, job_id: str, worker: str, pipe) -> None:
-        """Queue on `pipe`: count this delivery, read the cancel flag, mark the job running.
+    def begin_delivery(self, job_id: str, worker: str, pipe, *, status_event: bool = False) -> None:
+        """Queue on `pipe` one atomic step: unless the job has already ended, count this delivery,
+        read the cancel flag, mark the job running and (`status_event`) add its `status: running`
+        event. Its reply, read with `Delivery.of`, says what was found.
 
-        One round trip at the start of every job; the task reads the count (first reply) and
-        the flag (second) and overwrites the status at once if the job must not run after all.
+        One round trip at the start of every job; the task overwrites the status at once if the
+        job must not run after all, and leaves a job that had already ended alone.
         """
-        pipe.hincrby(job_key(job_id), "attempts", 1)
-        pipe.exists(cancel_key(job_id))
-        self.update(job_id, pipe, status="running", started_at=f"{time.time():.6f}", worker=worker)
+        event = json.dumps({"status": "running"}, separators=(",", ":")) if status_event else ""
+        # EVAL, not EVALSHA: a retry after Redis restarted must not meet NOSCRIPT (see store.events)
+        pipe.eval(_BEGIN, 3, job_key(job_id), cancel_key(job_id), events_key(job_id), self.ttl,
+                  f"{time.time():.6f}", worker, event)
+
+    def end_unstarted(self, job_id: str, *, delivered: bool = False) -> bool:
+        """End a job no worker has run as `cancelled` ("cancelled before it started"), its record
+        and its terminal event in one atomic step. Only a job still `queued` (nobody has taken
+        it), or, with `delivered`, one the caller's delivery has just marked `running` (its cancel
+        flag was up). False, changing nothing, for any other: a running job is stopped by its
+        worker, and an ended one stays as it ended."""
+        data = json.dumps(CANCELLED_BEFORE_START, separators=(",", ":"))
+        statuses = ("running",) if delivered else ("queued",)
+        return bool(self.client.eval(_END_UNSTARTED, 2, job_key(job_id), events_key(job_id), self.ttl,
+                                     f"{time.time():.6f}", data, *statuses))
+
+    def recent(self, project: str | None, *, limit: int, after: str | None = None, status: str | None = None,
+               type_: str | None = None, model: str | None = None, scan: int = 500) -> Page:
+        """`project`'s recent jobs (None: every project's), newest first, from the one after the job
+        `after`, that match the filters (`type_` as `public_view` shows it): at most `limit`, each
+        record without its result. At most `scan` index entries are looked at; ids whose record
+        has expired are dropped from the index. Raises UnknownCursor for an `after` not in it."""
+        index = recent_key(project or "")
+        start = 0
+        if after is not None:
+            rank = self.client.zrevrank(index, after)
+            if rank is None:
+                raise UnknownCursor(after)
+            start = rank + 1
+        # without filters nearly every entry is listed: read just enough; with them, the whole
+        # bound at once (one pipeline of reads)
+        filtered = bool(status or type_ or model)
+        found: list[dict[str, str]] = []
+        scanned, last_seen, exhausted = 0, after, False
+        while len(found) <= limit and scanned < scan and not exhausted:
+            if scanned:  # a later read: new jobs may have moved the entries down since the last one
+                start = self._after(index, last_seen, start)
+            wanted = scan - scanned if filtered else min(scan - scanned, limit + 1 - len(found))
+            ids = [_text(i) for i in self.client.zrevrange(index, start, start + wanted - 1)]
+            exhausted = len(ids) < wanted
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hmget(job_key(job_id), LISTED_FIELDS)
+            gone = []
+            for job_id, values in zip(ids, pipe.execute() if ids else [], strict=True):
+                if len(found) > limit:
+                    break
+                scanned += 1
+                record = {name: _text(value) for name, value in zip(LISTED_FIELDS, values, strict=True)
+                          if value is not None}
+                if not record.get("id"):  # expired (or never written: a job the queue refused)
+                    gone.append(job_id)
+                    continue
+                start += 1  # the rank after this entry, once the gone ones are removed
+                last_seen = job_id
+                if _matches(record, project, status, type_, model):
+                    found.append(record)
+            if gone:
+                self.client.zrem(index, *gone)
+        if len(found) > limit:
+            return Page(found[:limit], True)
+        if exhausted:
+            has_more = False
+        else:  # the scan bound was reached: is anything left below?
+            following = self._after(index, last_seen, start)
+            has_more = bool(self.client.zrevrange(index, following, following))
+        return Page(found, has_more, last_seen if has_more and not found else None)
+
+    def _after(self, index: str, job_id: str | None, default: int) -> int:
+        """The rank that follows `job_id` in `index` now (`default` without one, or once it is gone)."""
+        rank = self.client.zrevrank(index, job_id) if job_id is not None else None
+        return default if rank is None else rank + 1
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: Any = None, pipe=None) -> None:
         fields: dict[str, Any] = {"status": status, "finished_at": f"{time.time():.6f}"}
@@ -120,8 +297,22 @@ class JobStore:
         return int(self.client.get(f"{job_key(job_id)}:readers") or 0)
 
 
-def public_view(record: dict[str, str]) -> dict:
-    """The job as `GET /v1/jobs/{id}` shows it (the overlay's LocalqJob)."""
+def public_type(record: dict[str, str]) -> str:
+    """The job's type as `GET /v1/jobs/{id}` shows it: the OpenAI object of its result."""
+    return KIND_TYPES.get(record.get("kind", ""), record.get("kind", ""))
+
+
+def _matches(record: dict[str, str], project: str | None, status: str | None, type_: str | None,
+             model: str | None) -> bool:
+    return ((project is None or record.get("project", "") == project)
+            and (status is None or record.get("status", "queued") == status)
+            and (type_ is None or public_type(record) == type_)
+            and (model is None or record.get("model", "") == model))
+
+
+def public_view(record: dict[str, str], *, result: bool = True) -> dict:
+    """The job as `GET /v1/jobs/{id}` shows it (the overlay's LocalqJob); without `result`, as a
+    job list shows it (no `result` field at all)."""
 
     def seconds(name: str) -> int | None:
         value = record.get(name)
@@ -131,11 +322,11 @@ def public_view(record: dict[str, str]) -> dict:
         value = record.get(name)
         return json.loads(value) if value else None
 
-    return {
+    view = {
         "id": record["id"],
         "object": "job",
         "status": record.get("status", "queued"),
-        "type": KIND_TYPES.get(record.get("kind", ""), record.get("kind", "")),
+        "type": public_type(record),
         "model": record.get("model", ""),
         "created_at": seconds("created_at") or 0,
         "started_at": seconds("started_at"),
@@ -143,8 +334,10 @@ def public_view(record: dict[str, str]) -> dict:
         "queue": record.get("queue", ""),
         "worker": record.get("worker", "").rpartition(":")[0] or None,  # "<node name>:<pid>" -> node name
         "error": decoded("error"),
-        "result": decoded("result"),
     }
+    if result:
+        view["result"] = decoded("result")
+    return view
 
 
 def _text(value) -> str:

@@ -18,7 +18,7 @@ from schemas import openai_errors as errors
 from schemas.openai_errors import OpenAIError
 from store import dead_letters
 from store.files import fetch_uploads, publish_outputs, url_maker
-from store.jobs import FINAL_STATUSES, cancel_key
+from store.jobs import FINAL_STATUSES, Delivery, cancel_key
 from store.metrics import FirstToken, completion_tokens, queue_jobs
 from store.usage import Usage, configured_retention, queue_usage, transcribed_seconds, usage_of
 from tasks import publisher as publishing
@@ -167,20 +167,23 @@ def _run_job(self, job: dict) -> None:
     rt = runtime()
     job_id = job["id"]
     pipe = rt.redis.pipeline(transaction=False)
-    rt.jobs.begin_delivery(job_id, f"{self.request.hostname}:{os.getpid()}", pipe)
-    if job["kind"] in STREAMING_KINDS:  # one-piece jobs go straight to their result: one wake-up less
-        rt.events.append_many(job_id, [("status", {"status": "running"})], pipe=pipe)
-    replies = pipe.execute()
+    # one-piece jobs go straight to their result: no `status` event, one wake-up less
+    rt.jobs.begin_delivery(job_id, f"{self.request.hostname}:{os.getpid()}", pipe,
+                           status_event=job["kind"] in STREAMING_KINDS)
+    delivery = Delivery.of(pipe.execute()[0])
     flag_read_at = time.monotonic()
-    deliveries, cancel_flag = int(replies[0]), bool(replies[1])
+    deliveries, cancel_flag = delivery.count, delivery.cancel_flag
+    if delivery.ended:  # cancelled while its message waited (`POST /v1/jobs/{id}/cancel`), or a redelivery
+        log.info("job %s had already ended (%s): not run", job_id, delivery.ended)
+        return
     if deliveries > rt.settings.max_deliveries:
         _fail(rt, job_id, errors.worker_lost(deliveries - 1).payload())
         _record(rt, job, "failed")
         _dead_letter_lost(rt, job, self.request, deliveries)
         return
     if cancel_flag:
-        _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled before it started"})
-        _record(rt, job, "cancelled")
+        if rt.jobs.end_unstarted(job_id, delivered=True):  # as the API ends a job cancelled while queued
+            _record(rt, job, "cancelled")
         return
     if time.time() > float(job.get("deadline") or "inf"):
         _fail(rt, job_id, errors.queue_timeout().payload(), status="expired")

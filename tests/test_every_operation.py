@@ -120,7 +120,26 @@ def assert_error_shape(response) -> dict:
 @pytest.mark.parametrize("op", OPERATION_CASES, ids=[op["id"] for op in SPEC_OPERATIONS] or None)
 def test_operation_is_routed_and_answers_openai_shaped(shared_client, op):
     require_spec()
-    response = _send(shared_client, op)
+    assert_answered_by_the_operation(shared_client, op)
+
+
+# localq's own operations (the overlay's, tagged `localq`), from the generated table: no spec needed.
+LOCALQ_OPERATIONS = [{"id": op["operation_id"], "method": op["method"], "path": op["path"], "query": "",
+                      "content": list(op["request"])} for op in OPERATIONS if op["localq"]]
+
+
+@pytest.mark.parametrize("op", LOCALQ_OPERATIONS, ids=[op["id"] for op in LOCALQ_OPERATIONS])
+def test_localq_operation_is_routed_and_answers_openai_shaped(shared_client, op):
+    assert_answered_by_the_operation(shared_client, op)
+
+
+def test_localq_operations_include_the_jobs_and_queues_ones():
+    assert {"listJobs", "getJob", "cancelJob", "streamJobEvents", "listQueues", "listWorkers", "tokenize",
+            "detokenize"} <= {op["id"] for op in LOCALQ_OPERATIONS}
+
+
+def assert_answered_by_the_operation(client, op: dict) -> None:
+    response = _send(client, op)
     status = response.status_code
     where = f"{op['method']} {_url(op)} -> {status}: {response.data[:500]!r}"
     assert status != 405, f"the router does not accept this method: {where}"

@@ -5,7 +5,8 @@ Two kinds of tests live here:
 * Schemathesis over the document the server itself serves (`GET /openapi.json`), for the
   operations localq implements or scopes (chat/completions, completions, embeddings, images,
   audio speech/transcriptions/translations, models, files, batches, moderations, and localq's own
-  tokenize, detokenize, jobs and workers): every POST with a documented body and every GET.
+  tokenize, detokenize, jobs, queues and workers): every POST with a documented body, localq's
+  POSTs without one (cancelJob) and every GET.
   Schemathesis generates both conforming and non-conforming requests from that document.
 * Hypothesis alone, independent of the document: arbitrary JSON values, and JSON-ish objects whose
   keys and strings come from the real request schemas, as bodies of the main POST endpoints (with
@@ -122,13 +123,16 @@ def _in_scope(path: str) -> bool:
 
 
 def target_operation_ids(document: dict) -> list[str]:
-    """Scoped operations: POSTs whose body is documented, and GETs (with query, path or no parameters)."""
+    """Scoped operations: POSTs whose body is documented, localq's POSTs without a body (such as
+    cancelJob), and GETs (with query, path or no parameters)."""
     found = []
     for path, item in document["paths"].items():
         if not _in_scope(path) or "?" in path:  # `/responses?beta=true`: the same operation again
             continue
         for method, operation in item.items():
             if method == "post" and operation.get("requestBody", {}).get("content"):
+                found.append(operation["operationId"])
+            elif method == "post" and "localq" in operation.get("tags", []):
                 found.append(operation["operationId"])
             elif method == "get":
                 found.append(operation["operationId"])
@@ -169,7 +173,10 @@ def test_targets_cover_the_scoped_groups():
         "tokenize",
         "detokenize",
         "getJob",
+        "listJobs",
+        "cancelJob",
         "listWorkers",
+        "listQueues",
     }
     assert expected <= set(TARGETS), f"missing from the fuzz targets: {sorted(expected - set(TARGETS))}"
     assert len(list(schema.get_all_operations())) == len(TARGETS)

@@ -12,7 +12,8 @@ import redis
 
 from ops.redis_server import RedisServer
 from store.events import EventLog, events_key, parse_event_id, ride_over, valid_event_id
-from store.jobs import JobStore, public_view
+from store.jobs import (CANCELLED_BEFORE_START, RECENT_LIMIT, Delivery, JobStore, Page, UnknownCursor,
+                        public_view, recent_key)
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
@@ -96,14 +97,112 @@ def test_job_store_lifecycle(client):
     assert store.cancel_requested("job_x")
     pipe = client.pipeline()
     store.begin_delivery("job_x", "w:1", pipe)
-    deliveries, cancel_flag = pipe.execute()[:2]
-    assert deliveries == 1 and cancel_flag == 1 and store.get("job_x")["worker"] == "w:1"
+    assert Delivery.of(pipe.execute()[0]) == Delivery(count=1, cancel_flag=True, ended=None)
+    assert store.get("job_x")["worker"] == "w:1" and store.get("job_x")["status"] == "running"
     store.finish("job_x", "succeeded", result={"ok": True})
     view = public_view(store.get("job_x"))
     assert view["status"] == "succeeded" and view["result"] == {"ok": True} and view["type"] == "chat.completion"
     assert view["created_at"] <= view["started_at"] <= view["finished_at"]
+    assert "result" not in public_view(store.get("job_x"), result=False)
     assert store.attach("job_x") == 1 and store.detach("job_x") == 0
     assert store.get("job_missing") is None
+
+
+def _queued(store: JobStore, job_id: str, project: str = "", kind: str = "chat", model: str = "m") -> None:
+    store.create(job_id, kind=kind, model=model, queue="cpu", priority="interactive", deadline=time.time() + 60,
+                 attached=True, project=project)
+
+
+def test_a_delivery_of_a_job_that_already_ended_changes_nothing(client, log):
+    client.flushall()
+    store = JobStore(client, ttl=60)
+    _queued(store, "job_done")
+    pipe = client.pipeline()
+    store.begin_delivery("job_done", "w:1", pipe, status_event=True)
+    assert Delivery.of(pipe.execute()[0]) == Delivery(count=1, cancel_flag=False, ended=None)
+    assert [(e.type, e.data) for e in log.all("job_done")] == [("status", {"status": "running"})]
+    store.finish("job_done", "succeeded", result={"ok": True})
+    pipe = client.pipeline()
+    store.begin_delivery("job_done", "w:2", pipe, status_event=True)  # its message again (a lost ack)
+    assert Delivery.of(pipe.execute()[0]) == Delivery(count=0, cancel_flag=False, ended="succeeded")
+    record = store.get("job_done")
+    assert record["status"] == "succeeded" and record["worker"] == "w:1" and record["attempts"] == "1"
+    assert len(log.all("job_done")) == 1, "no event after the job's end"
+
+
+def test_a_job_ends_unstarted_once_whoever_ends_it(client, log):
+    client.flushall()
+    store = JobStore(client, ttl=60)
+    _queued(store, "job_q")
+    store.request_cancel("job_q")
+    assert store.end_unstarted("job_q") is True  # the API's cancel: nobody had taken it
+    assert store.end_unstarted("job_q") is False
+    record = store.get("job_q")
+    assert record["status"] == "cancelled" and record["finished_at"] and "started_at" not in record
+    assert [(e.type, e.data) for e in log.all("job_q")] == [("cancelled", CANCELLED_BEFORE_START)]
+    pipe = client.pipeline()
+    store.begin_delivery("job_q", "w:1", pipe, status_event=True)  # its message, taken later
+    assert Delivery.of(pipe.execute()[0]).ended == "cancelled"
+    assert store.end_unstarted("job_q", delivered=True) is False
+    assert len(log.all("job_q")) == 1 and store.get("job_q")["status"] == "cancelled"
+
+    _queued(store, "job_r")  # a worker takes it first: the API's cancel leaves it to that worker
+    store.request_cancel("job_r")
+    pipe = client.pipeline()
+    store.begin_delivery("job_r", "w:1", pipe)
+    assert Delivery.of(pipe.execute()[0]) == Delivery(count=1, cancel_flag=True, ended=None)
+    assert store.end_unstarted("job_r") is False
+    assert store.end_unstarted("job_r", delivered=True) is True
+    assert [(e.type, e.data) for e in log.all("job_r")] == [("cancelled", CANCELLED_BEFORE_START)]
+    assert store.end_unstarted("missing") is False and store.get("missing") is None
+
+
+def test_recent_jobs_newest_first_per_project_paged_and_bounded(client):
+    client.flushall()
+    store = JobStore(client, ttl=60)
+    for i in range(12):
+        _queued(store, f"job_{i:02d}", project="alpha" if i % 3 else "beta", kind="chat" if i % 2 else "embedding",
+                model=f"m{i % 2}")
+    everyone = [f"job_{i:02d}" for i in reversed(range(12))]
+    alpha = [job_id for job_id in everyone if int(job_id[4:]) % 3]
+    page = store.recent(None, limit=20)
+    assert [r["id"] for r in page.records] == everyone and not page.has_more
+    assert "result" not in page.records[0] and page.records[0]["project"] == "alpha"
+    assert [r["id"] for r in store.recent("alpha", limit=20).records] == alpha
+    first = store.recent("alpha", limit=3)
+    assert [r["id"] for r in first.records] == alpha[:3] and first.has_more
+    rest = store.recent("alpha", limit=20, after=alpha[2])
+    assert [r["id"] for r in rest.records] == alpha[3:] and not rest.has_more
+    with pytest.raises(UnknownCursor):
+        store.recent("beta", limit=5, after=alpha[0])  # another project's job is no cursor there
+    chats = store.recent(None, limit=20, type_="chat.completion")
+    assert [r["id"] for r in chats.records] == [j for j in everyone if int(j[4:]) % 2]
+    assert [r["id"] for r in store.recent(None, limit=20, model="m0", status="queued").records] == \
+        [j for j in everyone if int(j[4:]) % 2 == 0]
+    assert store.recent(None, limit=20, status="failed") == Page([], False)
+
+    # the scan bound: an empty page that says where to go on, and goes on
+    bounded = store.recent(None, limit=5, status="queued", model="m0", scan=1)
+    assert bounded.records == [] and bounded.has_more and bounded.resume_after == "job_11"
+    bounded = store.recent(None, limit=5, status="queued", model="m0", scan=1, after=bounded.resume_after)
+    assert [r["id"] for r in bounded.records] == ["job_10"] and bounded.has_more and bounded.resume_after is None
+    assert [r["id"] for r in store.recent(None, limit=5, model="m0", scan=4).records] == ["job_10", "job_08"]
+    assert not store.recent(None, limit=6, model="m0", scan=12).has_more, "nothing is left below"
+
+    # an expired record is skipped and its entry dropped
+    client.delete("localq:job:job_10")
+    assert [r["id"] for r in store.recent(None, limit=3).records] == ["job_11", "job_09", "job_08"]
+    assert client.zscore(recent_key(), "job_10") is None and client.zscore(recent_key("alpha"), "job_10")
+
+    # each index keeps its newest RECENT_LIMIT ids and expires with the jobs
+    assert 0 < client.ttl(recent_key()) <= 60 and 0 < client.ttl(recent_key("beta")) <= 60
+    pipe = client.pipeline(transaction=False)
+    for i in range(RECENT_LIMIT + 5):
+        pipe.zadd(recent_key("gamma"), {f"old_{i}": i})
+    pipe.execute()
+    _queued(store, "job_new", project="gamma")
+    assert client.zcard(recent_key("gamma")) == RECENT_LIMIT
+    assert client.zrevrange(recent_key("gamma"), 0, 0) == ["job_new"]
 
 
 def test_event_ids_are_two_unsigned_64_bit_integers():

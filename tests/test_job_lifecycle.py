@@ -15,6 +15,7 @@ import redis
 
 from tasks import run as task_module  # `execute` as the task calls it
 from store.events import EventLog
+from store.metrics import JOBS_KEY
 from tasks.run import run_job
 from tasks.runtime import model_runtime, runtime
 
@@ -90,3 +91,31 @@ def test_a_cancelled_job_is_still_cancelled(rt, monkeypatch):
     run_job(job)
     assert terminal_event(rt, job["id"]).type == "cancelled"
     assert rt.jobs.get(job["id"])["status"] == "cancelled"
+
+
+def test_a_job_cancelled_while_queued_is_not_run_when_its_message_comes(rt, monkeypatch):
+    def backend(job, emit, cancelled, **_):
+        raise AssertionError("a job that had ended ran")
+
+    monkeypatch.setattr(task_module, "execute", backend)
+    job = queued_job(rt, "job_0000000000000004")
+    rt.jobs.request_cancel(job["id"])
+    assert rt.jobs.end_unstarted(job["id"])  # as POST /v1/jobs/{id}/cancel ends a job nobody took
+    before = rt.redis.hgetall(JOBS_KEY)
+    run_job(job)  # its message, delivered later
+    assert [(event.type, event.data) for event in rt.events.all(job["id"])] == [
+        ("cancelled", {"reason": "cancelled before it started"})]
+    record = rt.jobs.get(job["id"])
+    assert record["status"] == "cancelled" and "worker" not in record and record["attempts"] == "0"
+    assert rt.redis.hgetall(JOBS_KEY) == before, "counted once, by whoever ended it"
+
+
+def test_a_job_flagged_before_delivery_ends_cancelled_before_it_started(rt, monkeypatch):
+    monkeypatch.setattr(task_module, "execute", lambda *args, **kwargs: pytest.fail("a cancelled job ran"))
+    job = queued_job(rt, "job_0000000000000005")
+    rt.jobs.request_cancel(job["id"])
+    run_job(job)
+    assert [(event.type, event.data) for event in rt.events.all(job["id"])] == [
+        ("status", {"status": "running"}), ("cancelled", {"reason": "cancelled before it started"})]
+    assert rt.jobs.get(job["id"])["status"] == "cancelled"
+    assert rt.redis.hget(JOBS_KEY, '["chat","cancelled"]') == "1"

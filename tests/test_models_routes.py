@@ -32,10 +32,22 @@ def test_list_models_has_names_and_aliases(client):
         assert model_id in ids
     assert len(ids) == len(set(ids))
     for model in body["data"]:
-        assert model.keys() == {"id", "object", "created", "owned_by"}
+        assert model.keys() == {"id", "object", "created", "owned_by", "localq"}
         assert model["object"] == "model"
         assert model["owned_by"] == "localq"
         assert isinstance(model["created"], int)
+
+
+def test_models_say_what_they_can_do(client):
+    """The `localq` extension field: the config's name, aliases, capabilities, backend and voices."""
+    models = {model["id"]: model["localq"] for model in client.get("/v1/models").get_json()["data"]}
+    chat = models["gpt-4o-mini"]
+    assert chat["name"] == "smollm2-135m-instruct" and "gpt-4o-mini" in chat["aliases"]
+    assert {"chat", "completion", "tokenize"} <= set(chat["capabilities"]) and chat["backend"] == "llama-cpp"
+    assert models["text-embedding-3-small"]["capabilities"] == ["detokenize", "embedding", "tokenize"]
+    assert models["tts-1"]["capabilities"] == ["speech"] and "alloy" in models["tts-1"]["voices"]
+    assert models["whisper-1"]["capabilities"] == ["transcription", "translation"]
+    assert set(models["dall-e-2"]["capabilities"]) == {"image", "image_edit"}
 
 
 def test_retrieve_model_by_alias(client):

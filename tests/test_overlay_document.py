@@ -55,11 +55,14 @@ EXTENDED_PATHS = [
     "/audio/translations",
 ]
 NEW_OPERATIONS = {
+    ("/jobs", "get"): "listJobs",
     ("/jobs/{job_id}", "get"): "getJob",
+    ("/jobs/{job_id}/cancel", "post"): "cancelJob",
     ("/jobs/{job_id}/events", "get"): "streamJobEvents",
     ("/tokenize", "post"): "tokenize",
     ("/detokenize", "post"): "detokenize",
     ("/workers", "get"): "listWorkers",
+    ("/queues", "get"): "listQueues",
 }
 COMMON_KNOBS = {"priority", "timeout"}
 
@@ -255,7 +258,9 @@ def test_extension_schemas_are_closed_and_share_the_common_knobs(overlay):
 
 def test_descriptions_are_not_copied_from_upstream(overlay, spec):
     upstream_text = json.dumps(spec)
-    ours = [node for path, node in _walk(overlay) if path and path[-1] in ("description", "summary")]
+    # strings only: a schema may also have a *property* named description
+    ours = [node for path, node in _walk(overlay) if path and path[-1] in ("description", "summary")
+            and isinstance(node, str)]
     assert ours
     for text in ours:
         for sentence in re.split(r"(?<=[.;:])\s+", " ".join(text.split())):
@@ -465,3 +470,24 @@ def test_localq_response_shapes(merged):
     odd_engine = {"llama": {**engine, "waiting": -1}}
     assert list(workers.iter_errors({"object": "list", "data": [{**busy, "engines": odd_engine}]}))
     assert list(workers.iter_errors({"object": "list", "data": [{**busy, "running_jobs": [{"model": "llama"}]}]}))
+
+
+def test_job_list_and_queue_shapes(merged):
+    jobs = _validator_for(merged, "LocalqJobList")
+    item = {"id": "job_1", "object": "job", "status": "queued", "type": "embedding", "model": "m", "created_at": 1,
+            "started_at": None, "finished_at": None, "queue": "cpu", "worker": None, "error": None}
+    page = {"object": "list", "data": [item], "first_id": "job_1", "last_id": "job_1", "has_more": False}
+    assert not list(jobs.iter_errors(page)), "list items have no result"
+    assert not list(jobs.iter_errors({**page, "data": [], "first_id": None, "last_id": None}))
+    assert not list(jobs.iter_errors({**page, "data": [], "first_id": None, "last_id": "job_9", "has_more": True}))
+    assert list(jobs.iter_errors({key: value for key, value in page.items() if key != "has_more"}))
+    params = {p["name"]: p["schema"] for p in merged["paths"]["/jobs"]["get"]["parameters"]}
+    assert params["limit"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
+    assert params["status"]["enum"] == ["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+    assert all(params[name]["maxLength"] for name in ("after", "type", "model")), "bounded inputs"
+    queues = _validator_for(merged, "LocalqQueueList")
+    queue = {"object": "queue", "name": "cpu", "waiting": 3, "waiting_interactive": 2, "waiting_batch": 1,
+             "workers": 1}
+    assert not list(queues.iter_errors({"object": "list", "data": [queue], "jobs_done": 7}))
+    assert list(queues.iter_errors({"object": "list", "data": [{**queue, "waiting": -1}], "jobs_done": 7}))
+    assert list(queues.iter_errors({"object": "list", "data": [queue]}))

@@ -71,8 +71,11 @@ CHECKED = {
     "tokenize": ["LocalqTokenizeResponse"],
     "detokenize": ["LocalqDetokenizeResponse"],
     "getJob": ["LocalqJob"],
+    "listJobs": ["LocalqJobList"],
+    "cancelJob": ["LocalqJob"],
     "streamJobEvents": ["LocalqJobEvent"],
     "listWorkers": ["LocalqWorkerList"],
+    "listQueues": ["LocalqQueueList"],
     # the Responses API: tests/test_responses_api.py checks every Response and every event it streams;
     # here one of each answer
     "createResponse": ["Response", "ResponseStreamEvent"],
@@ -365,6 +368,31 @@ def test_job_and_its_events(api, conforms):
 def test_workers(api, conforms):
     listed = wait_until(lambda: (body := ok_json(api.get("/workers")))["data"] and body, 60, "a worker heartbeat")
     conforms("LocalqWorkerList", listed, "the worker list")
+
+
+def test_job_list_cancel_and_queues(api, conforms):
+    """A job page (items without results; an empty page), a job cancelled mid-stream and one that had
+    finished, and the queue list."""
+    done = api.post("/embeddings", json=EMBEDDING)
+    assert done.status_code == 200, done.text
+    page = ok_json(api.get("/jobs", params={"limit": 3}))
+    conforms("LocalqJobList", page, "a job page")
+    assert page["data"] and all("result" not in item for item in page["data"])
+    conforms("LocalqJobList", ok_json(api.get("/jobs", params={"status": "expired", "type": "no.such.type"})),
+             "an empty job page")
+    conforms("LocalqJob", ok_json(api.post(f"/jobs/{done.headers['x-localq-job-id']}/cancel")), "a finished job")
+    with api.stream("POST", "/chat/completions", json={**CHAT, "max_tokens": 1500, "stream": True,
+                                                       "x-localai-extensions": {"ignore_eos": True}}) as stream:
+        job_id = stream.headers["x-localq-job-id"]
+        lines = stream.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        cancelled = ok_json(api.post(f"/jobs/{job_id}/cancel"))
+        conforms("LocalqJob", cancelled, "a cancelled job")
+        assert cancelled["status"] == "cancelled", cancelled
+        assert "data: [DONE]" in list(lines)
+    conforms("LocalqQueueList", ok_json(api.get("/queues")), "the queue list")
 
 
 # ----- files and batches ------------------------------------------------------------------------

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from api.model_access import usable_model, usable_models
 from schemas.openai_errors import model_not_found
+from workers.capabilities import backend_name, supported_kinds
 from workers.config import ModelConfig
 
 
 def _model_object(model_id: str, config: ModelConfig) -> dict:
-    return {"id": model_id, "object": "model", "created": config.created, "owned_by": "localq"}
+    """OpenAI's Model, plus `localq` (an extension field): what a client such as the web console
+    needs to offer the model for the right things."""
+    details = {"name": config.name, "aliases": list(config.aliases), "capabilities": sorted(supported_kinds(config)),
+               "backend": backend_name(config) or config.backend or "", "device": config.device}
+    if config.description:
+        details["description"] = config.description
+    if config.voices:
+        details["voices"] = sorted(config.voices)
+    return {"id": model_id, "object": "model", "created": config.created, "owned_by": "localq", "localq": details}
 
 
 def list_models(call) -> dict:
