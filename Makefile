@@ -61,9 +61,10 @@ chromium:
 	bash ops/ensure_chromium.sh
 
 # Each console page at laptop and phone width, light and dark, into docs/screenshots/ (a fresh
-# service of its own on free ports, with a chat, an image and a batch run first so pages have content).
+# service of its own on free ports, with a chat, an image and a batch run first so pages have content),
+# and the README's picture, docs/console.png.
 screenshots: $(VENV) chromium
-	$(PYTHON) -m ops.screenshots --out docs/screenshots
+	$(PYTHON) -m ops.screenshots --out docs/screenshots --picture docs/console.png
 
 generate: $(VENV)
 	$(PYTHON) -m schemas.generate

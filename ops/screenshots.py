@@ -61,7 +61,7 @@ def fill_pages(page, base_url: str, folder: Path) -> None:
     page.wait_for_selector("article.batch[data-status='completed']", timeout=180_000)
 
 
-def shoot(browser, base_url: str, key: str | None, out: Path, fill_first: bool) -> list[Path]:
+def shoot(browser, base_url: str, key: str | None, out: Path, fill_first: bool, settle: float) -> list[Path]:
     written = []
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
@@ -73,15 +73,19 @@ def shoot(browser, base_url: str, key: str | None, out: Path, fill_first: bool) 
         with tempfile.TemporaryDirectory() as folder:
             fill_pages(page, base_url, Path(folder))
     page.goto(base_url + "/#/workers")
-    page.wait_for_timeout(6000)
+    page.wait_for_timeout(settle * 5000)  # a few samples for the charts
+    newest = page.evaluate("""key => fetch('/v1/jobs?limit=1', {headers: key ? {Authorization: `Bearer ${key}`} : {}})
+        .then(r => r.json()).then(page => page.data.length ? page.data[0].id : null)""", key)
+    routes = [*PAGES, *([f"jobs/{newest}"] if newest else [])]
     for theme in ("light", "dark"):
         page.evaluate("theme => localStorage.setItem('localq.theme', theme)", theme)
         for size, (width, height) in SIZES.items():
             page.set_viewport_size({"width": width, "height": height})
-            for name in PAGES:
-                page.goto(f"{base_url}/#/{name}")
+            for route in routes:
+                page.goto(f"{base_url}/#/{route}")
                 page.reload()  # the theme is read when the console loads
-                page.wait_for_timeout(1200)
+                page.wait_for_timeout(settle * 1000)
+                name = "job" if route.startswith("jobs/") else route
                 target = out / f"{name}-{size}-{theme}.png"
                 page.screenshot(path=str(target), full_page=size == "laptop")
                 written.append(target)
@@ -89,11 +93,28 @@ def shoot(browser, base_url: str, key: str | None, out: Path, fill_first: bool) 
     return written
 
 
+def picture(out: Path, target: Path) -> None:
+    """The README's picture: the chat page at laptop width beside the workers page on a phone."""
+    from PIL import Image
+
+    laptop = Image.open(out / "chat-laptop-light.png").convert("RGB")
+    phone = Image.open(out / "workers-phone-dark.png").convert("RGB")
+    height = 800
+    laptop, phone = laptop.crop((0, 0, laptop.width, height)), phone.crop((0, 0, phone.width, height))
+    gap = 24
+    both = Image.new("RGB", (laptop.width + gap + phone.width, height), (200, 204, 212))
+    both.paste(laptop, (0, 0))
+    both.paste(phone, (laptop.width + gap, 0))
+    both.resize((both.width * 3 // 4, both.height * 3 // 4), Image.LANCZOS).save(target, optimize=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"), help="folder for the PNG files")
     parser.add_argument("--url", help="a running localq (default: start one of its own)")
     parser.add_argument("--key", default=os.environ.get("LOCALQ_CONSOLE_KEY"), help="API key, if the server needs one")
+    parser.add_argument("--settle", type=float, default=1.2, help="seconds each page gets to load its data")
+    parser.add_argument("--picture", type=Path, help="also write the README's picture (two pages side by side) here")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -106,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         base_url = args.url.rstrip("/") if args.url else own_service(stack)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            written = shoot(browser, base_url, args.key, args.out, fill_first=not args.url)
+            written = shoot(browser, base_url, args.key, args.out, fill_first=not args.url, settle=args.settle)
             browser.close()
+    if args.picture:
+        picture(args.out, args.picture)
+        written.append(args.picture)
     for path in written:
         print(path)
     return 0

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 
 import httpx
 import pytest
+from PIL import Image
 
+from ops.stack import REPO
 from tests.service import running_service, wait_until
 
 pytestmark = pytest.mark.slow
@@ -276,3 +280,18 @@ def test_with_keys_the_console_shows_the_401_then_works_with_a_key(browser, lock
     other.goto(locked_service.base_url + "/#/models")
     other.wait_for_selector("#banner:not([hidden])")
     context.close()
+
+
+def test_the_screenshots_command_shoots_every_page_at_both_widths(service, tmp_path):
+    made = httpx.post(service.base_url + "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "hi"},
+                      timeout=60)  # so that there is a job to show
+    assert made.status_code == 200
+    subprocess.run([sys.executable, "-m", "ops.screenshots", "--url", service.base_url, "--out", str(tmp_path / "shots"),
+                    "--picture", str(tmp_path / "console.png"), "--settle", "0.3"], cwd=REPO, check=True, timeout=300,
+                   capture_output=True)
+    shots = {path.name: Image.open(path).size for path in (tmp_path / "shots").glob("*.png")}
+    pages = ("chat", "images", "audio", "embeddings", "jobs", "job", "batches", "workers", "models")
+    assert set(shots) == {f"{page}-{size}-{theme}.png" for page in pages for size in ("laptop", "phone")
+                          for theme in ("light", "dark")}
+    assert all(width == (1280 if "laptop" in name else 390) for name, (width, _) in shots.items())
+    assert Image.open(tmp_path / "console.png").size == (1270, 600)

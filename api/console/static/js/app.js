@@ -28,8 +28,12 @@ function route() {
   const [name, ...rest] = (location.hash.replace(/^#\/?/, "") || "chat").split("/");
   const page = PAGES[name] ? name : "chat";
   for (const link of document.querySelectorAll("#nav a")) {
-    if (link.getAttribute("href") === `#/${page}`) link.setAttribute("aria-current", "page");
-    else link.removeAttribute("aria-current");
+    if (link.getAttribute("href") === `#/${page}`) {
+      link.setAttribute("aria-current", "page");
+      link.scrollIntoView({ block: "nearest", inline: "nearest" }); // a phone's nav scrolls sideways
+    } else {
+      link.removeAttribute("aria-current");
+    }
   }
   if (leave) leave();
   leave = null;

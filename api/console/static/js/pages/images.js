@@ -6,6 +6,29 @@ import { call, chunks, followJob, models } from "../api.js";
 import { errorBox, field, fill, h, modelOptions, setOptions } from "../ui.js";
 
 const state = { model: "", prompt: "a lighthouse on a cliff at dawn, watercolor", size: "256x256", steps: "", seed: "", partials: "2" };
+const LAST = "localq.lastImage";
+let last = restoreLast(); // {source, name, jobId, prompt} of the last picture, shown again on return
+
+function restoreLast() {
+  try {
+    return JSON.parse(sessionStorage.getItem(LAST) || "null");
+  } catch {
+    return null;
+  }
+}
+
+function keepLast(picture) {
+  last = picture;
+  try {
+    sessionStorage.setItem(LAST, JSON.stringify(picture));
+  } catch { /* too large for session storage: kept in this page only */ }
+}
+
+function result(picture) {
+  return [h("img", { src: picture.source, alt: picture.prompt, id: "image-result" }),
+    h("div", { class: "row" }, h("a", { class: "button ghost", href: picture.source, download: picture.name, id: "image-download" }, "Download"),
+      picture.jobId ? h("a", { class: "small", href: `#/jobs/${picture.jobId}` }, "job") : null)];
+}
 
 export function render(main) {
   const controller = new AbortController();
@@ -33,6 +56,11 @@ export function render(main) {
     h("div", { class: "row end" }, generate));
   fill(main, h("h1", {}, "Images"), h("div", { class: "two" }, form,
     h("section", { class: "panel stack" }, progress, status, previews, output)));
+  if (last) {
+    progress.value = 1;
+    fill(status, "Last picture");
+    fill(output, result(last));
+  }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -64,10 +92,9 @@ export function render(main) {
         if (payload.type === "image_generation.partial_image") {
           previews.append(h("img", { src: source, alt: `Partial image ${payload.partial_image_index + 1}` }));
         } else if (payload.type === "image_generation.completed") {
-          const name = `localq-${jobId || "image"}.${payload.output_format || "png"}`;
-          fill(output, h("img", { src: source, alt: prompt.value, id: "image-result" }),
-            h("div", { class: "row" }, h("a", { class: "button ghost", href: source, download: name, id: "image-download" }, "Download"),
-              payload.usage ? h("span", { class: "small muted" }, `${payload.size || size.value}`) : null));
+          const picture = { source, name: `localq-${jobId || "image"}.${payload.output_format || "png"}`, jobId, prompt: prompt.value };
+          keepLast(picture);
+          fill(output, result(picture));
         }
       }
       await following;

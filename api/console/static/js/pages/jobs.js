@@ -35,7 +35,7 @@ function renderList(main) {
         : "No jobs yet. Start one from the playground pages, or with any API call."));
       return;
     }
-    fill(body, h("table", {},
+    fill(body, h("table", { class: "stacked" },
       h("thead", {}, h("tr", {}, ["Job", "Type", "Model", "Status", "Queue", "Worker", "Created", "Ran for"]
         .map((name, i) => h("th", { class: i >= 4 && i <= 5 ? "hide-narrow" : null }, name)))),
       h("tbody", {}, page.data.map((job) => h("tr", {},
@@ -64,8 +64,10 @@ function renderJob(main, jobId) {
   const cancel = h("button", { type: "button", class: "danger", id: "job-cancel", hidden: true }, "Cancel job");
   const log = h("div", { class: "panel log mono small", id: "job-events", "aria-live": "polite" });
   const output = h("pre", { id: "job-output", hidden: true });
+  const picture = h("div", { class: "image-out", id: "job-picture", hidden: true });
+  const outputTitle = h("h2", { hidden: true }, "Output");
   fill(main, h("p", {}, h("a", { href: "#/jobs" }, "← All jobs")), h("h1", { class: "mono" }, jobId),
-    summary, h("div", { class: "row end" }, cancel), h("h2", {}, "Output"), output, h("h2", {}, "Event log"), log);
+    summary, h("div", { class: "row end" }, cancel), outputTitle, output, picture, h("h2", {}, "Event log"), log);
 
   let text = "";
   const show = (job) => {
@@ -95,8 +97,14 @@ function renderJob(main, jobId) {
     const piece = deltaText(type, data);
     if (piece) {
       text += piece;
-      output.hidden = false;
+      output.hidden = outputTitle.hidden = false;
       output.textContent = text;
+    }
+    const image = type === "delta" && data && data.b64_json ? data : null; // a streamed partial or final image
+    if (image) {
+      fill(picture, h("img", { src: `data:image/${image.output_format || "png"};base64,${image.b64_json}`,
+        alt: image.type === "image_generation.partial_image" ? "Partial image" : "Generated image" }));
+      picture.hidden = outputTitle.hidden = false;
     }
     const shown = typeof data === "string" ? data : JSON.stringify(data);
     log.append(h("div", {}, h("span", { class: "muted" }, `${id || ""} `), h("strong", {}, type), " ",

@@ -14,7 +14,7 @@ export function render(main) {
   fill(main, h("h1", {}, "Models"), body);
   models(true).then((all) => {
     if (!all.length) return fill(body, empty("No model is configured for this key."));
-    fill(body, h("table", {},
+    fill(body, h("table", { class: "stacked" },
       h("thead", {}, h("tr", {}, ["Model", "Aliases", "Can do", "Backend", "Device"].map((name) => h("th", {}, name)))),
       h("tbody", {}, all.map((model) => h("tr", { "data-model": model.name },
         h("td", {}, h("strong", { class: "mono" }, model.name), model.description ? h("div", { class: "small muted" }, model.description) : null),

@@ -67,8 +67,9 @@ export function render(main) {
     const rates = jobRates();
     const minutes = history.samples.length > 1
       ? Math.round((history.samples[history.samples.length - 1].at - history.samples[0].at) / 60) : 0;
+    const peak = rates.length ? Math.max(...rates) : 0;
     fill(rateBox, h("div", { class: "row" }, h("strong", {}, `${rates.length ? rates[rates.length - 1].toFixed(0) : 0} jobs/min`),
-      h("span", { class: "small muted" }, `finished, all workers · last ${minutes || "<1"} min`)),
+      h("span", { class: "small muted" }, `finished now, all workers · peak ${peak.toFixed(0)} jobs/min · last ${minutes || "<1"} min`)),
     rates.length > 1 ? sparkline(rates, "Jobs finished per minute")
       : h("p", { class: "small muted" }, "Collecting samples: the charts fill in over the next minutes."));
     fill(queuesBox, queues.data.length ? queues.data.map((queue) => h("article", { class: "panel stack", "data-queue": queue.name },
