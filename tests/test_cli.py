@@ -243,7 +243,7 @@ def on_term(signum, frame):
     try:
         with socket.create_connection(("127.0.0.1", urlsplit(URL).port), timeout=2) as s:
             s.sendall(b"PING\r\n")
-            alive = s.recv(16).startswith(b"+PONG")
+            alive = s.recv(16)[:1] in (b"+", b"-")  # PONG, or NOAUTH from a Redis asking for its password
     except OSError:
         alive = False
     log(f"worker-stop redis-alive={alive}")
@@ -338,13 +338,18 @@ def test_up_starts_redis_worker_api_and_stops_them_in_order(tmp_path, stop_signa
     try:
         assert out.wait_for("localq ready on", timeout=60).strip() == f"localq ready on http://127.0.0.1:{port}"
         summary = "".join(out.lines)
-        assert "(embedded, data in" in summary
+        assert "(embedded, password in" in summary
         assert "smollm2-135m-instruct" in summary  # the models table
         assert "open (no API keys)" in summary
         assert _get_json(f"http://127.0.0.1:{port}/healthz") == {"status": "ok"}
         url = _redis_url_seen_by_worker(tmp_path)
-        assert url in summary
+        password = (tmp_path / "redis" / "password").read_text().strip()
+        assert url == f"redis://:{password}@127.0.0.1:{_port_of(url)}/0"  # the worker was handed it
+        assert redact_url(url) in summary and password not in summary + err.rest()  # never printed
+        assert (tmp_path / "redis" / "password").stat().st_mode & 0o777 == 0o600
         assert redis.Redis.from_url(url).ping()  # the worker was handed the embedded Redis
+        with pytest.raises(redis.AuthenticationError):  # and no one without the password gets in
+            redis.Redis(port=_port_of(url)).ping()
         assert (tmp_path / "redis" / "redis.log").exists()
 
         up.send_signal(stop_signal)
@@ -399,7 +404,8 @@ def test_up_uses_an_external_redis_without_starting_one(tmp_path):
         up, port, out, err = _up(tmp_path, redis_url=external.url)
         try:
             out.wait_for("localq ready on", timeout=60)
-            assert f"{external.url} (LOCALQ_REDIS_URL)" in "".join(out.lines)
+            assert f"{redact_url(external.url)} (LOCALQ_REDIS_URL)" in "".join(out.lines)
+            assert external.password not in "".join(out.lines)
             assert _redis_url_seen_by_worker(tmp_path) == external.url
             assert not (tmp_path / "redis").exists()
             up.send_signal(signal.SIGINT)
@@ -460,7 +466,9 @@ def test_up_end_to_end(tmp_path):
 
         from store.heartbeats import live_workers
 
-        with redis.Redis.from_url(re.search(r"redis://[\w.:/]+", summary).group(0), decode_responses=True) as store:
+        redis_port = re.search(r"redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", summary).group(1)
+        password = (tmp_path / "redis" / "password").read_text().strip()
+        with redis.Redis(port=int(redis_port), password=password, decode_responses=True) as store:
             (beat,) = live_workers(store)
         assert beat["preloaded"] and {"smollm2-135m-instruct", "all-minilm-l6-v2"} <= set(beat["loaded_models"])
         assert beat["jobs_done"] == 0

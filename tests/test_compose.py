@@ -191,7 +191,7 @@ def test_compose_file_is_valid_against_the_compose_spec(compose):
 
 
 def test_compose_file_is_still_valid_once_variables_are_filled_in(compose):
-    filled = interpolate(compose, {"LOCALQ_API_KEYS": "sk-test"})
+    filled = interpolate(compose, {"LOCALQ_API_KEYS": "sk-test", "REDIS_PASSWORD": "pw-test"})
     assert schema_errors(filled) == []
     assert filled["services"]["api"]["ports"] == ["8080:8080"]
     assert filled["services"]["flower"]["ports"] == ["127.0.0.1:5555:5555"]
@@ -221,12 +221,28 @@ def test_the_schema_check_catches_a_broken_document(compose, mutate):
     assert schema_errors(broken), "the schema accepted a broken document"
 
 
-def test_api_keys_are_the_one_required_variable(compose, compose_text):
-    assert required_variables(compose_text) == {"LOCALQ_API_KEYS"}
+def test_api_keys_and_the_redis_password_are_the_required_variables(compose, compose_text):
+    assert required_variables(compose_text) == {"LOCALQ_API_KEYS", "REDIS_PASSWORD"}
     with pytest.raises(MissingVariable, match="LOCALQ_API_KEYS"):
-        interpolate(compose, {})
+        interpolate(compose, {"REDIS_PASSWORD": "pw"})
     with pytest.raises(MissingVariable, match="LOCALQ_API_KEYS"):
-        interpolate(compose, {"LOCALQ_API_KEYS": ""})
+        interpolate(compose, {"LOCALQ_API_KEYS": "", "REDIS_PASSWORD": "pw"})
+    with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
+        interpolate(compose, {"LOCALQ_API_KEYS": "sk-test"})
+
+
+def test_redis_asks_for_the_password_every_client_is_given_and_no_command_line_shows_it(compose):
+    filled = interpolate(compose, {"LOCALQ_API_KEYS": "sk-test", "REDIS_PASSWORD": "pw-test"})
+    services = filled["services"]
+    redis_script = command(services["redis"])[-1]
+    assert "requirepass" in redis_script and "exec redis-server /tmp/redis.conf" in redis_script
+    assert services["redis"]["environment"]["REDIS_PASSWORD"] == "pw-test"
+    assert "REDISCLI_AUTH" in " ".join(services["redis"]["healthcheck"]["test"])
+    for name in APP_SERVICES:
+        assert services[name]["environment"]["LOCALQ_REDIS_URL"] == "redis://:pw-test@redis:6379/0", name
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == "redis://:pw-test@redis:6379/0"
+    for name, service in services.items():
+        assert "pw-test" not in " ".join(command(service)), f"{name} has the password on its command line"
 
 
 def test_interpolation_helper():
@@ -251,7 +267,7 @@ def test_the_deployment_has_its_services(services):
 
 def test_redis_appends_to_a_file_on_a_named_volume(compose, services):
     redis = services["redis"]
-    argv = command(redis)
+    argv = shlex.split(command(redis)[-1].partition("exec ")[2])  # sh -c '... && exec redis-server ...'
     assert argv[0] == "redis-server"
     assert argv[argv.index("--appendonly") + 1] == "yes"
     data = mounts(redis).get("/data")  # the redis image's working directory, where the AOF goes
@@ -312,7 +328,7 @@ def test_app_services_mount_models_and_files_where_the_settings_point(compose, s
 
 def test_flower_watches_the_broker_the_app_uses(services):
     broker = services["api"]["environment"]["LOCALQ_REDIS_URL"]
-    assert f"--broker={broker}" in command(services["flower"])
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == broker
     # Flower has no login by default: published on the host's loopback only.
     assert all(str(mapping).startswith("127.0.0.1:") for mapping in services["flower"]["ports"])
 

@@ -27,13 +27,44 @@ def server(tmp_path):
 
 
 def test_start_answers_ping_and_stores_values(server):
-    assert server.url == f"redis://127.0.0.1:{server.port}/0"
+    assert server.password and server.url == f"redis://:{server.password}@127.0.0.1:{server.port}/0"
     assert server.port > 0 and server.running and server.ping()
     client = redis.Redis.from_url(server.url)
     assert client.ping()
     client.set("greeting", "hello")
     assert client.get("greeting") == b"hello"
     client.close()
+
+
+def test_it_asks_for_a_password_kept_for_its_owner_only_and_never_on_its_command_line(server, tmp_path):
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=server.port).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=server.port, password="guess").ping()
+    kept = tmp_path / "redis" / "password"
+    assert kept.read_text().strip() == server.password and len(server.password) >= 40
+    for private in (kept, tmp_path / "redis" / "redis.conf"):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    assert server.password not in open(f"/proc/{server.process.pid}/cmdline", "rb").read().decode(errors="replace")
+    assert server.password not in repr(server) and server.password not in server.log_path.read_text()
+    first = server.password
+    server.restart()  # the same password again, from its file
+    assert server.password == first and redis.Redis.from_url(server.url).ping()
+
+
+def test_a_password_file_opened_to_others_is_closed_again_at_start(tmp_path):
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    (folder / "password").write_text("kept-secret-value\n")
+    (folder / "password").chmod(0o644)
+    with RedisServer(folder) as running:
+        assert running.password == "kept-secret-value"
+        assert (folder / "password").stat().st_mode & 0o777 == 0o600
+
+
+def test_without_a_password_when_asked(tmp_path):
+    with RedisServer(tmp_path / "open", password=False) as running:
+        assert running.url == f"redis://127.0.0.1:{running.port}/0" and redis.Redis(port=running.port).ping()
 
 
 def test_configuration_is_loopback_aof_no_rdb(server):
@@ -200,3 +231,23 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_localq_command_in_another_shell_finds_the_embedded_redis_and_its_password(tmp_path, monkeypatch, capsys):
+    """`localq keys list` without LOCALQ_REDIS_URL uses the URL the embedded Redis left in its data folder."""
+    import os
+
+    from ops import cli
+    from ops.redis_server import embedded_url
+
+    with RedisServer(tmp_path / "redis") as running:
+        assert embedded_url(tmp_path / "redis") == running.url
+        assert (tmp_path / "redis" / "url").stat().st_mode & 0o777 == 0o600
+        monkeypatch.setattr(cli, "DEFAULT_REDIS_DIR", tmp_path / "redis")
+        monkeypatch.setenv("LOCALQ_REDIS_URL", "")
+        try:
+            assert cli.main(["keys", "list", "--json"]) == 0
+        finally:
+            os.environ.pop("LOCALQ_REDIS_URL", None)
+        assert running.password not in capsys.readouterr().out
+    assert embedded_url(tmp_path / "nowhere") is None
