@@ -26,7 +26,8 @@ from flask import Response
 
 from schemas import openai_errors as errors
 from store.events import TRANSIENT, Event, ride_over
-from store.jobs import FINAL_STATUSES
+from store.events import parse_event_id
+from store.jobs import FINAL_STATUSES, final_event
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,21 @@ def followed_reads(rt: Runtime, job_id: str, *, after: str, keepalive: float, de
             ride_over(lambda: rt.jobs.request_cancel(job_id), patience)
             yield [Event("", "error", json.dumps(errors.deadline_passed().payload()))]
             return
+        if events is None:
+            compacted = ride_over(lambda: _compacted_end(rt, job_id), patience)
+            if compacted is not None:
+                if parse_event_id(compacted.id) > (parse_event_id(after) or (0, 0)):
+                    yield [compacted]
+                return
         yield events
+
+
+def _compacted_end(rt: Runtime, job_id: str) -> Event | None:
+    """A finished job whose log is gone (past its resume window): its terminal event, rebuilt from
+    its record (`store.jobs.final_event`). None while the job has a log, or has not finished."""
+    if rt.events.exists(job_id):
+        return None
+    return final_event(rt.jobs.get(job_id))
 
 
 def followed(rt: Runtime, job_id: str, *, after: str, keepalive: float, deadline: float | None,

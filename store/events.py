@@ -126,9 +126,14 @@ return ids
 
 
 class EventLog:
-    def __init__(self, client: redis.Redis, ttl: float):
+    """A job's log lives `ttl` seconds from its last write while the job runs; the write of its
+    terminal event gives it `resume_window` seconds more (if set), after which the finished job is
+    only its record (`store.jobs`; `final_event` stands in for the log)."""
+
+    def __init__(self, client: redis.Redis, ttl: float, resume_window: float | None = None):
         self.client = client
         self.ttl = int(ttl)
+        self.resume_window = max(1, int(resume_window)) if resume_window else None
 
     def append(self, job_id: str, type_: str, data: Any = None) -> str:
         return self.append_many(job_id, [(type_, data)])[-1]
@@ -139,7 +144,9 @@ class EventLog:
         Sent again by a client's retry, the same call adds nothing more (see `_APPEND_ONCE`).
         With `pipe`, the command is only queued on it (and nothing is returned).
         """
-        args: list[Any] = [self.ttl, uuid.uuid4().hex]
+        events = list(events)
+        ends = self.resume_window is not None and any(type_ in TERMINAL for type_, _ in events)
+        args: list[Any] = [self.resume_window if ends else self.ttl, uuid.uuid4().hex]
         for type_, data in events:
             args += [type_, json.dumps(data, separators=(",", ":"))]
         key = events_key(job_id)
@@ -154,6 +161,10 @@ class EventLog:
 
     def all(self, job_id: str) -> list[Event]:
         return [_event(entry_id, fields) for entry_id, fields in self.client.xrange(events_key(job_id))]
+
+    def exists(self, job_id: str) -> bool:
+        """Whether the job has a log (none yet, or no more once its resume window has passed)."""
+        return bool(self.client.exists(events_key(job_id)))
 
     def last(self, job_id: str) -> Event | None:
         """The log's newest event (None while it is empty)."""

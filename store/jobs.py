@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from store.events import events_key
+from store.events import Event, events_key
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 # The data of the terminal event of a job cancelled before any worker ran it.
@@ -308,6 +308,24 @@ def _matches(record: dict[str, str], project: str | None, status: str | None, ty
             and (status is None or record.get("status", "queued") == status)
             and (type_ is None or public_type(record) == type_)
             and (model is None or record.get("model", "") == model))
+
+
+def final_event(record: dict[str, str] | None) -> Event | None:
+    """What stands in for a finished job's event log once it is gone (its resume window passed):
+    its terminal event rebuilt from the record, with an id from its finish time. None for a job
+    that has not finished (or has no record)."""
+    status = (record or {}).get("status")
+    if status not in FINAL_STATUSES:
+        return None
+    finished = record.get("finished_at") or record.get("created_at") or "0"
+    event_id = f"{int(float(finished) * 1000)}-0"
+    if status == "succeeded":
+        return Event(event_id, "result", record.get("result") or "null")
+    if status == "cancelled":
+        return Event(event_id, "cancelled", json.dumps({"reason": "cancelled"}))
+    error = record.get("error") or json.dumps({"message": f"The job ended as {status}.", "type": "server_error",
+                                               "param": None, "code": status})
+    return Event(event_id, "error", f'{{"error":{error}}}')
 
 
 def public_view(record: dict[str, str], *, result: bool = True) -> dict:

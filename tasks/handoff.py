@@ -153,4 +153,4 @@ def _settings(app) -> QueueSettings:
 def _runtime(settings: QueueSettings) -> Runtime:
     """The main process's own clients: quick to give up (it runs the event loop)."""
     client = sweep_client(settings.redis_url)
-    return Runtime(settings, client, client, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))
+    return Runtime(settings, client, client, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl, settings.resume_window))

@@ -91,7 +91,7 @@ def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
         options.update(retry=ride_over_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError])
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, **options)
     blobs = redis.Redis.from_url(settings.redis_url, **options)
-    return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl))
+    return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl, settings.resume_window))
 
 
 @once

@@ -39,6 +39,9 @@ class QueueSettings:
     max_deliveries: int = 3
     # how long a detached client has to resume a job's stream before the job is cancelled
     resume_grace: float = 2.0
+    # how long a finished job's token-level event log is kept, so a client can still resume or replay
+    # it; after that only its record (status, result or error, usage, times) stays, for `job_ttl`
+    resume_window: float = 600.0
     # how long generated files (images and audio answered by URL) stay downloadable
     generated_ttl: float = 3600.0
     # how long a stored response (the Responses API, `store: true`) is kept after its last write
@@ -101,6 +104,7 @@ class QueueSettings:
             job_timeout=positive_number(environ, "LOCALQ_JOB_TIMEOUT", cls.job_timeout),
             max_deliveries=positive_int(environ, "LOCALQ_MAX_DELIVERIES", cls.max_deliveries),
             resume_grace=positive_number(environ, "LOCALQ_RESUME_GRACE", cls.resume_grace, allow_zero=True),
+            resume_window=positive_number(environ, "LOCALQ_RESUME_WINDOW", cls.resume_window),
             generated_ttl=positive_number(environ, "LOCALQ_GENERATED_TTL", cls.generated_ttl),
             response_ttl=positive_number(environ, "LOCALQ_RESPONSE_TTL", cls.response_ttl),
             files_dir=_directory(environ, "LOCALQ_FILES_DIR", cls.files_dir),

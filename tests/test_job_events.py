@@ -13,7 +13,7 @@ import redis
 from ops.redis_server import RedisServer
 from store.events import EventLog, events_key, parse_event_id, ride_over, valid_event_id
 from store.jobs import (CANCELLED_BEFORE_START, RECENT_LIMIT, Delivery, JobStore, Page, UnknownCursor,
-                        public_view, recent_key)
+                        final_event, public_view, recent_key)
 from tasks.publisher import BackgroundPublisher
 from tasks.runtime import connect
 from tasks.settings import QueueSettings
@@ -75,6 +75,32 @@ def test_event_logs_expire(client):
     short = EventLog(client, ttl=5)
     short.append("j4", "delta", {})
     assert 0 < client.ttl(events_key("j4")) <= 5
+
+
+def test_a_finished_jobs_log_is_kept_only_for_the_resume_window(client):
+    """Deltas keep the log for the job TTL; the terminal event cuts it to the resume window."""
+    log = EventLog(client, ttl=600, resume_window=30)
+    log.append("j-window", "delta", {"i": 1})
+    assert 590 < client.ttl(events_key("j-window")) <= 600
+    log.append_many("j-window", [("delta", {"i": 2}), ("result", {"ok": True})])
+    assert 0 < client.ttl(events_key("j-window")) <= 30
+    assert 0 < client.ttl(events_key("j-window") + ":last-batch") <= 30
+    assert EventLog(client, ttl=600).append("j-no-window", "result", {}) and client.ttl(events_key("j-no-window")) > 590
+
+
+@pytest.mark.parametrize("status, record, expected", [
+    ("succeeded", {"result": '{"object":"chat.completion","id":"x"}'}, ("result", {"object": "chat.completion", "id": "x"})),
+    ("failed", {"error": '{"message":"boom","type":"server_error","param":null,"code":"x"}'},
+     ("error", {"error": {"message": "boom", "type": "server_error", "param": None, "code": "x"}})),
+    ("expired", {}, ("error", {"error": {"message": "The job ended as expired.", "type": "server_error",
+                                         "param": None, "code": "expired"}})),
+    ("cancelled", {}, ("cancelled", {"reason": "cancelled"})),
+])
+def test_a_finished_jobs_record_stands_in_for_its_log(status, record, expected):
+    event = final_event({"status": status, "finished_at": "1700000000.123456", **record})
+    assert (event.type, event.data) == expected and event.terminal
+    assert event.id == "1700000000123-0" and valid_event_id(event.id)
+    assert final_event({"status": "running"}) is None and final_event(None) is None
 
 
 def test_background_publisher_keeps_order_skips_replayed_deltas_and_holds_the_result(log):

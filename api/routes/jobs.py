@@ -34,7 +34,7 @@ from api.pages import page_limit
 from api.queue import queue_runtime, setting
 from api.sse import job_frames, relay, sse_response
 from store.events import parse_event_id
-from store.jobs import FINAL_STATUSES, UnknownCursor, public_view
+from store.jobs import FINAL_STATUSES, UnknownCursor, final_event, public_view
 from store.metrics import record_job
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -105,7 +105,8 @@ def stream_job_events(call):
         raise _bad_event_id(f"Invalid Last-Event-ID {after!r}: expected an id such as 1700000000000-0 "
                             "(two integers below 2**64).")
     rt = queue_runtime()
-    last = rt.events.last(job_id)
+    # past its resume window a finished job has no log: its record's final event stands in for it
+    last = rt.events.last(job_id) or final_event(rt.jobs.get(job_id))
     last_position = parse_event_id(last.id) if last else (0, 0)
     if position > last_position:
         raise _bad_event_id(f"Last-Event-ID {after!r} is past the last event of job '{job_id}' "

@@ -23,7 +23,7 @@ from api.sse import relay, sse_response, typed_frames
 from schemas import openai_errors as errors
 from schemas.openai_errors import OpenAIError
 from store.events import Event
-from store.jobs import FINAL_STATUSES, new_job_id
+from store.jobs import FINAL_STATUSES, final_event, new_job_id
 from store.responses import ResponseStore
 from tasks.responses.job import KIND
 from tasks.responses.request import chat_request, initial_response, input_items, input_param, new_response_id
@@ -148,7 +148,9 @@ def get_response(call):
     if not call.query.get("stream"):
         return found["response"]
     rt = queue_runtime()
-    if rt.jobs.get(found["job_id"]) is None:
+    job = rt.jobs.get(found["job_id"])
+    # the job's record gone, or the job finished and its log compacted (past LOCALQ_RESUME_WINDOW)
+    if job is None or (final_event(job) is not None and not rt.events.exists(found["job_id"])):
         raise APIError(400, f"The events of response '{response_id}' are no longer kept; retrieve it without "
                             "stream=true.", param="stream", code="events_expired")
     return _stream(rt, found["job_id"], deadline=None, starting_after=call.query.get("starting_after"))
