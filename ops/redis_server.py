@@ -206,6 +206,7 @@ class RedisServer:
         if self.binary is None:
             self.binary = find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the append-only file holds every job's content: its owner's only
         if self.with_password:
             self.password = _password(self.data_dir / PASSWORD_FILE)
         _write_private(self.data_dir / CONFIG_FILE, f"requirepass {self.password}\n" if self.password else "")

@@ -279,7 +279,7 @@ def _print_summary(out, settings, registry, redis_note, worker_pid, worker_state
         escape(f"{host_format(UP_WORKER_NAME)} (queue cpu, pid {worker_pid or 'restarting'}): {worker_state}, "
                "restarted if it exits"),
     )
-    grid.add_row("API", escape(f"{api_url}  (docs {api_url}/docs)"))
+    grid.add_row("API", escape(f"{api_url}  (console {api_url}/, docs {api_url}/docs)"))
     grid.add_row("Access", escape(f"{auth}; CORS {cors}"))
     out.print(grid)
     out.print(_models_table(registry, settings.models_dir))

@@ -45,6 +45,7 @@ def test_it_asks_for_a_password_kept_for_its_owner_only_and_never_on_its_command
     assert kept.read_text().strip() == server.password and len(server.password) >= 40
     for private in (kept, tmp_path / "redis" / "redis.conf"):
         assert private.stat().st_mode & 0o777 == 0o600, private
+    assert (tmp_path / "redis").stat().st_mode & 0o777 == 0o700  # the AOF (every job's content) too
     assert server.password not in open(f"/proc/{server.process.pid}/cmdline", "rb").read().decode(errors="replace")
     assert server.password not in repr(server) and server.password not in server.log_path.read_text()
     first = server.password

@@ -98,7 +98,7 @@ def cancel_job(call):
 
 def stream_job_events(call):
     job_id = call.path["job_id"]
-    _record(job_id)
+    record = _record(job_id)
     after = last_event_id()
     position = parse_event_id(after)
     if position is None:
@@ -106,7 +106,7 @@ def stream_job_events(call):
                             "(two integers below 2**64).")
     rt = queue_runtime()
     # past its resume window a finished job has no log: its record's final event stands in for it
-    last = rt.events.last(job_id) or final_event(rt.jobs.get(job_id))
+    last = rt.events.last(job_id) or final_event(record)
     last_position = parse_event_id(last.id) if last else (0, 0)
     if position > last_position:
         raise _bad_event_id(f"Last-Event-ID {after!r} is past the last event of job '{job_id}' "

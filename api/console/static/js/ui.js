@@ -153,7 +153,7 @@ export function every(ms, task, onError) {
   };
 }
 
-/** Model <select> options for models that can do `capability`, preferring `preferred` ids. */
+/** Model <select> options ([name, label]) for the models that can do `capability`. */
 export function modelOptions(models, capability) {
   return models.filter((model) => model.capabilities.includes(capability))
     .map((model) => [model.name, model.aliases.length ? `${model.name} (${model.aliases.join(", ")})` : model.name]);
