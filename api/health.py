@@ -21,6 +21,7 @@ from flask import Blueprint, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tasks.redis_url import redis_client
 from store.heartbeats import live_workers
 
 blueprint = Blueprint("health", __name__)
@@ -35,7 +36,7 @@ def monitor_client() -> redis.Redis:
     """This app's Redis client for probes and scrapes: fails fast, never retries."""
     extensions = current_app.extensions
     if _CLIENT not in extensions:
-        extensions[_CLIENT] = redis.Redis.from_url(
+        extensions[_CLIENT] = redis_client(
             current_app.config["LOCALQ"].queue.redis_url, decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=REPLY_TIMEOUT,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False,

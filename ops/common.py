@@ -11,13 +11,12 @@ import ipaddress
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
 import redis
 from rich.markup import escape
 from rich.table import Table
 
 from ops.redis_server import RedisServerError
+from tasks.redis_url import redacted, redis_client
 from tasks.routing import queue_for
 from workers.registry import ModelRegistry
 from workers.slots import worker_slots
@@ -89,12 +88,7 @@ def bind_refusal(host: str, has_api_keys: bool, force_public: bool) -> str | Non
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by `***`, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return redacted(url)
 
 
 def _child_env(args: argparse.Namespace) -> dict[str, str]:
@@ -126,7 +120,7 @@ def is_loopback(host: str) -> bool:
 
 def read_redis(url: str, what: str, read):
     """`read(client)` on a short-lived client of the Redis at `url`; an error names `what` and the URL."""
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+    client = redis_client(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
     try:
         return read(client)
     except redis.RedisError as exc:

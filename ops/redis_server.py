@@ -171,11 +171,14 @@ class RedisServer:
         appendonly: bool = True,
         binary: str | os.PathLike | None = None,
         startup_timeout: float = 15.0,
-        password: bool = True,
+        password: bool | str = True,
+        config: tuple[str, ...] = (),
     ):
         self.data_dir = Path(data_dir).resolve()
-        self.with_password = password
-        self.password: str | None = None  # read or made at the first start
+        self.with_password = bool(password)
+        # read or made at the first start, unless given (servers that replicate share one)
+        self.password: str | None = password if isinstance(password, str) else None
+        self.config = config  # more redis.conf lines (`replicaof ...`, `masterauth ...`)
         self.port = port
         self.appendonly = appendonly
         self.binary = Path(binary) if binary else None
@@ -207,9 +210,10 @@ class RedisServer:
             self.binary = find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # the append-only file holds every job's content: its owner's only
-        if self.with_password:
+        if self.with_password and self.password is None:
             self.password = _password(self.data_dir / PASSWORD_FILE)
-        _write_private(self.data_dir / CONFIG_FILE, f"requirepass {self.password}\n" if self.password else "")
+        lines = ([f"requirepass {self.password}"] if self.password else []) + list(self.config)
+        _write_private(self.data_dir / CONFIG_FILE, "".join(line + "\n" for line in lines))
         # A picked port can be taken before redis-server binds it; pick again a few times.
         requested = self.port
         for attempts_left in reversed(range(5 if requested == 0 else 1)):

@@ -189,8 +189,10 @@ def _start_redis(stack: Stack, args: argparse.Namespace, err: Console) -> str:
 def _check_external_redis(url: str) -> None:
     import redis
 
+    from tasks.redis_url import redis_client
+
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+        redis_client(url, socket_connect_timeout=3, socket_timeout=3).ping()
     except redis.RedisError as exc:
         raise RedisServerError(
             f"cannot reach Redis at {redact_url(url)} (LOCALQ_REDIS_URL): {exc}"

@@ -30,6 +30,7 @@ from kombu.utils.objects import cached_property
 # Only configuration: two leaf modules (settings from the environment, the queue layout). The
 # tasks, the worker classes and the sweep bootstep are named by string, so no module that uses
 # the app is imported here.
+from tasks.redis_url import broker_settings
 from tasks.routing import DEVICE_QUEUES, PRIORITIES, PRIORITY_STEPS
 from tasks.settings import QueueSettings
 
@@ -47,7 +48,8 @@ class LocalqCelery(Celery):
 
 def make_app(settings: QueueSettings | None = None) -> Celery:
     settings = settings or QueueSettings.from_env()
-    app = LocalqCelery("localq", broker=settings.redis_url,
+    broker_url, sentinel_options = broker_settings(settings.redis_url)
+    app = LocalqCelery("localq", broker=broker_url,
                        include=["tasks.run", "tasks.batch_run", "tasks.worker_signals"])
     app.conf.update(
         task_acks_late=True,
@@ -66,6 +68,7 @@ def make_app(settings: QueueSettings | None = None) -> Celery:
             "visibility_timeout": settings.visibility_timeout,
             "priority_steps": PRIORITY_STEPS,
             "queue_order_strategy": "priority",
+            **sentinel_options,
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

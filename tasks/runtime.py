@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from tasks.redis_url import redis_client
 from store.events import EventLog
 from store.jobs import JobStore
 from tasks.settings import QueueSettings
@@ -89,8 +90,8 @@ def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
                      "socket_connect_timeout": 5}
     if ride_over:
         options.update(retry=ride_over_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError])
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, **options)
-    blobs = redis.Redis.from_url(settings.redis_url, **options)
+    client = redis_client(settings.redis_url, decode_responses=True, **options)
+    blobs = redis_client(settings.redis_url, **options)
     return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl, settings.resume_window))
 
 

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tasks.redis_url import parse_sentinel_url, redacted
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: The `models/` folder that ships next to the packages in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 #: Where uploaded files (`/v1/files`) keep their bytes: `var/files` in the source checkout.
 DEFAULT_FILES_DIR = Path(__file__).resolve().parent.parent / "var" / "files"
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel")
 #: Seconds between a job's soft time limit (the job is told to stop) and its hard one (Celery
 #: kills the pool process): room for the job to record its outcome.
 HARD_LIMIT_MARGIN = 30.0
@@ -160,15 +162,21 @@ def _redis_url(environ: Mapping[str, str], name: str, default: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in REDIS_URL_SCHEMES:
         raise ValueError(
-            f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}"
+            f"{name} must be a redis://, rediss://, unix:// or sentinel:// URL, got {redacted(raw)!r}"
         )
+    if parts.scheme == "sentinel":
+        try:
+            parse_sentinel_url(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        return raw
     if parts.scheme in ("redis", "rediss"):
         try:
             parts.port  # noqa: B018 - raises on a non-numeric port
         except ValueError:
-            raise ValueError(f"{name} has an invalid port: {raw!r}") from None
+            raise ValueError(f"{name} has an invalid port: {redacted(raw)!r}") from None
         if not parts.hostname:
-            raise ValueError(f"{name} names no host: {raw!r}")
+            raise ValueError(f"{name} names no host: {redacted(raw)!r}")
     return raw
 
 

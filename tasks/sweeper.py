@@ -64,6 +64,7 @@ from store.admission import Admission
 from tasks import batch_messages, fair_share
 from tasks.batch_input import check_lines
 from tasks.orphans import registry_resolver, rescue_gone
+from tasks.redis_url import redis_client
 from tasks.routing import DEVICE_QUEUES, queue_for, queue_keys
 from tasks.runtime import models_dir
 from tasks.settings import QueueSettings
@@ -377,7 +378,7 @@ class Sweeper:
 
 def sweep_client(redis_url: str) -> redis.Redis:
     """A client for the worker's event loop: quick to give up, one retry for a connection Redis dropped."""
-    return redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
+    return redis_client(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
                                 retry=Retry(NoBackoff(), 1), health_check_interval=30)
 
 

@@ -112,7 +112,7 @@ INTEGRATION_MODULES = {
 # The heaviest modules, measured with `pytest --durations=0` (see README, "Tests").
 SLOW_MODULES = {
     "test_batch_redis_restart", "test_media_integration", "test_placement", "test_response_conformance",
-    "test_slot_redelivery", "test_worker_pool", "test_workers_audio", "test_workers_images", "test_workers_llama",
+    "test_sentinel_failover", "test_slot_redelivery", "test_worker_pool", "test_workers_audio", "test_workers_images", "test_workers_llama",
 }
 
 
