@@ -25,7 +25,7 @@ from typing import Any
 from flask import Response
 
 from schemas import openai_errors as errors
-from store.events import TRANSIENT, Event, ride_over
+from store.events import TRANSIENT, Continuity, Event, ride_over
 from store.events import parse_event_id
 from store.jobs import FINAL_STATUSES, final_event
 from tasks.runtime import Runtime
@@ -65,7 +65,13 @@ def followed_reads(rt: Runtime, job_id: str, *, after: str, keepalive: float, de
 
     Rides over Redis being away for `patience` seconds, then raises the Redis error.
     """
+    continuity = Continuity()
     for events in rt.events.follow_reads(job_id, after, block_ms=max(1, int(keepalive * 1000)), ride_over=patience):
+        if events:
+            events, gap = continuity.check(events)
+            if gap:  # events the client never got were lost in a Redis failover: say so, never skip them
+                yield [*events, Event("", "error", json.dumps(errors.events_lost(job_id).payload()))]
+                return
         if events is None and deadline is not None and time.time() > deadline + 1.0:
             ride_over(lambda: rt.jobs.request_cancel(job_id), patience)
             yield [Event("", "error", json.dumps(errors.deadline_passed().payload()))]

@@ -213,6 +213,13 @@ def queue_unavailable(message: str = "The job queue is unavailable; retry later.
     return OpenAIError(503, message, code="queue_unavailable")
 
 
+def events_lost(job_id: str) -> OpenAIError:
+    """A Redis failover took back events of this job that the client had not read yet."""
+    return OpenAIError(
+        500, f"Part of job '{job_id}''s output stream was lost in a failover of the job queue's Redis; the job "
+             f"itself goes on. Read its result with GET /v1/jobs/{job_id}.", code="events_lost")
+
+
 def queue_lost(job_id: str) -> OpenAIError:
     """Redis stopped answering while the API followed a job; the job itself may still finish."""
     return queue_unavailable(

@@ -94,6 +94,7 @@ class Event(NamedTuple):
     id: str
     type: str
     raw: str  # the data as JSON text, exactly as the worker wrote it: relayed without re-encoding
+    n: int | None = None  # its position in the log (1 for the first), if written with one
 
     @property
     def data(self) -> Any:
@@ -107,21 +108,34 @@ class Event(NamedTuple):
 # Adds one batch of events, unless that very batch (its token) is the last one added: a writer
 # whose reply was lost (a stalled Redis outlasting the socket timeout) sends the same batch again
 # when it retries, and its events must not appear twice. KEYS: the log, its last-batch marker.
-# ARGV: the TTL, the batch's token, then the type and data of each event. Returns the entry ids.
+# ARGV: the TTL, the batch's token, the writer's last position ('' if it has none), then the type
+# and data of each event. Each entry's `n` is its position in the log (1 for the first). A log
+# shorter than the writer's last position lost entries (a Redis failover took back writes the old
+# primary had acknowledged): a `lost` entry saying which positions goes first. Returns the entry
+# ids, then the position of the last one.
 _APPEND_ONCE = """
 local prefix = ARGV[2] .. ' '
 local marker = redis.call('GET', KEYS[2])
-local ids = {}
+local out = {}
 if marker and string.sub(marker, 1, #prefix) == prefix then
-  for id in string.gmatch(string.sub(marker, #prefix + 1), '%S+') do ids[#ids + 1] = id end
-  return ids
+  for id in string.gmatch(string.sub(marker, #prefix + 1), '%S+') do out[#out + 1] = id end
+  return out
 end
-for i = 3, #ARGV, 2 do
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+local position = redis.call('XLEN', KEYS[1])
+local expected = tonumber(ARGV[3])
+if expected and expected > position then
+  out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'type', 'lost', 'n', position + 1,
+                             'data', '{"after":' .. position .. ',"through":' .. expected .. '}')
+  position = position + 1
 end
+for i = 4, #ARGV, 2 do
+  position = position + 1
+  out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1], 'n', position)
+end
+out[#out + 1] = tostring(position)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], prefix .. table.concat(ids, ' '), 'EX', ARGV[1])
-return ids
+redis.call('SET', KEYS[2], prefix .. table.concat(out, ' '), 'EX', ARGV[1])
+return out
 """
 
 
@@ -139,21 +153,34 @@ class EventLog:
         return self.append_many(job_id, [(type_, data)])[-1]
 
     def append_many(self, job_id: str, events: Iterable[tuple[str, Any]], pipe=None) -> list[str]:
-        """Add events in order in one round trip, and push the log's expiry forward.
+        """Add events in order in one round trip, and push the log's expiry forward; their ids.
 
         Sent again by a client's retry, the same call adds nothing more (see `_APPEND_ONCE`).
         With `pipe`, the command is only queued on it (and nothing is returned).
         """
+        reply = self._append(job_id, events, pipe, None)
+        return [] if reply is None else appended(reply)[0]
+
+    def append_after(self, job_id: str, events: Iterable[tuple[str, Any]], last: int | None,
+                     pipe=None) -> tuple[list[str], int] | None:
+        """`append_many` for the log's one writer while a job runs, which knows the position of the
+        last entry it wrote (`last`, None before its first): if the log holds fewer entries, a
+        failover lost some, and a `lost` entry goes first. (ids, position of the last); with `pipe`
+        None, and `appended(reply)` reads the pipeline's reply."""
+        reply = self._append(job_id, events, pipe, last)
+        return None if reply is None else appended(reply)
+
+    def _append(self, job_id: str, events: Iterable[tuple[str, Any]], pipe, last: int | None):
         events = list(events)
         ends = self.resume_window is not None and any(type_ in TERMINAL for type_, _ in events)
-        args: list[Any] = [self.resume_window if ends else self.ttl, uuid.uuid4().hex]
+        args: list[Any] = [self.resume_window if ends else self.ttl, uuid.uuid4().hex, "" if last is None else last]
         for type_, data in events:
             args += [type_, json.dumps(data, separators=(",", ":"))]
         key = events_key(job_id)
         # EVAL, not EVALSHA: a retry after Redis restarted must not meet NOSCRIPT (in a pipeline,
         # redis-py loads scripts once, before its retries)
-        ids = (self.client if pipe is None else pipe).eval(_APPEND_ONCE, 2, key, f"{key}:last-batch", *args)
-        return [] if pipe is not None else [_text(i) for i in ids]
+        reply = (self.client if pipe is None else pipe).eval(_APPEND_ONCE, 2, key, f"{key}:last-batch", *args)
+        return None if pipe is not None else reply
 
     def read(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int | None = None) -> list[Event]:
         reply = self.client.xread({events_key(job_id): after}, block=block_ms, count=count)
@@ -214,10 +241,55 @@ class EventLog:
             yield batch
 
 
+def appended(reply) -> tuple[list[str], int]:
+    """(entry ids, position of the last) from `_APPEND_ONCE`'s reply."""
+    items = [_text(item) for item in reply]
+    return items[:-1], int(items[-1])
+
+
+class Continuity:
+    """Whether a reader got every entry of a log in order, by the entries' positions (`n`).
+
+    A reader that knows the position of the last event it passed on expects the next one right
+    after it. A `lost` entry (see `_APPEND_ONCE`) is harmless to a reader that had passed on every
+    position it names (it read them before the failover took them back): it is skipped, and the
+    reader goes on from the `lost` entry's position. Anything else means the client missed
+    events: `check` says so, and the reader must end with an error instead of going on silently.
+    A reader starting mid-log (resuming after a Last-Event-ID) learns the position from the first
+    entry it reads; a `lost` entry then cannot be judged and counts as a gap.
+    """
+
+    def __init__(self):
+        self.position: int | None = None
+
+    def check(self, events: list[Event]) -> tuple[list[Event], bool]:
+        """(the events to pass on, whether a gap was found after them)."""
+        passed: list[Event] = []
+        for event in events:
+            if event.n is None:  # written without a position (a job's status, a rebuilt end)
+                if self.position is not None and event.id:
+                    self.position += 1
+                passed.append(event)
+                continue
+            if event.type == "lost":
+                through = event.data.get("through") if isinstance(event.data, dict) else None
+                if self.position is None or not isinstance(through, int) or self.position < through:
+                    return passed, True
+                self.position = event.n
+                continue
+            if self.position is not None and event.n != self.position + 1:
+                return passed, True
+            self.position = event.n
+            passed.append(event)
+        return passed, False
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _event(entry_id, fields: dict) -> Event:
     fields = {_text(k): _text(v) for k, v in fields.items()}
-    return Event(_text(entry_id), fields.get("type", ""), fields.get("data") or "null")
+    position = fields.get("n")
+    return Event(_text(entry_id), fields.get("type", ""), fields.get("data") or "null",
+                 int(position) if position and position.isdigit() else None)

@@ -291,10 +291,19 @@ class JobStore:
         return int(pipe.execute()[0])
 
     def detach(self, job_id: str) -> int:
-        return int(self.client.decr(f"{job_key(job_id)}:readers"))
+        """The last reader gone, the counter goes too: a finished job keeps no key but its record."""
+        return int(self.client.eval(_DETACH, 1, f"{job_key(job_id)}:readers"))
 
     def readers(self, job_id: str) -> int:
         return int(self.client.get(f"{job_key(job_id)}:readers") or 0)
+
+
+# KEYS: a job's readers counter. One reader fewer; the counter is deleted when none is left.
+_DETACH = """
+local left = redis.call('DECR', KEYS[1])
+if left <= 0 then redis.call('DEL', KEYS[1]) end
+return left
+"""
 
 
 def public_type(record: dict[str, str]) -> str:

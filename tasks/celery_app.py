@@ -48,7 +48,7 @@ class LocalqCelery(Celery):
 
 def make_app(settings: QueueSettings | None = None) -> Celery:
     settings = settings or QueueSettings.from_env()
-    broker_url, sentinel_options = broker_settings(settings.redis_url)
+    broker_url, sentinel_options, broker_ssl = broker_settings(settings.redis_url)
     app = LocalqCelery("localq", broker=broker_url,
                        include=["tasks.run", "tasks.batch_run", "tasks.worker_signals"])
     app.conf.update(
@@ -70,6 +70,7 @@ def make_app(settings: QueueSettings | None = None) -> Celery:
             "queue_order_strategy": "priority",
             **sentinel_options,
         },
+        broker_use_ssl=broker_ssl,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from store.events import EventLog
+from store.events import EventLog, appended
 from store.metrics import carries_output
 
 GATHER = 0.001  # seconds without a new event that end one engine step's burst of them
@@ -55,6 +55,9 @@ class BackgroundPublisher:
         self._handled = 0
         self._error: BaseException | None = None
         self._output = False
+        # the log position of the last event this publisher wrote: a log found shorter lost events
+        # in a Redis failover, which the next send marks for its readers (`EventLog.append_after`)
+        self.position: int | None = None
 
     def emit(self, type_: str, data: Any = None) -> None:
         if type_ == "delta" and self.skip_deltas > 0:
@@ -182,7 +185,7 @@ def send(batches: dict[BackgroundPublisher, list[tuple[str, Any]]]) -> None:
         if len(group) == 1 and not group[0][0]._cancel_due(now):
             publisher, events = group[0]
             try:
-                publisher.events.append_many(publisher.job_id, events)
+                publisher.position = publisher.events.append_after(publisher.job_id, events, publisher.position)[1]
             except Exception as err:  # reported by close()
                 publisher._error = err
             continue
@@ -190,7 +193,7 @@ def send(batches: dict[BackgroundPublisher, list[tuple[str, Any]]]) -> None:
         queued: list[tuple[BackgroundPublisher, bool]] = []  # and whether its flag is read after it
         for publisher, events in group:
             try:
-                publisher.events.append_many(publisher.job_id, events, pipe=pipe)
+                publisher.events.append_after(publisher.job_id, events, publisher.position, pipe=pipe)
             except Exception as err:  # its data could not be encoded: nothing of it was queued
                 publisher._error = err
                 continue
@@ -207,6 +210,8 @@ def send(batches: dict[BackgroundPublisher, list[tuple[str, Any]]]) -> None:
             reply = next(replies)
             if isinstance(reply, Exception):
                 publisher._error = reply
+            else:
+                publisher.position = appended(reply)[1]
             if reads_flag:
                 flag = next(replies)
                 if not isinstance(flag, Exception):

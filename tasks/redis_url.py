@@ -16,11 +16,12 @@ While no primary is known (the failover window) a command raises redis-py's
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 SENTINEL_SCHEME = "sentinel"
 SENTINEL_PORT = 26379
@@ -80,6 +81,22 @@ def _address(item: str) -> tuple[str, int]:
     return host, int(port or SENTINEL_PORT)
 
 
+class FollowingConnection(SentinelManagedConnection):
+    """A Sentinel-managed connection that asks for the primary again whenever it reconnects.
+
+    redis-py's own asks only when the pool opens it: one that breaks in the middle of a command
+    (the primary died) is reconnected by the command's retries at the address it had, so a client
+    riding over an outage with retries would knock at the dead primary until they run out.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        if self._sock:
+            return None
+        if retry_socket_connect:  # a reconnect by a command (connect_to passes False): find the primary
+            return self.retry.call_with_retry(self._connect_retry, lambda error: None)
+        return super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+
+
 def redis_client(url: str, **options) -> redis.Redis:
     """A client of the Redis `url` names; `options` are redis-py connection options.
 
@@ -94,28 +111,42 @@ def redis_client(url: str, **options) -> redis.Redis:
     manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
     credentials = {key: value for key, value in (("username", target.username), ("password", target.password))
                    if value is not None}
-    return manager.master_for(target.master_name, db=target.db, **credentials, **options)
+    return manager.master_for(target.master_name, db=target.db, connection_class=FollowingConnection,
+                              **credentials, **options)
 
 
-def broker_settings(url: str) -> tuple[str, dict]:
-    """(broker URL, extra transport options) for Celery from localq's Redis URL.
+def broker_settings(url: str) -> tuple[str, dict, dict | None]:
+    """(broker URL, extra transport options, `broker_use_ssl`) for Celery from localq's Redis URL.
 
     kombu spells Sentinel as one `sentinel://` URL per sentinel joined by ';', with the master's
-    name and the sentinels' own password in the transport options.
+    name and the sentinels' own password in the transport options. For `rediss://`, kombu reads the
+    TLS settings from `broker_use_ssl`, not from the URL (and without them it would not check the
+    server's certificate at all): the URL's `ssl_*` parameters move there, and the certificate is
+    required, as redis-py requires it, unless the URL says `ssl_cert_reqs=none`.
     """
-    if not is_sentinel(url):
-        return url, {}
-    target = parse_sentinel_url(url)
-    auth = ""
-    if target.password is not None or target.username is not None:
-        from urllib.parse import quote
+    if is_sentinel(url):
+        target = parse_sentinel_url(url)
+        auth = ""
+        if target.password is not None or target.username is not None:
+            auth = f"{quote(target.username or '', safe='')}:{quote(target.password or '', safe='')}@"
+        hosts = [f"{SENTINEL_SCHEME}://{auth}{host}:{port}/{target.db}" for host, port in target.sentinels]
+        options: dict = {"master_name": target.master_name}
+        if target.sentinel_password:
+            options["sentinel_kwargs"] = {"password": target.sentinel_password}
+        return ";".join(hosts), options, None
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "rediss":
+        return url, {}, None
+    query = parse_qs(parts.query)
+    use_ssl: dict = {"ssl_cert_reqs": _CERT_REQS.get(query.get("ssl_cert_reqs", ["required"])[-1].lower(),
+                                                     ssl.CERT_REQUIRED)}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if query.get(name):
+            use_ssl[name] = query[name][-1]
+    return parts._replace(query="").geturl(), {}, use_ssl
 
-        auth = f"{quote(target.username or '', safe='')}:{quote(target.password or '', safe='')}@"
-    hosts = [f"{SENTINEL_SCHEME}://{auth}{host}:{port}/{target.db}" for host, port in target.sentinels]
-    options: dict = {"master_name": target.master_name}
-    if target.sentinel_password:
-        options["sentinel_kwargs"] = {"password": target.sentinel_password}
-    return ";".join(hosts), options
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
 def redacted(url: str) -> str:

@@ -45,6 +45,7 @@ tick also moves the jobs left on the own queues of workers that are gone (`tasks
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import secrets
@@ -63,6 +64,7 @@ from store.filestore import FileNotFound, FileStore
 from store.admission import Admission
 from tasks import batch_messages, fair_share
 from tasks.batch_input import check_lines
+from tasks.lost_acks import UNACKED_KEY, HandedMessages, handed_messages, held_tags
 from tasks.orphans import registry_resolver, rescue_gone
 from tasks.redis_url import redis_client
 from tasks.routing import DEVICE_QUEUES, queue_for, queue_keys
@@ -80,7 +82,6 @@ WATCH_TTL = 7 * 86400
 # Lost lines: sent again once the sweep saw no message of their batch for this long (default: two
 # intervals), and only while the queues hold at most SCAN_LIMIT messages (they are read in full).
 SCAN_LIMIT = 2000
-UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged messages
 # batches read per round trip while walking the index, and outcomes recorded per round trip
 INDEX_CHUNK = 500
 RECORD_CHUNK = 500
@@ -337,8 +338,11 @@ class Sweeper:
     """One worker's periodic sweep: take the lock for this interval, sweep, never raise."""
 
     def __init__(self, client: redis.Redis, interval: float, owner: str = "", *,
-                 finalize_grace: float = FINALIZE_GRACE, files_dir: Path | None = None):
+                 finalize_grace: float = FINALIZE_GRACE, files_dir: Path | None = None,
+                 deliveries: HandedMessages | None = None, restore=None):
         self.client = client
+        self.deliveries = deliveries
+        self.restore = restore  # puts messages back on their queues, by delivery tag
         self.interval = interval
         self.owner = owner or "worker"
         self.finalize_grace = finalize_grace
@@ -346,6 +350,11 @@ class Sweeper:
 
     def tick(self) -> list[str] | None:
         """Sweep if no other worker did in this interval; the batches expired, or None if it did not sweep."""
+        if self.deliveries is not None:
+            try:  # every worker, lock or not: each knows only the messages it was handed
+                self.deliveries.check(self.client, held_tags(), self.restore)
+            except Exception:  # noqa: BLE001 - as below
+                log.warning("checking for lost acknowledgements failed", exc_info=True)
         try:
             if not self.client.set(LOCK_KEY, self.owner, nx=True, px=max(1, int(self.interval * 1000))):
                 return None
@@ -376,6 +385,15 @@ class Sweeper:
             pass
 
 
+def restore_messages(app, tags: list[str]) -> None:
+    """Put these unacknowledged messages back on their queues (kombu's own restore: the front of the
+    queue and priority they had)."""
+    with app.connection_for_write() as connection:
+        qos = connection.default_channel.qos
+        for tag in tags:
+            qos.restore_by_tag(tag, leftmost=True)
+
+
 def sweep_client(redis_url: str) -> redis.Redis:
     """A client for the worker's event loop: quick to give up, one retry for a connection Redis dropped."""
     return redis_client(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
@@ -397,7 +415,8 @@ class BatchSweep(bootsteps.StartStopStep):
         settings = getattr(worker.app, "localq_settings", None) or QueueSettings.from_env()
         interval = settings.batch_sweep_interval
         self.sweeper = Sweeper(sweep_client(settings.redis_url), interval, owner=worker.hostname,
-                               finalize_grace=settings.finalize_grace, files_dir=settings.files_dir)
+                               finalize_grace=settings.finalize_grace, files_dir=settings.files_dir,
+                               deliveries=handed_messages, restore=functools.partial(restore_messages, worker.app))
         self.tref = worker.timer.call_repeatedly(interval, self.sweeper.tick)
 
     def stop(self, worker):

@@ -39,8 +39,9 @@ from celery import signals
 
 from store.heartbeats import Heartbeat
 from tasks.delivery_log import DeliveryLog
+from tasks.lost_acks import handed_messages
 from tasks.orphans import registry_resolver, rescue
-from tasks.routing import queue_for
+from tasks.routing import LINES_TASK, RUN_TASK, queue_for
 from tasks.runtime import model_runtime, runtime, worker_settings
 from tasks.watchdog import HardLimitWatchdog
 from workers.backends import choose_openmp_spin
@@ -125,6 +126,21 @@ def _remember_delivery(sender=None, request=None, **_) -> None:
     tag = getattr(message, "delivery_tag", None)
     if tag is not None:
         _deliveries.add(tag)
+        name = getattr(request, "name", None)
+        if name == LINES_TASK:
+            handed_messages.received(tag)
+        elif name == RUN_TASK:
+            job = _first_argument(request)
+            if isinstance(job, dict) and isinstance(job.get("id"), str):
+                handed_messages.received(tag, job["id"])
+
+
+def _first_argument(request):
+    try:
+        args = request.args
+        return args[0] if args else None
+    except Exception:  # noqa: BLE001 - an undecodable message is the poisoned-message guard's business
+        return None
 
 
 @signals.worker_ready.connect

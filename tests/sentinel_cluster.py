@@ -27,6 +27,8 @@ class SentinelCluster:
         self.failover_timeout_ms = failover_timeout_ms
         self.servers: list[RedisServer] = []
         self.sentinels: list[tuple[int, subprocess.Popen]] = []
+        self.lost_bytes = 0
+        self.probed = (None, None)
 
     @property
     def url(self) -> str:
@@ -97,6 +99,34 @@ class SentinelCluster:
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         server.process = None
+        return port
+
+    def kill_primary_losing_writes(self, seconds: float, probe=None) -> int:
+        """What asynchronous replication can do, on purpose: the replica stops receiving (it is
+        paused and its link cut), the primary goes on acknowledging writes for `seconds`, then is
+        SIGKILLed; the replica, resumed, is promoted without those writes. Returns the old port.
+
+        `probe(client)`, if given, is read on the primary when the link is cut and again just
+        before the kill: `self.probed` holds both (what the writes taken back changed)."""
+        port = self.primary_port()
+        replica = next(server for server in self.servers if server.port != port and server.running)
+        primary = self.client(port)
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            primary.client_kill_filter(_type="replica")
+            at_cut = probe(primary) if probe else None
+            time.sleep(seconds)
+            at_kill = probe(primary) if probe else None
+            written = primary.info("replication")["master_repl_offset"]
+            self.server(port).process.send_signal(signal.SIGKILL)
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        self.probed = (at_cut, at_kill)
+        server = self.server(port)
+        server.process.wait()
+        server.process = None
+        kept = self.client(replica.port).info("replication")["master_repl_offset"]
+        self.lost_bytes = written - kept  # of the replication stream: the writes the failover takes back
         return port
 
     def wait_failover(self, old_port: int, timeout: float = 60) -> float:

@@ -58,6 +58,7 @@ def test_a_finished_chat_keeps_its_log_for_the_window_then_only_its_record(servi
     kept = {key.decode(): client.memory_usage(key) for key in client.scan_iter(match=f"*{job_id}*")}
     kept["fields"] = {k.decode(): len(v) for k, v in client.hgetall(f"localq:job:{job_id}").items()}
     assert after <= 4096 < during, (during, after, kept)
+    assert set(kept) == {f"localq:job:{job_id}", "fields"}, f"a finished job is its record alone: {kept}"
 
     # after it: the job is its record; its event stream is the final event, rebuilt from it
     job = httpx.get(f"{service.base_url}/v1/jobs/{job_id}", timeout=10).json()

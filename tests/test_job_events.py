@@ -130,7 +130,9 @@ def test_job_store_lifecycle(client):
     assert view["status"] == "succeeded" and view["result"] == {"ok": True} and view["type"] == "chat.completion"
     assert view["created_at"] <= view["started_at"] <= view["finished_at"]
     assert "result" not in public_view(store.get("job_x"), result=False)
-    assert store.attach("job_x") == 1 and store.detach("job_x") == 0
+    assert store.attach("job_x") == 1 and store.attach("job_x") == 2 and store.detach("job_x") == 1
+    assert store.readers("job_x") == 1 and store.detach("job_x") == 0
+    assert not store.client.exists("localq:job:job_x:readers"), "no key kept for a job nobody reads"
     assert store.get("job_missing") is None
 
 
