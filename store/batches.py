@@ -3,7 +3,9 @@
 A line's outcome is stored with HSETNX under its `custom_id` and the request counts move in the
 same atomic script only when that store succeeded, so a line task that is redelivered after its
 worker died (and runs again) can neither be counted twice nor appear twice in the output files.
-Records have no TTL: a batch outlives Redis restarts (AOF) and lives until deleted.
+Records have no TTL: a batch outlives Redis restarts (AOF) and lives until deleted. What it keeps
+per line (outcomes, line numbers, dropped lines, deliveries) goes once finalize has written the
+output and error files and set the final status: a finished batch is its record, whatever its size.
 
 A batch belongs to the project of the key that created it (`project`, "" without keys); its
 output and error files belong to the same project. `get` and `list` take the reader's project:
@@ -26,8 +28,13 @@ TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "e
 
 # KEYS: results hash, batch hash. ARGV: custom_id, outcome json, counter field ("completed"/"failed"),
 # input tokens, output tokens. Returns 1 if the outcome was recorded now, 0 if this custom_id already
-# had one: the counts and the token usage move only with the first outcome of a line.
+# had one: the counts and the token usage move only with the first outcome of a line. A batch with
+# its final status takes no outcome (its outcomes are in its files, and no longer in Redis).
 _RECORD = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if status == 'completed' or status == 'failed' or status == 'expired' or status == 'cancelled' then
+  return 0
+end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
   redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[4])
@@ -41,6 +48,10 @@ return 0
 # KEYS: batch hash, dropped set, results hash. ARGV: custom_id. A line of a cancelled batch counts
 # as dropped once, unless it has an outcome: one script, so a retried call cannot count it short.
 _DROP = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'completed' or status == 'failed' or status == 'expired' or status == 'cancelled' then
+  return 0
+end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'dropped', 1)
@@ -102,6 +113,10 @@ def deliveries_key(batch_id: str) -> str:
 def lines_key(batch_id: str) -> str:
     """custom_id -> input line number, so the output files keep the input's order."""
     return f"localq:batch:{batch_id}:lines"
+
+
+#: What a batch keeps per line (or per message) while it runs.
+LINE_KEYS = (results_key, lines_key, dropped_key, deliveries_key, expired_key, cancel_key, finalize_key)
 
 
 def new_batch_id() -> str:
@@ -192,6 +207,11 @@ class BatchStore:
     def drop(self, batch_id: str, custom_id: str, dropped_set: str) -> bool:
         """Count a line of a cancelled batch as dropped, once, unless it has an outcome."""
         return bool(self._drop(keys=[batch_key(batch_id), dropped_set, results_key(batch_id)], args=[custom_id]))
+
+    def forget_lines(self, batch_id: str) -> None:
+        """Drop what the batch kept per line, once its final status is set: its outcomes are in its
+        output and error files, and its record keeps the counts (see the module's text)."""
+        self.client.delete(*(key(batch_id) for key in LINE_KEYS))
 
     def outcomes(self, batch_id: str) -> dict[str, dict]:
         """Every recorded line outcome by custom_id (read in slices, for large batches)."""

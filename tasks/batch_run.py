@@ -408,4 +408,5 @@ def finalize_batch(batch_id: str) -> None:
     else:
         status = "completed"
     store.set_status(batch_id, status, **fields)
+    store.forget_lines(batch_id)  # its outcomes are in its files now
     fair_share.admission(rt.redis).discard(batch_id, project)  # chunks still waiting (expired lines)

@@ -33,6 +33,11 @@ to an outcome: the line task skips lines that have one, and outcomes are kept wi
 queues are read only while they hold at most `SCAN_LIMIT` messages; with more, the check waits for
 a later sweep (and the completion window bounds how long a batch can wait).
 
+After a Redis failover the new primary may hold a lines message in `unacked` that no worker holds:
+its acknowledgement (and its lines' outcomes) went with the old primary, or Celery dropped it when it
+reconnected. The worker that was handed it removes it on its own tick (`tasks.lost_acks`), and the
+check above then sends those lines again.
+
 `BatchSweep` is a Celery worker bootstep: every worker's main process runs the sweep on the
 worker's timer every `LOCALQ_BATCH_SWEEP_INTERVAL` seconds (default 60). A Redis lock
 (`SET NX PX interval`) lets one worker sweep per interval, however many workers run on however
@@ -352,7 +357,7 @@ class Sweeper:
         """Sweep if no other worker did in this interval; the batches expired, or None if it did not sweep."""
         if self.deliveries is not None:
             try:  # every worker, lock or not: each knows only the messages it was handed
-                self.deliveries.check(self.client, held_tags(), self.restore)
+                self.deliveries.check(self.client, held_tags(), self.restore, self.owner)
             except Exception:  # noqa: BLE001 - as below
                 log.warning("checking for lost acknowledgements failed", exc_info=True)
         try:

@@ -39,7 +39,7 @@ from celery import signals
 
 from store.heartbeats import Heartbeat
 from tasks.delivery_log import DeliveryLog
-from tasks.lost_acks import handed_messages
+from tasks.lost_acks import handed_messages, job_id_of
 from tasks.orphans import registry_resolver, rescue
 from tasks.routing import LINES_TASK, RUN_TASK, queue_for
 from tasks.runtime import model_runtime, runtime, worker_settings
@@ -130,17 +130,7 @@ def _remember_delivery(sender=None, request=None, **_) -> None:
         if name == LINES_TASK:
             handed_messages.received(tag)
         elif name == RUN_TASK:
-            job = _first_argument(request)
-            if isinstance(job, dict) and isinstance(job.get("id"), str):
-                handed_messages.received(tag, job["id"])
-
-
-def _first_argument(request):
-    try:
-        args = request.args
-        return args[0] if args else None
-    except Exception:  # noqa: BLE001 - an undecodable message is the poisoned-message guard's business
-        return None
+            handed_messages.received(tag, job_id_of(request))
 
 
 @signals.worker_ready.connect

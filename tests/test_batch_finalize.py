@@ -69,3 +69,18 @@ def test_two_finalizes_racing_keep_one_file(rt):
     kept = batch_run._file_once(batch_id, "output_file_id", create_while_another_finalize_wins)
     assert files.get(kept)["filename"] == "winner.jsonl"
     assert batch_output_files(rt) == [kept]  # the loser's file was deleted
+
+
+def test_a_finished_batch_is_its_record_and_takes_no_late_outcome(rt):
+    batch_id = finished_batch(rt)
+    rt.redis.hset(batch_run.deliveries_key(batch_id), "a", 1)
+    batch_run.finalize_batch(batch_id)
+    store = BatchStore(rt.redis)
+    assert store.record(batch_id)["status"] == "completed"
+    kept = sorted(rt.redis.scan_iter(match=f"*{batch_id}*"))
+    assert kept == [f"localq:batch:{batch_id}"], "per-line keys go once the files hold the outcomes"
+    # a line delivered again after the end (a failover, a late redelivery) changes nothing
+    assert not store.record_outcome(batch_id, "c", batch_run._failure("c", "r3", 400, {"message": "late"}),
+                                    failed=True)
+    assert not store.drop(batch_id, "c", batch_run.dropped_key(batch_id))
+    assert store.counts(batch_id) == (2, 1, 1) and not rt.redis.exists(batch_run.results_key(batch_id))

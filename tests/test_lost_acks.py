@@ -1,6 +1,7 @@
-"""`tasks.lost_acks`: a message this worker ran, found unacknowledged again on two ticks in a row,
-is removed (a lines message, or a job's that ended) or put back on its queue (a job's that has not
-ended); messages held, or acknowledged for good, are left alone."""
+"""`tasks.lost_acks`: a message handed to this worker that it holds no more, found unacknowledged on two
+ticks in a row, is removed (a lines message, or a job's that ended) or put back on its queue (a job's
+that has not ended and is not running elsewhere); held messages, and those acknowledged for good,
+are left alone. One acknowledged is remembered still: a failover can bring its entry back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import redis
 from ops.redis_server import RedisServer
 from store.jobs import job_key
 from tasks.lost_acks import UNACKED_INDEX_KEY, UNACKED_KEY, HandedMessages
+
+NODE = "cpu@here"
 
 
 @pytest.fixture(scope="module")
@@ -24,53 +27,71 @@ def deliver(client, *tags):
         client.zadd(UNACKED_INDEX_KEY, {tag: 1.0})
 
 
-def test_only_a_message_no_longer_held_and_still_unacked_twice_is_removed(client):
+def acknowledge(client, tag):
+    client.hdel(UNACKED_KEY, tag)
+    client.zrem(UNACKED_INDEX_KEY, tag)
+
+
+def test_a_lines_message_not_held_and_unacked_on_two_ticks_is_removed(client):
     client.flushdb()
-    deliveries = HandedMessages()
-    for tag in ("ran", "running", "acked"):
-        deliveries.received(tag)
-    deliver(client, "ran", "running", "someone-elses")
-    # "acked" was acknowledged for good; "running" is still held; "ran" ended, but its ack was taken back
-    assert deliveries.check(client, held={"running"}) == []  # once could be an ack on its way
-    assert deliveries.check(client, held={"running"}) == ["ran"]
+    messages = HandedMessages()
+    for tag in ("lost", "fine", "ending", "running"):
+        messages.received(tag)
+    deliver(client, "lost", "ending", "running", "someone-elses")
+    # "fine" was acknowledged; "ending" is acknowledged between the ticks; "running" is held
+    assert messages.check(client, held={"running"}) == []  # once could be an acknowledgement on its way
+    acknowledge(client, "ending")
+    assert messages.check(client, held={"running"}) == ["lost"]
     assert set(client.hkeys(UNACKED_KEY)) == {"running", "someone-elses"}
     assert set(client.zrange(UNACKED_INDEX_KEY, 0, -1)) == {"running", "someone-elses"}
-    assert deliveries.check(client, held=set()) == []  # "running" just ended: a first sighting only
-    client.hdel(UNACKED_KEY, "running")  # its ack arrived
-    assert deliveries.check(client, held=set()) == [] and deliveries.check(client, held=set()) == []
+    assert messages.check(client, held=set()) == []  # "running" just ended: a first sighting only
+    acknowledge(client, "running")
+    assert messages.check(client, held=set()) == [] and messages.check(client, held=set()) == []
     assert client.hkeys(UNACKED_KEY) == ["someone-elses"], "a message this worker never had is not its business"
 
 
-def test_a_suspect_seen_held_again_is_not_removed(client):
+def test_a_suspect_seen_held_again_is_left_alone(client):
     client.flushdb()
-    deliveries = HandedMessages()
-    deliveries.received("t")
+    messages = HandedMessages()
+    messages.received("t")
     deliver(client, "t")
-    assert deliveries.check(client, held=set()) == []
-    assert deliveries.check(client, held={"t"}) == []  # handed to this worker again
-    assert deliveries.check(client, held=set()) == []  # a new first sighting
+    assert messages.check(client, held=set()) == []
+    assert messages.check(client, held={"t"}) == []  # handed over again
+    assert messages.check(client, held=set()) == []  # a new first sighting
     assert client.hexists(UNACKED_KEY, "t")
+
+
+def test_a_job_message_is_put_back_only_if_its_job_must_run(client):
+    client.flushdb()
+    messages = HandedMessages()
+    for tag, job_id, status, worker in (("ended", "job_a", "succeeded", f"{NODE}:1"),
+                                        ("ours", "job_b", "running", f"{NODE}:1"),
+                                        ("dropped", "job_c", "queued", ""),
+                                        ("elsewhere", "job_d", "running", "gpu0@there:7")):
+        messages.received(tag, job_id)
+        client.hset(job_key(job_id), mapping={"status": status, "worker": worker})
+    deliver(client, "ended", "ours", "dropped", "elsewhere")
+    put_back = []
+    assert messages.check(client, set(), put_back.extend, NODE) == []
+    assert messages.check(client, set(), put_back.extend, NODE) == ["dropped", "elsewhere", "ended", "ours"]
+    assert sorted(put_back) == ["dropped", "ours"], "only jobs that must run"
+    assert sorted(client.hkeys(UNACKED_KEY)) == ["dropped", "elsewhere", "ours"], \
+        "kombu's restore takes the put-back ones off unacked; another worker's is its own"
 
 
 def test_old_deliveries_are_forgotten(client):
     client.flushdb()
-    deliveries = HandedMessages(remember_for=0.0)
-    deliveries.received("old")
+    messages = HandedMessages(remember_for=0.0)
+    messages.received("old")
     deliver(client, "old")
-    assert deliveries.check(client, held=set()) == [] and deliveries.check(client, held=set()) == []
+    assert messages.check(client, set()) == [] and messages.check(client, set()) == []
     assert client.hexists(UNACKED_KEY, "old")
 
 
-def test_a_job_message_is_put_back_unless_its_job_ended(client):
+def test_an_acknowledgement_a_failover_took_back_is_noticed(client):
     client.flushdb()
-    deliveries = HandedMessages()
-    deliveries.received("ended", "job_a")
-    deliveries.received("running", "job_b")
-    client.hset(job_key("job_a"), "status", "succeeded")
-    client.hset(job_key("job_b"), "status", "running")  # its end was among the writes taken back
-    deliver(client, "ended", "running")
-    put_back = []
-    assert deliveries.check(client, held=set(), restore=put_back.extend) == []
-    assert sorted(deliveries.check(client, held=set(), restore=put_back.extend)) == ["ended", "running"]
-    assert put_back == ["running"], "only the job that has not ended runs again"
-    assert client.hkeys(UNACKED_KEY) == ["running"], "kombu's restore takes it off unacked, not this"
+    messages = HandedMessages()
+    messages.received("t")
+    assert messages.check(client, set()) == []  # acknowledged: not in unacked
+    deliver(client, "t")  # the new primary never saw the acknowledgement
+    assert messages.check(client, set()) == [] and messages.check(client, set()) == ["t"]
