@@ -28,6 +28,7 @@ class SentinelCluster:
         self.servers: list[RedisServer] = []
         self.sentinels: list[tuple[int, subprocess.Popen]] = []
         self.lost_bytes = 0
+        self.killed_at = 0.0  # monotonic time of the last kill
         self.probed = (None, None)
 
     @property
@@ -96,6 +97,7 @@ class SentinelCluster:
         """SIGKILL the primary (no chance to flush anything); returns its port."""
         port = self.primary_port()
         server = self.server(port)
+        self.killed_at = time.monotonic()
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         server.process = None
@@ -118,6 +120,7 @@ class SentinelCluster:
             time.sleep(seconds)
             at_kill = probe(primary) if probe else None
             written = primary.info("replication")["master_repl_offset"]
+            self.killed_at = time.monotonic()
             self.server(port).process.send_signal(signal.SIGKILL)
         finally:
             replica.process.send_signal(signal.SIGCONT)

@@ -145,12 +145,12 @@ def test_a_failover_mid_batch_and_mid_stream_loses_nothing(stack, lost_s):
         return counts["completed"] + counts["failed"]
 
     wait_until(lambda: done_lines() >= LINES // 5 and stream.chunks >= 10, 120, "the batch and the stream to be under way")
-    killed_at = time.monotonic()
+
     def outcomes(client) -> int:
         return client.hlen(results_key(batch_id))
 
     old_port = cluster.kill_primary_losing_writes(lost_s, outcomes) if lost_s else cluster.kill_primary()
-    killed_at = time.monotonic() if lost_s else killed_at  # the primary answered until it was killed
+    killed_at = cluster.killed_at  # the primary answered until it was killed
     promoted_at = cluster.wait_failover(old_port)
 
     def finished():
