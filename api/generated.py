@@ -15,7 +15,7 @@ from flask import Blueprint, Response, request
 from api.auth import keys_configured, presented_key, presented_tenant
 from api.errors import APIError
 from api.queue import queue_runtime
-from store.files import GENERATED_PATH, generated_file
+from store.files import GENERATED_PATH, generated_file, generated_folder
 
 blueprint = Blueprint("generated", __name__)
 
@@ -24,7 +24,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{20,64}\.[a-z0-9]{2,5}$")
 
 @blueprint.get(f"/{GENERATED_PATH}/<name>")
 def generated(name: str):
-    found = generated_file(queue_runtime().blobs, name) if _NAME.match(name) else None
+    folder = generated_folder(queue_runtime().settings.files_dir)
+    found = generated_file(queue_runtime().redis, name, folder) if _NAME.match(name) else None
     if found is None or not _may_read(owner=found[2]):
         raise APIError(404, "This file does not exist or has expired.", code="file_not_found")
     data, media_type, _ = found

@@ -25,6 +25,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from store.spill import Spill
+
 # Event types that end a job's log: readers stop after one of them.
 TERMINAL = frozenset({"result", "error", "cancelled"})
 # Failures worth trying again: Redis restarting, stalled or briefly unreachable.
@@ -144,8 +146,10 @@ class EventLog:
     terminal event gives it `resume_window` seconds more (if set), after which the finished job is
     only its record (`store.jobs`; `final_event` stands in for the log)."""
 
-    def __init__(self, client: redis.Redis, ttl: float, resume_window: float | None = None):
+    def __init__(self, client: redis.Redis, ttl: float, resume_window: float | None = None,
+                 spill: Spill | None = None):
         self.client = client
+        self.spill = spill  # where a large result goes instead of Redis (`store.spill`)
         self.ttl = int(ttl)
         self.resume_window = max(1, int(resume_window)) if resume_window else None
 
@@ -175,7 +179,10 @@ class EventLog:
         ends = self.resume_window is not None and any(type_ in TERMINAL for type_, _ in events)
         args: list[Any] = [self.resume_window if ends else self.ttl, uuid.uuid4().hex, "" if last is None else last]
         for type_, data in events:
-            args += [type_, json.dumps(data, separators=(",", ":"))]
+            text = json.dumps(data, separators=(",", ":"))
+            if type_ == "result" and self.spill is not None:
+                text = self.spill.out(job_id, text)
+            args += [type_, text]
         key = events_key(job_id)
         # EVAL, not EVALSHA: a retry after Redis restarted must not meet NOSCRIPT (in a pipeline,
         # redis-py loads scripts once, before its retries)
@@ -184,10 +191,10 @@ class EventLog:
 
     def read(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int | None = None) -> list[Event]:
         reply = self.client.xread({events_key(job_id): after}, block=block_ms, count=count)
-        return [_event(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+        return [self._event(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
     def all(self, job_id: str) -> list[Event]:
-        return [_event(entry_id, fields) for entry_id, fields in self.client.xrange(events_key(job_id))]
+        return [self._event(entry_id, fields) for entry_id, fields in self.client.xrange(events_key(job_id))]
 
     def exists(self, job_id: str) -> bool:
         """Whether the job has a log (none yet, or no more once its resume window has passed)."""
@@ -196,7 +203,13 @@ class EventLog:
     def last(self, job_id: str) -> Event | None:
         """The log's newest event (None while it is empty)."""
         entries = self.client.xrevrange(events_key(job_id), count=1)
-        return _event(*entries[0]) if entries else None
+        return self._event(*entries[0]) if entries else None
+
+    def _event(self, entry_id, fields: dict) -> Event:
+        event = _event(entry_id, fields)
+        if self.spill is not None and event.type == "result":  # a large result: back from its file
+            event = event._replace(raw=self.spill.back(event.raw) or "null")
+        return event
 
     def follow(self, job_id: str, after: str = "0-0", block_ms: int = 1000,
                ride_over: float = 0.0) -> Iterator[Event | None]:

@@ -1,15 +1,20 @@
-"""Uploads in and generated files out, kept in Redis so that any worker on any machine can reach them.
+"""Uploads in and generated files out, reachable by any worker and API process.
 
-The API stores each multipart file part of a job under a key of its own and puts a reference in
-the job's request; the worker's task turns references back into `UploadedFile`s. Files a job
-produces for `url` responses are stored under an unguessable name with an expiry and served by
-the API at `/generated/<name>`.
+The API stores each multipart file part of a job in Redis under a key of its own (with the job's
+lifetime) and puts a reference in the job's request; the worker's task turns references back into
+`UploadedFile`s. Files a job produces for `url` responses (pictures, speech) are large: their bytes
+go to the file store's folder (`LOCALQ_FILES_DIR/generated/<name>`, shared by the processes like
+batch output files), under an unguessable name; Redis keeps only what serving them needs (media
+type, owning project) with the expiry (`LOCALQ_GENERATED_TTL`). The API serves them at
+`/generated/<name>`; the batch sweep deletes the bytes of expired ones (`store.spill.purge_older`).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -69,38 +74,42 @@ def url_maker(base_url: str | None) -> Callable[[str], str]:
     return lambda name: f"{base}/{GENERATED_PATH}/{name}"
 
 
+def generated_folder(files_dir: Path) -> Path:
+    return files_dir / GENERATED_PATH
+
+
 def publish_outputs(client: redis.Redis, value: Any, url_for: Callable[[str], str], ttl: int,
-                    project: str = "") -> Any:
-    """`value` with every `FileOutput` stored under a new unguessable name and replaced by its URL;
-    each file is recorded as `project`'s."""
+                    project: str = "", *, folder: Path) -> Any:
+    """`value` with every `FileOutput` written to `folder` under a new unguessable name and replaced
+    by its URL; each file is recorded as `project`'s, for `ttl` seconds."""
     if isinstance(value, FileOutput):
         extension = value.extension if value.extension in _SAFE_EXTENSIONS else "bin"
         name = f"{secrets.token_urlsafe(24)}.{extension}"
-        pipe = client.pipeline(transaction=False)
-        pipe.set(GENERATED_PREFIX + name, value.data, ex=ttl)
-        pipe.set(GENERATED_PREFIX + name + ":type", value.media_type, ex=ttl)
-        if project:
-            pipe.set(GENERATED_PREFIX + name + ":project", project, ex=ttl)
-        pipe.execute()
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{name}.part"
+        partial.write_bytes(value.data)
+        os.replace(partial, folder / name)  # whole or absent: never a half file under its name
+        client.hset(GENERATED_PREFIX + name, mapping={"type": value.media_type, "project": project})
+        client.expire(GENERATED_PREFIX + name, ttl)
         return url_for(name)
     if isinstance(value, dict):
-        return {key: publish_outputs(client, item, url_for, ttl, project) for key, item in value.items()}
+        return {key: publish_outputs(client, item, url_for, ttl, project, folder=folder) for key, item in value.items()}
     if isinstance(value, list):
-        return [publish_outputs(client, item, url_for, ttl, project) for item in value]
+        return [publish_outputs(client, item, url_for, ttl, project, folder=folder) for item in value]
     return value
 
 
-def generated_file(client: redis.Redis, name: str) -> tuple[bytes, str, str] | None:
+def generated_file(client: redis.Redis, name: str, folder: Path) -> tuple[bytes, str, str] | None:
     """(bytes, media type, owning project) of a generated file, or None once it expired or if it
     never existed."""
-    pipe = client.pipeline(transaction=False)
-    pipe.get(GENERATED_PREFIX + name)
-    pipe.get(GENERATED_PREFIX + name + ":type")
-    pipe.get(GENERATED_PREFIX + name + ":project")
-    data, media_type, project = (_text(value) if index else value for index, value in enumerate(pipe.execute()))
-    if data is None:
+    record = {_text(key): _text(item) for key, item in client.hgetall(GENERATED_PREFIX + name).items()}
+    if not record:
         return None
-    return data, media_type or "application/octet-stream", project or ""
+    try:
+        data = (folder / name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return data, record.get("type") or "application/octet-stream", record.get("project") or ""
 
 
 def _text(value) -> str | None:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import redis
 
 from store.events import Event, events_key
+from store.spill import Spill
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 # The data of the terminal event of a job cancelled before any worker ran it.
@@ -137,9 +138,10 @@ return 0
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl: float):
+    def __init__(self, client: redis.Redis, ttl: float, spill: Spill | None = None):
         self.client = client
         self.ttl = int(ttl)
+        self.spill = spill  # where a large result goes instead of Redis (`store.spill`)
 
     def create(self, job_id: str, *, kind: str, model: str, queue: str, priority: str, deadline: float,
                attached: bool, project: str = "", pipe=None) -> None:
@@ -168,6 +170,8 @@ class JobStore:
         record = {_text(k): _text(v) for k, v in raw.items()}
         if project is not None and record.get("project", "") != project:
             return None
+        if self.spill is not None and "result" in record:  # a large result: back from its file
+            record["result"] = self.spill.back(record["result"]) or "null"
         return record
 
     def projects(self, job_ids: list[str]) -> list[str | None]:
@@ -271,7 +275,8 @@ class JobStore:
     def finish(self, job_id: str, status: str, *, result: Any = None, error: Any = None, pipe=None) -> None:
         fields: dict[str, Any] = {"status": status, "finished_at": f"{time.time():.6f}"}
         if result is not None:
-            fields["result"] = result
+            text = result if isinstance(result, str) else json.dumps(result, separators=(",", ":"))
+            fields["result"] = self.spill.out(job_id, text) if self.spill is not None else text
         if error is not None:
             fields["error"] = error
         self.update(job_id, pipe, **fields)

@@ -35,7 +35,7 @@ from schemas.openai_errors import OpenAIError
 from store import dead_letters
 from store.batches import (FINAL, BatchStore, batch_key, cancel_key, deliveries_key, dropped_key, expired_key,
                            lines_key, results_key)
-from store.files import publish_outputs, url_maker
+from store.files import generated_folder, publish_outputs, url_maker
 from store.filestore import FileNotFound, FileStore
 from store.model_permissions import permissions
 from store.rate_limits import admit_batch, prompt_tokens
@@ -312,9 +312,9 @@ def _run_lines(rt, store: BatchStore, record: dict, batch_id: str, items: list, 
         if result is None:  # stopped by a cancel while it ran
             _drop(batch_id, custom_id)
         elif isinstance(result, dict):
-            # generated pictures asked for as `url`: kept in Redis, served by the API like a sync call's
-            body = publish_outputs(rt.blobs, result, url_maker(job["base_url"]), int(rt.settings.generated_ttl),
-                                   job.get("project", ""))
+            # generated pictures asked for as `url`: kept in the file store, served by the API like a sync call's
+            body = publish_outputs(rt.redis, result, url_maker(job["base_url"]), int(rt.settings.generated_ttl),
+                                   job.get("project", ""), folder=generated_folder(rt.settings.files_dir))
             outcomes.append((custom_id, _success(custom_id, job["id"], body), False))
         else:
             outcomes.append((custom_id, _line_failure(batch_id, line, custom_id, job["id"], result), True))

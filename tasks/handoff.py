@@ -86,6 +86,22 @@ class Consumer(CeleryConsumer):
         _set_aside_message(self.app, "invalid", message, exc)
         super().on_invalid_task(body, message, exc)  # logs it, rejects it (not requeued)
 
+    def on_connection_error_after_connected(self, exc):
+        """Celery's cleanup of a lost connection, which must not stop the worker.
+
+        kombu closes the dead connection's channel by putting back the messages it held, through a
+        connection pool it has already dropped: with its transport collected that raises
+        AttributeError, which Celery takes for an unrecoverable error and stops the worker (seen
+        in a Redis Sentinel failover). The connection is gone either way, and the messages it
+        could not put back are found by the worker's own check (`tasks.lost_acks`).
+        """
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError:
+            log.warning("closing the lost broker connection failed; its unacknowledged messages are left to "
+                        "the lost-message check", exc_info=True)
+            self.connection = None
+
 
 def _set_aside_message(app, reason: str, message, exc: Exception) -> None:
     headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}

@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from schemas import openai_errors as errors
 from schemas.openai_errors import OpenAIError
 from store import dead_letters
-from store.files import fetch_uploads, publish_outputs, url_maker
+from store.files import fetch_uploads, generated_folder, publish_outputs, url_maker
 from store.jobs import FINAL_STATUSES, Delivery, cancel_key
 from store.metrics import FirstToken, completion_tokens, queue_jobs
 from store.usage import Usage, configured_retention, queue_usage, transcribed_seconds, usage_of
@@ -246,8 +246,9 @@ def _run_job(self, job: dict) -> None:
         _end(rt, job_id, "cancelled", "cancelled", {"reason": "cancelled by the client"})
     else:
         tokens = completion_tokens(publisher.result)
-        result = publish_outputs(rt.blobs, publisher.result, url_maker(job.get("base_url")),
-                                 int(rt.settings.generated_ttl), job.get("project", ""))
+        result = publish_outputs(rt.redis, publisher.result, url_maker(job.get("base_url")),
+                                 int(rt.settings.generated_ttl), job.get("project", ""),
+                                 folder=generated_folder(rt.settings.files_dir))
         _end(rt, job_id, outcome, "result", result, result=result)
     config = registry.resolve(job["model"])  # the model's own name: aliases share its series
     model = config.name if config else job["model"]

@@ -28,6 +28,7 @@ from redis.retry import Retry
 from tasks.redis_url import redis_client
 from store.events import EventLog
 from store.jobs import JobStore
+from store.spill import Spill
 from tasks.settings import QueueSettings
 from tasks.worker_settings import WorkerSettings
 from workers.cache import ModelCache  # light: a model's library is imported when the model loads
@@ -69,7 +70,7 @@ class once(Generic[T]):  # noqa: N801 - used as a decorator, like functools.cach
 class Runtime:
     settings: QueueSettings
     redis: redis.Redis  # text replies: job records and event logs
-    blobs: redis.Redis  # byte replies: uploads and generated files
+    blobs: redis.Redis  # byte replies: uploaded files
     jobs: JobStore
     events: EventLog
 
@@ -92,7 +93,9 @@ def connect(settings: QueueSettings, *, ride_over: bool = False) -> Runtime:
         options.update(retry=ride_over_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError])
     client = redis_client(settings.redis_url, decode_responses=True, **options)
     blobs = redis_client(settings.redis_url, **options)
-    return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl), EventLog(client, settings.job_ttl, settings.resume_window))
+    spill = Spill.under(settings.files_dir)  # large results: in the file store, a reference in Redis
+    return Runtime(settings, client, blobs, JobStore(client, settings.job_ttl, spill),
+                   EventLog(client, settings.job_ttl, settings.resume_window, spill))
 
 
 @once

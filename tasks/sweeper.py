@@ -65,7 +65,9 @@ from redis.retry import Retry
 
 from store.batches import (FINAL, INDEX, BatchStore, batch_key, dropped_key, expired_key, finalize_key, lines_key,
                            results_key)
+from store.files import generated_folder
 from store.filestore import FileNotFound, FileStore
+from store.spill import Spill, purge_older
 from store.admission import Admission
 from tasks import batch_messages, fair_share
 from tasks.batch_input import check_lines
@@ -344,8 +346,11 @@ class Sweeper:
 
     def __init__(self, client: redis.Redis, interval: float, owner: str = "", *,
                  finalize_grace: float = FINALIZE_GRACE, files_dir: Path | None = None,
-                 deliveries: HandedMessages | None = None, restore=None):
+                 deliveries: HandedMessages | None = None, restore=None, generated_ttl: float | None = None,
+                 job_ttl: float = 86400.0):
         self.client = client
+        self.job_ttl = job_ttl
+        self.generated_ttl = generated_ttl  # with files_dir: expired generated files' bytes are deleted
         self.deliveries = deliveries
         self.restore = restore  # puts messages back on their queues, by delivery tag
         self.interval = interval
@@ -381,6 +386,12 @@ class Sweeper:
             rescue_gone(self.client, registry_resolver())
         except Exception:  # noqa: BLE001 - as above
             log.exception("moving the jobs of gone workers failed")
+        if self.files_dir is not None and self.generated_ttl is not None:
+            try:  # the bytes of what Redis no longer names: expired generated files, results of expired jobs
+                purge_older(generated_folder(self.files_dir), self.generated_ttl)
+                purge_older(Spill.under(self.files_dir).folder, self.job_ttl)
+            except OSError:
+                log.warning("deleting expired generated files and results failed", exc_info=True)
         return expired
 
     def close(self) -> None:
@@ -421,7 +432,8 @@ class BatchSweep(bootsteps.StartStopStep):
         interval = settings.batch_sweep_interval
         self.sweeper = Sweeper(sweep_client(settings.redis_url), interval, owner=worker.hostname,
                                finalize_grace=settings.finalize_grace, files_dir=settings.files_dir,
-                               deliveries=handed_messages, restore=functools.partial(restore_messages, worker.app))
+                               deliveries=handed_messages, restore=functools.partial(restore_messages, worker.app),
+                               generated_ttl=settings.generated_ttl, job_ttl=settings.job_ttl + 3600)
         self.tref = worker.timer.call_repeatedly(interval, self.sweeper.tick)
 
     def stop(self, worker):

@@ -95,3 +95,21 @@ def test_an_acknowledgement_a_failover_took_back_is_noticed(client):
     assert messages.check(client, set()) == []  # acknowledged: not in unacked
     deliver(client, "t")  # the new primary never saw the acknowledgement
     assert messages.check(client, set()) == [] and messages.check(client, set()) == ["t"]
+
+
+def test_a_failed_cleanup_of_a_lost_broker_connection_does_not_stop_the_worker(monkeypatch):
+    """kombu, closing the dead connection's channel, can raise AttributeError (its pool already gone,
+    seen in a Sentinel failover); Celery would take it for an unrecoverable error and stop."""
+    from celery.worker.consumer import Consumer as CeleryConsumer
+
+    from tasks.handoff import Consumer
+
+    def kombu_fails(self, exc):
+        self.connection = None
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    monkeypatch.setattr(CeleryConsumer, "on_connection_error_after_connected", kombu_fails)
+    consumer = Consumer.__new__(Consumer)
+    consumer.connection = object()
+    consumer.on_connection_error_after_connected(ConnectionError("lost"))  # no exception: the consumer restarts
+    assert consumer.connection is None

@@ -31,14 +31,16 @@ from ops.stack import REPO, ServiceProcesses, wait_until
 CHAT = "smollm2-135m-instruct"
 
 
-def start(stack: ExitStack, window: float) -> tuple[str, RedisServer]:
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="localq-footprint-")))
+def start(stack: ExitStack, **settings: float) -> tuple[str, RedisServer]:
+    """Its own embedded Redis, one CPU worker serving the default chat model only, and the API, with
+    `settings` (`LOCALQ_RESUME_WINDOW=10`, ...) in their environment; (the API's URL, the Redis)."""
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="localq-bench-")))
     models = folder / "models"
     models.mkdir()
     (models / f"{CHAT}.yaml").write_text((REPO / "models" / f"{CHAT}.yaml").read_text())
     server = stack.enter_context(RedisServer(folder / "redis"))
-    env = {**os.environ, "LOCALQ_REDIS_URL": server.url, "LOCALQ_MODELS_DIR": str(models),
-           "LOCALQ_RESUME_WINDOW": str(window), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LOCALQ_REDIS_URL": server.url, "LOCALQ_MODELS_DIR": str(models), "PYTHONUNBUFFERED": "1",
+           **{name: str(value) for name, value in settings.items()}}
     service = ServiceProcesses(env=env, log_dir=folder / "logs")
     stack.callback(service.stop)
     service.start_worker("cpu", "cpu")
@@ -60,11 +62,22 @@ def job_bytes(client: redis.Redis, job_id: str) -> int:
     return sum(client.memory_usage(key) or 0 for key in client.scan_iter(match=f"*{job_id}*", count=1000))
 
 
+def aof_bytes(server: RedisServer) -> int:
+    """The size of the server's append-only file (every part of it, for a Redis that splits it)."""
+    return sum(path.stat().st_size for path in server.data_dir.rglob(f"{AOF_FILE}*") if path.is_file())
+
+
+def report(figures: dict, path: Path | None) -> None:
+    """Print the figures, and write them to `path` if given."""
+    print(json.dumps(figures, indent=2))
+    if path:
+        path.write_text(json.dumps(figures, indent=2))
+
+
 def snapshot(client: redis.Redis, server: RedisServer, job_ids: list[str]) -> dict:
     per_job = [job_bytes(client, job_id) for job_id in job_ids]
-    aof = sum(path.stat().st_size for path in server.data_dir.rglob(f"{AOF_FILE}*") if path.is_file())
     return {"per_job_median": statistics.median(per_job), "per_job_max": max(per_job),
-            "used_memory": client.info("memory")["used_memory"], "aof_bytes": aof}
+            "used_memory": client.info("memory")["used_memory"], "aof_bytes": aof_bytes(server)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     with ExitStack() as stack:
-        base_url, server = start(stack, args.window)
+        base_url, server = start(stack, LOCALQ_RESUME_WINDOW=args.window)
         client = redis.Redis.from_url(server.url)
         chat(base_url)  # the model's first load is not a job of the run
         wait_until(lambda: not client.keys("localq:job:*:events"), args.window + 30, "the warm-up's window")
@@ -97,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"jobs": args.jobs, "window_s": args.window, "used_memory_empty": empty, "inside_window": inside,
                "after_window": after, "after_aof_rewrite": rewritten,
                "used_memory_per_job_after": (after["used_memory"] - empty) / args.jobs}
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     return 0
 
 

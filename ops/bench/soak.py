@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -32,26 +30,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from ops.redis_server import AOF_FILE, RedisServer
-from ops.stack import REPO, ServiceProcesses
-
-CHAT = "smollm2-135m-instruct"
-
-
-def start(stack: ExitStack, retention: float, window: float) -> tuple[str, RedisServer]:
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="localq-soak-")))
-    models = folder / "models"
-    models.mkdir()
-    (models / f"{CHAT}.yaml").write_text((REPO / "models" / f"{CHAT}.yaml").read_text())
-    server = stack.enter_context(RedisServer(folder / "redis"))
-    env = {**os.environ, "LOCALQ_REDIS_URL": server.url, "LOCALQ_MODELS_DIR": str(models),
-           "LOCALQ_JOB_TTL": str(retention), "LOCALQ_RESUME_WINDOW": str(window), "PYTHONUNBUFFERED": "1"}
-    service = ServiceProcesses(env=env, log_dir=folder / "logs")
-    stack.callback(service.stop)
-    service.start_worker("cpu", "cpu")
-    service.start_api()
-    return service.base_url, server
-
+from ops.bench.footprint import aof_bytes, report, start
+from ops.redis_server import RedisServer
 
 class Load:
     """`clients` threads sending short streamed chats until stopped; counts the jobs that ended."""
@@ -89,10 +69,6 @@ class Load:
                         self.done += 1
                     else:
                         self.failed += 1
-
-
-def aof_bytes(server: RedisServer) -> int:
-    return sum(path.stat().st_size for path in server.data_dir.rglob(f"{AOF_FILE}*") if path.is_file())
 
 
 def sample(client: redis.Redis, server: RedisServer, load: Load, began: float) -> dict:
@@ -140,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows: list[dict] = []
     with ExitStack() as stack:
-        base_url, server = start(stack, args.retention, args.window)
+        base_url, server = start(stack, LOCALQ_JOB_TTL=args.retention, LOCALQ_RESUME_WINDOW=args.window)
         client = redis.Redis.from_url(server.url)
         empty = client.info("memory")["used_memory"]
         load = Load(base_url, args.clients, args.tokens)
@@ -159,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     writer.writeheader()
                 writer.writerow(rows[-1])
                 out.flush()
-    figures = summary(rows, args.retention, empty)
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    report(summary(rows, args.retention, empty), args.json)
     return 0
 
 
