@@ -103,32 +103,34 @@ class SentinelCluster:
         server.process = None
         return port
 
-    def kill_primary_losing_writes(self, seconds: float, probe=None) -> int:
-        """What asynchronous replication can do, on purpose: the replica stops receiving (it is
-        paused and its link cut), the primary goes on acknowledging writes for `seconds`, then is
-        SIGKILLed; the replica, resumed, is promoted without those writes. Returns the old port.
-
-        `probe(client)`, if given, is read on the primary when the link is cut and again just
-        before the kill: `self.probed` holds both (what the writes taken back changed)."""
+    def kill_primary_losing_writes(self, seconds: float, probe=None, longest: float = 8.0) -> int:
+        """What asynchronous replication can do, on purpose: the replica stops receiving (its link is
+        cut, and it cannot authenticate again), the primary goes on acknowledging writes for
+        `seconds`, and, with `probe`, until `probe(primary)` has changed (at most `longest` seconds),
+        then is SIGKILLed; the replica is promoted without those writes. Returns the old port.
+        `self.probed` holds the probe's value at the cut and just before the kill."""
         port = self.primary_port()
         replica = next(server for server in self.servers if server.port != port and server.running)
-        primary = self.client(port)
-        replica.process.send_signal(signal.SIGSTOP)
+        primary, follower = self.client(port), self.client(replica.port)
+        follower.config_set("masterauth", "not-the-password")
         try:
             primary.client_kill_filter(_type="replica")
             at_cut = probe(primary) if probe else None
             time.sleep(seconds)
+            deadline = time.monotonic() + longest - seconds
+            while probe is not None and probe(primary) == at_cut and time.monotonic() < deadline:
+                time.sleep(0.05)
             at_kill = probe(primary) if probe else None
             written = primary.info("replication")["master_repl_offset"]
             self.killed_at = time.monotonic()
             self.server(port).process.send_signal(signal.SIGKILL)
         finally:
-            replica.process.send_signal(signal.SIGCONT)
+            follower.config_set("masterauth", self.password)
         self.probed = (at_cut, at_kill)
         server = self.server(port)
         server.process.wait()
         server.process = None
-        kept = self.client(replica.port).info("replication")["master_repl_offset"]
+        kept = follower.info("replication")["master_repl_offset"]
         self.lost_bytes = written - kept  # of the replication stream: the writes the failover takes back
         return port
 
