@@ -89,8 +89,10 @@ def publish_outputs(client: redis.Redis, value: Any, url_for: Callable[[str], st
         partial = folder / f".{name}.part"
         partial.write_bytes(value.data)
         os.replace(partial, folder / name)  # whole or absent: never a half file under its name
-        client.hset(GENERATED_PREFIX + name, mapping={"type": value.media_type, "project": project})
-        client.expire(GENERATED_PREFIX + name, ttl)
+        pipe = client.pipeline(transaction=True)  # never a record without its expiry
+        pipe.hset(GENERATED_PREFIX + name, mapping={"type": value.media_type, "project": project})
+        pipe.expire(GENERATED_PREFIX + name, ttl)
+        pipe.execute()
         return url_for(name)
     if isinstance(value, dict):
         return {key: publish_outputs(client, item, url_for, ttl, project, folder=folder) for key, item in value.items()}
